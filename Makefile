@@ -4,33 +4,36 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,runtime
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup binaries demo test test-fast generate clean
+.PHONY: setup setup-runtime binaries demo test test-fast generate clean
 
-$(VENV)/.installed-$(subst $(comma),_,$(EXTRAS)): pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-comma := ,
-setup: $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
+# torch + transformers for the tiny-model runtime tests (pip's cache keeps the
+# multi-GB torch wheel between runs on the same machine).
+$(VENV)/.installed-runtime: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,runtime]'
+	touch $@
+
+setup: $(VENV)/.installed
+setup-runtime: $(VENV)/.installed-runtime
 
 binaries:
 	bash e2e/build-binaries.sh
 
-demo: EXTRAS = test
 demo: setup binaries
 	$(PY) -m e2e.demo
 
-test: setup binaries
+test: setup-runtime binaries
 	$(PY) -m pytest
 
 # Pure and schema tiers only: no control plane, no torch.
-test-fast: EXTRAS = test
 test-fast: setup
 	$(PY) -m pytest -m "not cluster and not runtime"
 
