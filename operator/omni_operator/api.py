@@ -1,0 +1,482 @@
+"""The OmniDeployment API (omni.qwen.ai/v1alpha1).
+
+These pydantic models are the single source of truth: the CRD's OpenAPI schema
+is generated from them (``omni_operator.crd``), and the operator parses every
+custom resource through them, so the apiserver and the operator can never
+disagree on defaults or bounds. Cross-field rules are CEL
+(``x-kubernetes-validations``) so bad specs are refused at admission.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "omni.qwen.ai"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "OmniDeployment"
+PLURAL = "omnideployments"
+SINGULAR = "omnideployment"
+SHORT_NAMES = ["omni"]
+
+# Children are named "<name>-thinker-headless", "<name>-thinker-<replica>-<ordinal>";
+# StatefulSet pod names end up in 63-character labels, so the name stays short.
+MAX_NAME_LENGTH = 40
+
+# The thinker's context window (Qwen3-Omni max_position_embeddings).
+MODEL_CONTEXT_TOKENS = 65536
+
+
+def _cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict:
+    """One x-kubernetes-validations entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+class ApiModel(BaseModel):
+    """Base: camelCase on the wire, unknown fields refused, enums as strings."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in the Kubernetes API (camelCase, no Nones)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Variant(str, Enum):
+    """Model card variants. Only Instruct has a talker (speech out)."""
+
+    INSTRUCT = "Instruct"
+    THINKING = "Thinking"
+    CAPTIONER = "Captioner"
+
+
+DEFAULT_REPOS = {
+    Variant.INSTRUCT.value: "Qwen/Qwen3-Omni-30B-A3B-Instruct",
+    Variant.THINKING.value: "Qwen/Qwen3-Omni-30B-A3B-Thinking",
+    Variant.CAPTIONER.value: "Qwen/Qwen3-Omni-30B-A3B-Captioner",
+}
+
+# Kubernetes name/label grammar, repeated here so admission refuses bad input early.
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# "repo-owner/repo-name" on a model hub; no shell or path metacharacters.
+REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+IMAGE = r"^[a-z0-9][a-z0-9._/:@-]{0,254}$"
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+PATH_IN_VOLUME = r"^[A-Za-z0-9._-][A-Za-z0-9._/-]{0,254}$"
+QUANTITY = r"^[+]?[0-9]+(\.[0-9]+)?([eE][0-9]+|[KMGTPE]i?|[mkMGTPE])?$"
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret of the OmniDeployment's namespace. Only its name is stored."""
+
+    name: str = Field(pattern=DNS1123_LABEL, max_length=253)
+    key: str = Field(default="token", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+
+
+class PvcSource(ApiModel):
+    """Weights already on a PersistentVolumeClaim (mounted read-only)."""
+
+    claim_name: str = Field(pattern=DNS1123_LABEL, max_length=253)
+    path: str = Field(default="", pattern=r"^$|" + PATH_IN_VOLUME, max_length=255,
+                      description="Directory inside the volume that holds the model files.")
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!self.path.split('/').exists(s, s == '..')", "pvc.path must stay inside the volume (no '..')",
+             reason="FieldValueInvalid")]})
+
+    @model_validator(mode="after")
+    def _inside_volume(self) -> "PvcSource":
+        if ".." in self.path.split("/"):
+            raise ValueError("pvc.path must stay inside the volume (no '..')")
+        return self
+
+
+class ModelSource(ApiModel):
+    """Where the weights come from: a hub repository id or a PVC path."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("!(has(self.repo) && has(self.pvc))",
+                     "set either model.repo or model.pvc, not both", reason="FieldValueInvalid"),
+                _cel("!has(self.revision) || has(self.repo)",
+                     "model.revision applies to model.repo only", reason="FieldValueInvalid"),
+            ]
+        }
+    )
+
+    repo: str | None = Field(default=None, pattern=REPO_ID, max_length=192,
+                             description="Hub repository id; defaults to the variant's official repository.")
+    revision: str | None = Field(default=None, pattern=REVISION, max_length=128,
+                                 description="Commit, tag or branch of repo. Pin a commit for reproducible rollouts.")
+    pvc: PvcSource | None = None
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a hub token; passed to pods as HF_TOKEN, never logged.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSource":
+        if self.repo and self.pvc:
+            raise ValueError("set either model.repo or model.pvc, not both")
+        if self.revision and not self.repo:
+            raise ValueError("model.revision applies to model.repo only")
+        return self
+
+
+class WorkloadProfile(ApiModel):
+    """The largest request each replica must hold; drives sizing and vLLM limits."""
+
+    max_video_seconds: float = Field(default=15, ge=0, le=3600,
+                                     description="Longest video input per request, seconds.")
+    max_audio_minutes: float = Field(default=10, ge=0, le=40,
+                                     description="Longest audio input per request, minutes (model limit 40).")
+    max_images_per_prompt: int = Field(default=4, ge=0, le=64)
+    max_concurrent_sequences: int = Field(default=8, ge=1, le=1024,
+                                          description="vLLM --max-num-seqs per thinker replica.")
+    max_model_len: int | None = Field(default=None, ge=1024, le=MODEL_CONTEXT_TOKENS,
+                                      description="Override the context length derived from the inputs above.")
+    max_request_seconds: int = Field(default=300, ge=1, le=86400,
+                                     description="Longest request; pods get this long to drain on scale-down.")
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class NodePool(ApiModel):
+    """Where a role's pods run. GPU roles also tolerate the nvidia.com/gpu taint."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="A core/v1 Affinity, passed through unchanged.")
+    priority_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253)
+    runtime_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253)
+
+    @model_validator(mode="after")
+    def _labels(self) -> "NodePool":
+        import re
+
+        for key, value in self.node_selector.items():
+            if not re.match(LABEL_KEY, key) or len(key) > 316:
+                raise ValueError(f"nodeSelector key {key!r} is not a valid label key")
+            if not re.match(LABEL_VALUE, value):
+                raise ValueError(f"nodeSelector value {value!r} is not a valid label value")
+        return self
+
+
+class GpuType(ApiModel):
+    """The accelerator of a role's node pool."""
+
+    memory_gib: float = Field(default=80, alias="memoryGiB", gt=0, le=1024, description="Memory of one GPU, GiB.")
+    count_per_node: int = Field(default=8, ge=1, le=64, description="GPUs on one node of the pool.")
+    max_nodes_per_replica: int = Field(
+        default=1, ge=1, le=16,
+        description="Allow one replica to span this many nodes (vLLM multi-node); 1 keeps a replica on one node.")
+    resource_name: str = Field(default="nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$", max_length=253)
+    utilization: float = Field(default=0.9, ge=0.5, le=0.98,
+                               description="Fraction of GPU memory the server may use (vLLM --gpu-memory-utilization).")
+
+
+class Resources(ApiModel):
+    """Overrides for the main container's requests and limits (GPU limits are set by sizing)."""
+
+    requests: dict[str, str | int] = Field(default_factory=dict, max_length=16,
+                                           json_schema_extra={"additionalProperties": {"x-kubernetes-int-or-string": True}})
+    limits: dict[str, str | int] = Field(default_factory=dict, max_length=16,
+                                         json_schema_extra={"additionalProperties": {"x-kubernetes-int-or-string": True}})
+
+    @model_validator(mode="after")
+    def _quantities(self) -> "Resources":
+        import re
+
+        for section in ("requests", "limits"):
+            for name, qty in getattr(self, section).items():
+                if not re.match(QUANTITY, str(qty)):
+                    raise ValueError(f"resources.{section}.{name}: {qty!r} is not a quantity")
+        return self
+
+
+class TalkerGpuType(GpuType):
+    """The talker's share (10-13 GB) fits one mid-size GPU, e.g. a 24 GiB L4."""
+
+    memory_gib: float = Field(default=24, alias="memoryGiB", gt=0, le=1024, description="Memory of one GPU, GiB.")
+    count_per_node: int = Field(default=4, ge=1, le=64, description="GPUs on one node of the pool.")
+
+
+_REPLICA_RULES = {
+    "x-kubernetes-validations": [
+        _cel("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas",
+             reason="FieldValueInvalid"),
+    ]
+}
+
+
+class RoleSpec(ApiModel):
+    """Common per-role settings."""
+
+    model_config = ConfigDict(json_schema_extra=_REPLICA_RULES)
+
+    image: str | None = Field(default=None, pattern=IMAGE, max_length=255,
+                              description="Container image; defaults to the operator's image for this role.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    node_pool: NodePool = Field(default_factory=NodePool)
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=1, ge=0, le=1000)
+    resources: Resources | None = None
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "RoleSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})")
+        return self
+
+
+class ThinkerSpec(RoleSpec):
+    """vLLM thinker shards (text out)."""
+
+    gpu: GpuType = Field(default_factory=GpuType)
+    extra_args: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=32, description="Extra vLLM arguments appended after the sized ones.")
+
+
+class TalkerSpec(RoleSpec):
+    """Talker + code2wav speech pods (Instruct only)."""
+
+    gpu: TalkerGpuType = Field(default_factory=TalkerGpuType)
+    max_queue: int = Field(default=16, ge=1, le=10000, description="Requests a talker pod queues before answering 429.")
+    max_inflight: int = Field(default=2, ge=1, le=256, description="Concurrent syntheses per talker pod.")
+
+
+class GatewaySpec(RoleSpec):
+    """The OpenAI-compatible entry point (CPU only)."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=2, ge=0, le=1000)
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding newline-separated API keys; unset means no authentication.")
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2 * 1024 ** 3)
+
+
+class AutoscalingMode(str, Enum):
+    """Exactly one mechanism writes replicas."""
+
+    OPERATOR = "Operator"  # the operator's own queue-depth loop
+    HPA = "HPA"  # an autoscaling/v2 HPA per role on the omni_queue_depth Pods metric
+    KEDA = "KEDA"  # a KEDA ScaledObject per role
+    DISABLED = "Disabled"  # replicas stay at minReplicas (or spec.replicas)
+
+
+class TargetQueueDepth(ApiModel):
+    thinker: float = Field(default=4, gt=0, le=10000)
+    talker: float = Field(default=2, gt=0, le=10000)
+    gateway: float = Field(default=64, gt=0, le=100000)
+
+
+class AutoscalingSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.scaleDownStabilizationSeconds >= self.scaleUpStabilizationSeconds",
+                     "scaleDownStabilizationSeconds must be at least scaleUpStabilizationSeconds",
+                     reason="FieldValueInvalid"),
+            ]
+        }
+    )
+
+    mode: AutoscalingMode = AutoscalingMode.OPERATOR
+    target_queue_depth: TargetQueueDepth = Field(default_factory=TargetQueueDepth,
+                                                 description="Waiting requests per ready replica to aim for.")
+    poll_seconds: int = Field(default=5, ge=1, le=300)
+    scale_up_stabilization_seconds: int = Field(default=15, ge=0, le=3600)
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=86400)
+    max_step: int = Field(default=2, ge=1, le=100, description="Most replicas added or removed per decision.")
+    gpu_budget: int | None = Field(default=None, ge=0, le=100000,
+                                   description="Most GPUs thinker and talker may hold together.")
+    scale_to_zero: bool = Field(default=False, description="Allow roles with minReplicas 0 to reach zero when idle.")
+
+    @model_validator(mode="after")
+    def _windows(self) -> "AutoscalingSpec":
+        if self.scale_down_stabilization_seconds < self.scale_up_stabilization_seconds:
+            raise ValueError("scaleDownStabilizationSeconds must be at least scaleUpStabilizationSeconds")
+        return self
+
+
+class OmniDeploymentSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("!has(self.talker) || self.variant == 'Instruct'",
+                     "talker is only available for variant Instruct (Thinking and Captioner have no speech output)",
+                     reason="FieldValueForbidden"),
+                _cel("!has(self.replicas) || (self.replicas >= self.thinker.minReplicas && "
+                     "self.replicas <= self.thinker.maxReplicas)",
+                     "replicas must lie within thinker.minReplicas..thinker.maxReplicas",
+                     reason="FieldValueInvalid"),
+            ]
+        }
+    )
+
+    variant: Variant = Variant.INSTRUCT
+    model: ModelSource = Field(default_factory=ModelSource)
+    workload: WorkloadProfile = Field(default_factory=WorkloadProfile)
+    thinker: ThinkerSpec = Field(default_factory=ThinkerSpec)
+    talker: TalkerSpec | None = Field(default=None, description="Instruct only; defaults apply when omitted.")
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    replicas: int | None = Field(
+        default=None, ge=0, le=1000,
+        description="Pins thinker replicas (the scale subresource writes it); unset lets the autoscaler decide.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "OmniDeploymentSpec":
+        if self.talker is not None and self.variant != Variant.INSTRUCT.value:
+            raise ValueError("talker is only available for variant Instruct "
+                             "(Thinking and Captioner have no speech output)")
+        if self.replicas is not None and not (self.thinker.min_replicas <= self.replicas <= self.thinker.max_replicas):
+            raise ValueError("replicas must lie within thinker.minReplicas..thinker.maxReplicas")
+        return self
+
+    @property
+    def has_talker(self) -> bool:
+        return self.variant == Variant.INSTRUCT.value
+
+    @property
+    def effective_talker(self) -> TalkerSpec | None:
+        """The talker spec with defaults, or None for variants without speech output."""
+        if not self.has_talker:
+            return None
+        return self.talker or TalkerSpec()
+
+    @property
+    def model_repo(self) -> str | None:
+        if self.model.pvc:
+            return None
+        return self.model.repo or DEFAULT_REPOS[self.variant]
+
+
+# ----------------------------------------------------------------------------- status
+
+
+class Condition(ApiModel):
+    """metav1.Condition."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class RoleSizing(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+    estimated_gb: float = Field(alias="estimatedGB")
+    gpus_per_replica: int
+    pods_per_replica: int = 1
+    gpus_per_pod: int
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    vllm_args: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class SizingStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+    thinker: RoleSizing | None = None
+    talker: RoleSizing | None = None
+    max_model_len: int | None = None
+    gpus_total: int | None = Field(default=None, description="GPUs held by the desired replicas of all roles.")
+
+
+class RoleStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+    desired_replicas: int = 0
+    replicas: int = 0
+    ready_replicas: int = 0
+    ready: str | None = Field(default=None, description="'ready/desired' replicas (printer column).")
+
+
+class ScaleDecision(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+    time: str
+    role: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+
+class OmniDeploymentStatus(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    thinker: RoleStatus | None = None
+    talker: RoleStatus | None = None
+    gateway: RoleStatus | None = None
+    sizing: SizingStatus | None = None
+    # Scale subresource: thinker replicas and their selector.
+    replicas: int | None = None
+    selector: str | None = None
+    gpus: int | None = Field(default=None, description="GPUs requested by all pods (printer column).")
+    last_scale_decisions: list[ScaleDecision] = Field(default_factory=list, max_length=20)
+
+
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035: Service names derive from it
+
+
+def check_name(name: str) -> None:
+    """The rules the CRD enforces on metadata.name, for offline rendering."""
+    import re
+
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"metadata.name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}")
+    if not re.match(NAME_PATTERN, name):
+        raise ValueError(f"metadata.name {name!r} must be a DNS-1035 label (lower case letters, digits, '-', "
+                         "starting with a letter)")
+
+
+def parse_spec(spec: dict[str, Any]) -> OmniDeploymentSpec:
+    """Parse a custom resource's spec; raises pydantic.ValidationError."""
+    return OmniDeploymentSpec.model_validate(spec or {})
+
+
+def describe_validation_error(err: Exception) -> str:
+    """One readable line per problem: 'spec.thinker.minReplicas: ...'."""
+    from pydantic import ValidationError
+
+    if not isinstance(err, ValidationError):
+        return str(err)
+    lines = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"] if not str(p).startswith("function-after"))
+        msg = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"spec.{where}: {msg}" if where else f"spec: {msg}")
+    return "; ".join(lines)
