@@ -1,0 +1,41 @@
+"""Small shared helpers for the test suite (no fixtures here)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+CRD_PATH = ROOT / "crds" / "omnideployment.yaml"
+K8S_VERSIONS = ("1.34.0", "1.37.0")
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def example(name: str = "omni.yaml") -> dict[str, Any]:
+    return copy.deepcopy(load_yaml(EXAMPLES / name))
+
+
+def crd_schema() -> dict[str, Any]:
+    return load_yaml(CRD_PATH)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def validate_k8s(obj: dict[str, Any]) -> None:
+    """Strict validation against the real Kubernetes JSON schemas (raises on any problem)."""
+    import kubernetes_validate
+
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def validate_against_crd(resource: dict[str, Any]) -> None:
+    """The OpenAPI v3 (draft-4 style) part of the CRD schema; CEL rules need a real apiserver."""
+    import jsonschema
+
+    jsonschema.Draft4Validator(crd_schema()).validate(resource)

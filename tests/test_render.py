@@ -1,0 +1,222 @@
+"""Tier 1 + 2: pure renderers, every object validated against the real Kubernetes schemas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from omni_operator.plan import OFFLINE_UID, PlanError, make_plan, plan_offline
+from omni_operator.render import METRICS_PORT, POD_INDEX_LABEL
+
+from .helpers import EXAMPLES, example, load_yaml, validate_k8s
+
+STANDARD_LABELS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+                   "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"}
+
+
+def by_kind(objects, kind):
+    return [o for o in objects if o["kind"] == kind]
+
+
+def by_name(objects, name, kind="StatefulSet"):
+    (found,) = [o for o in objects if o["metadata"]["name"] == name and o["kind"] == kind]
+    return found
+
+
+def env_of(obj) -> dict:
+    container = obj["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_renders_to_valid_kubernetes_objects(path):
+    plan = plan_offline(load_yaml(path))
+    assert plan.objects
+    for obj in plan.objects:
+        validate_k8s(obj)
+        labels = obj["metadata"]["labels"]
+        assert STANDARD_LABELS <= labels.keys()
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner["kind"] == "OmniDeployment" and owner["controller"] is True and owner["uid"] == OFFLINE_UID
+
+
+def test_instruct_renders_thinker_and_talker_on_their_own_pools():
+    plan = plan_offline(example())
+    objs = plan.objects
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
+    assert kinds == sorted([
+        ("Service", "qwen3-omni-thinker-headless"), ("Service", "qwen3-omni-thinker"),
+        ("Service", "qwen3-omni-talker-headless"), ("Service", "qwen3-omni-talker"),
+        ("Service", "qwen3-omni-gateway"),
+        ("StatefulSet", "qwen3-omni-thinker"), ("StatefulSet", "qwen3-omni-talker"),
+        ("Deployment", "qwen3-omni-gateway"),
+        ("PodDisruptionBudget", "qwen3-omni-thinker"), ("PodDisruptionBudget", "qwen3-omni-talker"),
+        ("PodDisruptionBudget", "qwen3-omni-gateway"),
+    ])
+    thinker = by_name(objs, "qwen3-omni-thinker")
+    talker = by_name(objs, "qwen3-omni-talker")
+    assert thinker["kind"] == talker["kind"] == "StatefulSet"
+    tpod, kpod = thinker["spec"]["template"]["spec"], talker["spec"]["template"]["spec"]
+    assert tpod["nodeSelector"] == {"omni.qwen.ai/pool": "thinker"}
+    assert kpod["nodeSelector"] == {"omni.qwen.ai/pool": "talker"}
+    # 30 s video: 77.79 GB > one 80 GiB GPU at 0.9 -> two GPUs for the thinker, one for the talker.
+    tres = tpod["containers"][0]["resources"]
+    assert tres["limits"]["nvidia.com/gpu"] == tres["requests"]["nvidia.com/gpu"] == 2
+    assert kpod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for pod in (tpod, kpod):
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert plan.gpus == 3
+
+
+def test_thinker_pod_has_shm_probes_and_the_sized_vllm_arguments():
+    plan = plan_offline(example())
+    sts = by_name(plan.objects, "qwen3-omni-thinker")
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    shm = [v for v in pod["volumes"] if v["name"] == "dshm"][0]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health"
+    # A hub download of the weights gets an hour before the kubelet gives up.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    env = env_of(sts)
+    args = json.loads(env["OMNI_VLLM_ARGS"])
+    assert args == plan.sizing.thinker.vllm_args
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert env["OMNI_MODEL"] == "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "metrics": METRICS_PORT}
+    assert sts["spec"]["serviceName"] == "qwen3-omni-thinker-headless"
+    assert pod["terminationGracePeriodSeconds"] >= 300
+
+
+def test_thinking_variant_renders_no_talker():
+    plan = plan_offline(example("thinking.yaml"))
+    assert not [o for o in plan.objects if o["metadata"]["labels"]["app.kubernetes.io/component"] == "talker"]
+    gateway = by_kind(plan.objects, "Deployment")[0]
+    assert "OMNI_TALKER_SERVICE" not in env_of(gateway)
+    assert plan.sizing.talker is None
+
+
+def test_captioner_ignores_video_and_renders_no_talker():
+    plan = make_plan("cap", "ns", "uid-1", {"variant": "Captioner", "workload": {"maxVideoSeconds": 120}})
+    assert plan.sizing.talker is None
+    assert plan.sizing.thinker.estimated_gb == 68.74
+    args = plan.sizing.thinker.vllm_args
+    assert json.loads(args[args.index("--limit-mm-per-prompt") + 1])["video"] == 0
+
+
+def test_replica_spanning_nodes_renders_one_statefulset_per_replica():
+    raw = example("long-video-multinode.yaml")
+    raw["spec"]["thinker"]["minReplicas"] = 2
+    plan = plan_offline(raw)
+    sets = [o for o in by_kind(plan.objects, "StatefulSet") if "thinker" in o["metadata"]["name"]]
+    assert [s["metadata"]["name"] for s in sets] == ["omni-long-video-thinker-0", "omni-long-video-thinker-1"]
+    for i, sts in enumerate(sets):
+        assert sts["spec"]["replicas"] == 2  # two 4-GPU shards
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        env = env_of(sts)
+        assert env["OMNI_NNODES"] == "2"
+        assert env["OMNI_MASTER_ADDR"] == f"omni-long-video-thinker-{i}-0.omni-long-video-thinker-headless.default.svc"
+        anti = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        (required,) = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert required["labelSelector"]["matchLabels"]["omni.qwen.ai/replica"] == str(i)
+        assert sts["spec"]["template"]["spec"]["priorityClassName"] == "gpu-inference"
+    headless = by_name(plan.objects, "omni-long-video-thinker-headless", "Service")
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"][POD_INDEX_LABEL] == "0"
+    for obj in plan.objects:
+        validate_k8s(obj)
+
+
+def test_pvc_source_mounts_read_only_and_goes_offline():
+    plan = plan_offline(example("long-video-multinode.yaml"))
+    sts = by_name(plan.objects, "omni-long-video-talker")
+    pod = sts["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "qwen3-omni-weights", "readOnly": True}} \
+        in pod["volumes"]
+    env = env_of(sts)
+    assert env["OMNI_MODEL"] == "/models/Qwen3-Omni-30B-A3B-Instruct"
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_token_secret_is_referenced_by_name_never_inlined():
+    raw = example()
+    raw["spec"]["model"]["tokenSecretRef"] = {"name": "hf-token"}
+    plan = plan_offline(raw)
+    for sts in by_kind(plan.objects, "StatefulSet"):
+        assert env_of(sts)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+
+
+def test_api_keys_secret_is_mounted_into_the_gateway():
+    plan = plan_offline(example("long-video-multinode.yaml"))
+    gateway = by_kind(plan.objects, "Deployment")[0]
+    assert env_of(gateway)["OMNI_API_KEYS_FILE"] == "/etc/omni/api-keys/keys"
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_resource_overrides_merge_but_sizing_owns_the_gpu_count():
+    raw = example()
+    raw["spec"]["thinker"]["resources"] = {"requests": {"cpu": "12"}, "limits": {"nvidia.com/gpu": 7}}
+    plan = plan_offline(raw)
+    res = by_name(plan.objects, "qwen3-omni-thinker")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["cpu"] == "12"
+    assert res["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_hostile_strings_never_reach_the_objects():
+    for field, value in [("model", {"repo": "a/b; rm -rf /"}), ("model", {"repo": "../../etc"}),
+                         ("thinker", {"image": "img$(reboot)"}),
+                         ("thinker", {"nodePool": {"nodeSelector": {"pool": "x y"}}}),
+                         ("model", {"pvc": {"claimName": "w", "path": "../secrets"}})]:
+        with pytest.raises(PlanError) as err:
+            make_plan("ok", "ns", "u", {field: value})
+        assert err.value.invalid and str(err.value).startswith("spec.")
+
+
+def test_extra_args_are_kept_as_separate_arguments():
+    raw = example()
+    raw["spec"]["thinker"]["extraArgs"] = ["--enable-prefix-caching", "--served-model-name=x; echo pwned"]
+    env = env_of(by_name(plan_offline(raw).objects, "qwen3-omni-thinker"))
+    args = json.loads(env["OMNI_VLLM_ARGS"])
+    assert args[-2:] == ["--enable-prefix-caching", "--served-model-name=x; echo pwned"]
+
+
+def test_replicas_are_clamped_and_pinned():
+    raw = example()["spec"]
+    plan = make_plan("x", "ns", "u", raw, replicas={"thinker": 99, "talker": 0, "gateway": 1})
+    assert plan.replicas == {"thinker": 4, "talker": 1, "gateway": 1}
+    raw["replicas"] = 3
+    assert make_plan("x", "ns", "u", raw, replicas={"thinker": 1}).replicas["thinker"] == 3
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    variant=st.sampled_from(["Instruct", "Thinking", "Captioner"]),
+    video=st.integers(0, 150),
+    gib=st.sampled_from([24, 48, 80, 141]),
+    per_node=st.sampled_from([2, 4, 8]),
+    nodes=st.integers(1, 2),
+    lo=st.integers(0, 3),
+    extra=st.integers(0, 3),
+)
+def test_any_sizable_spec_renders_valid_objects(variant, video, gib, per_node, nodes, lo, extra):
+    spec = {"variant": variant, "workload": {"maxVideoSeconds": video},
+            "thinker": {"gpu": {"memoryGiB": gib, "countPerNode": per_node, "maxNodesPerReplica": nodes},
+                        "minReplicas": lo, "maxReplicas": lo + extra}}
+    try:
+        plan = make_plan("prop", "ns", "uid", spec)
+    except PlanError as err:
+        assert not err.invalid and err.sizing is not None and not err.sizing.fits
+        return
+    for obj in plan.objects:
+        validate_k8s(obj)
+    gpu_sets = [o for o in plan.objects if o["kind"] == "StatefulSet"]
+    requested = sum(o["spec"]["replicas"] * o["spec"]["template"]["spec"]["containers"][0]["resources"]
+                    ["limits"]["nvidia.com/gpu"] for o in gpu_sets)
+    assert requested == plan.gpus
