@@ -1,0 +1,83 @@
+"""`omni-runtime <role>`: the entrypoint of every runtime container.
+
+    omni-runtime thinker [--engine vllm|transformers]
+    omni-runtime talker
+    omni-runtime gateway
+    omni-runtime print-vllm-command      (what the thinker would run, for debugging)
+    omni-runtime make-tiny-model DIR     (tiny random-weight checkpoint for CPU dev/tests)
+
+Configuration comes from OMNI_* environment variables (see runtime/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from .env import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omni-runtime", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="role", required=True)
+    th = sub.add_parser("thinker", help="run the thinker (vLLM by default)")
+    th.add_argument("--engine", choices=("vllm", "transformers"),
+                    default=os.environ.get("OMNI_THINKER_ENGINE", "vllm"))
+    sub.add_parser("talker", help="run the talker speech server")
+    sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    sub.add_parser("print-vllm-command", help="print the vllm serve command the thinker would run")
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen3-Omni checkpoint")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-level", default=os.environ.get("OMNI_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+
+    from .server import setup_logging
+
+    setup_logging(args.log_level)
+    role = args.role
+    if role in ("thinker", "talker", "gateway"):
+        declared = os.environ.get("OMNI_ROLE")
+        if declared and declared != role:
+            print(f"omni-runtime: OMNI_ROLE={declared} but the command runs {role}", file=sys.stderr)
+            return 2
+    try:
+        if role == "thinker" and args.engine == "vllm":
+            from . import launcher
+
+            return launcher.run()
+        if role == "thinker":
+            from . import thinker_server
+
+            return asyncio.run(thinker_server.amain(thinker_server.config_from_env()))
+        if role == "talker":
+            from . import talker_server
+
+            return asyncio.run(talker_server.amain(talker_server.config_from_env()))
+        if role == "gateway":
+            from . import gateway
+
+            return asyncio.run(gateway.amain(gateway.config_from_env()))
+        if role == "print-vllm-command":
+            from . import launcher
+
+            argv_, facts = launcher.build_vllm_command()
+            print(json.dumps({"argv": argv_, **facts}, indent=2))
+            return 0
+        if role == "make-tiny-model":
+            from .tiny import build_tiny_model
+
+            print(build_tiny_model(args.out_dir, seed=args.seed))
+            return 0
+    except ConfigError as exc:
+        print(f"omni-runtime {role}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""`omni-runtime thinker --engine vllm`: build the `vllm serve` command from the
+operator's environment, supervise it, republish its queue metrics, drain on SIGTERM.
+
+Multi-node replicas use vLLM's own multiprocessing multi-node mode (no Ray): every pod
+of a replica runs `vllm serve` with `--nnodes/--node-rank/--master-addr/--master-port`
+and `--distributed-executor-backend mp`; ranks > 0 add `--headless` (no API server).
+The node rank is the StatefulSet ordinal, the `-N` suffix of POD_NAME.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import time
+
+from . import env
+
+log = logging.getLogger("omni.launcher")
+
+# Flags the launcher sets itself; OMNI_VLLM_ARGS may not carry them.
+OWNED_FLAGS = (
+    "--port", "--host", "--served-model-name", "--model", "--revision", "--nnodes", "--node-rank",
+    "--master-addr", "--master-port", "--headless",
+)
+DEFAULT_MASTER_PORT = 29501
+
+
+class LauncherError(env.ConfigError):
+    pass
+
+
+def parse_vllm_args(raw: str | None) -> list[str]:
+    """OMNI_VLLM_ARGS: a JSON list of strings (numbers are accepted and stringified)."""
+    if raw is None or raw.strip() == "":
+        return []
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LauncherError(f"OMNI_VLLM_ARGS is not valid JSON ({exc.msg} at char {exc.pos}): {raw[:200]!r}") from None
+    if not isinstance(value, list):
+        raise LauncherError(f"OMNI_VLLM_ARGS must be a JSON list of strings, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise LauncherError(f"OMNI_VLLM_ARGS[{i}] must be a string, got {json.dumps(item)}")
+        out.append(str(item))
+    for item in out:
+        flag = item.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            raise LauncherError(f"OMNI_VLLM_ARGS must not set {flag}: the launcher sets it from OMNI_* variables")
+    if out and not out[0].startswith("-"):
+        raise LauncherError(f"OMNI_VLLM_ARGS must start with a flag, got {out[0]!r} (the model comes from OMNI_MODEL)")
+    return out
+
+
+def node_rank_from_pod_name(pod_name: str) -> int:
+    m = re.search(r"-(\d+)$", pod_name or "")
+    if not m:
+        raise LauncherError(f"POD_NAME={pod_name!r} has no StatefulSet ordinal suffix (-N) to take the node rank from")
+    return int(m.group(1))
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def build_vllm_command(environ: dict | None = None, vllm_bin: str = "vllm") -> tuple[list[str], dict]:
+    """Pure: environment -> (argv, facts). Raises LauncherError with a clear message."""
+    environ = dict(os.environ) if environ is None else environ
+    cfg = env.common("thinker", environ)
+    model = cfg["model"]
+    extra = parse_vllm_args(environ.get("OMNI_VLLM_ARGS"))
+    nnodes = env.env_int("OMNI_NNODES", 1, environ, minimum=1)
+    served = cfg["served_model_name"] or model
+    argv = [vllm_bin, "serve", model, "--served-model-name", served, "--host", "0.0.0.0", "--port", str(cfg["port"])]
+    if cfg["revision"]:
+        argv += ["--revision", cfg["revision"]]
+    argv += extra
+    facts = {"nnodes": nnodes, "node_rank": 0, "headless": False, "port": cfg["port"], "served_model_name": served}
+    if nnodes > 1:
+        rank = node_rank_from_pod_name(cfg["pod_name"])
+        if rank >= nnodes:
+            raise LauncherError(f"node rank {rank} (from POD_NAME={cfg['pod_name']!r}) is outside OMNI_NNODES={nnodes}")
+        master = env.env_str("OMNI_MASTER_ADDR", None, environ)
+        if not master:
+            raise LauncherError("OMNI_MASTER_ADDR is required when OMNI_NNODES > 1 (DNS name of the replica's pod 0)")
+        master_port = env.env_int("OMNI_MASTER_PORT", DEFAULT_MASTER_PORT, environ, minimum=1)
+        if master_port > 65535:
+            raise LauncherError(f"OMNI_MASTER_PORT={master_port} is not a TCP port")
+        backend = _flag_value(extra, "--distributed-executor-backend")
+        if backend not in (None, "mp"):
+            raise LauncherError(f"multi-node replicas use vLLM's mp backend; OMNI_VLLM_ARGS sets --distributed-executor-backend {backend}")
+        if backend is None:
+            argv += ["--distributed-executor-backend", "mp"]
+        argv += ["--nnodes", str(nnodes), "--node-rank", str(rank), "--master-addr", master,
+                 "--master-port", str(master_port)]
+        if rank > 0:
+            argv.append("--headless")
+        facts.update(node_rank=rank, headless=rank > 0, master_addr=master, master_port=master_port)
+    return argv, facts
+
+
+# -- supervisor -------------------------------------------------------------------------
+
+async def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        async with s.get(url) as r:
+            return r.status, await r.text()
+
+
+async def supervise(argv: list[str], facts: dict, cfg: dict) -> int:
+    from aiohttp import web
+
+    from .metrics import ThinkerMetrics, metrics_app, parse_prometheus_text
+
+    metrics = ThinkerMetrics()
+    log.info("starting: %s", " ".join(argv))
+    proc = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine = f"http://127.0.0.1:{facts['port']}"
+    state = {"waiting": 0.0, "running": 0.0, "ready": False}
+
+    async def scrape_loop():
+        while True:
+            if not facts["headless"]:
+                try:
+                    status, text = await _http_get(engine + "/metrics")
+                    values = parse_prometheus_text(text) if status == 200 else {}
+                    state["waiting"] = values.get("vllm:num_requests_waiting", 0.0)
+                    state["running"] = values.get("vllm:num_requests_running", 0.0)
+                    metrics.scrape_ok.set(1 if status == 200 else 0)
+                    hs, _ = await _http_get(engine + "/health")
+                    state["ready"] = hs == 200
+                except Exception:  # noqa: BLE001 - engine still starting
+                    metrics.scrape_ok.set(0)
+                    state["ready"] = False
+            else:
+                state["ready"] = proc.returncode is None
+            metrics.queue_depth.set(state["waiting"])
+            metrics.running.set(state["running"])
+            metrics.ready.set(1 if state["ready"] and not stop.is_set() else 0)
+            await asyncio.sleep(0.5 if stop.is_set() else 2.0)
+
+    runners = []
+
+    async def start_site(app, port):
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()
+        runners.append(runner)
+
+    await start_site(metrics_app(metrics), cfg["metrics_port"])
+    if facts["headless"]:
+        # Headless ranks have no vLLM API server: answer the pod's probes here. Ready
+        # while the worker lives and the replica's leader answers /health.
+        leader = f"http://{facts['master_addr']}:{facts['port']}/health"
+
+        async def health(_request):
+            if stop.is_set():
+                return web.json_response({"status": "draining"}, status=503)
+            if proc.returncode is not None:
+                return web.json_response({"status": "worker exited"}, status=503)
+            try:
+                status, _ = await _http_get(leader, timeout=1.0)
+            except Exception:  # noqa: BLE001
+                status = 0
+            ok = status == 200
+            return web.json_response({"status": "ok" if ok else "leader not ready", "rank": facts["node_rank"]},
+                                     status=200 if ok else 503)
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        await start_site(app, facts["port"])
+
+    scraper = asyncio.ensure_future(scrape_loop())
+    waiter = asyncio.ensure_future(proc.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if waiter.done():
+        code = proc.returncode or 0
+        log.error("vllm exited on its own with %s", proc.returncode)
+        code = code if code > 0 else 1
+    else:
+        metrics.draining.set(1)
+        deadline = time.monotonic() + cfg["drain_seconds"]
+        if not facts["headless"]:
+            # The pod left the Service endpoints when it began terminating; let the
+            # requests vLLM already holds finish.
+            while time.monotonic() < deadline and not waiter.done():
+                await asyncio.sleep(0.5)
+                if state["waiting"] + state["running"] == 0:
+                    break
+        if not waiter.done():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=max(5.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                log.warning("vllm did not stop in time: SIGKILL")
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await waiter
+    scraper.cancel()
+    stopper.cancel()
+    for r in runners:
+        await r.cleanup()
+    return code
+
+
+def run(environ=None) -> int:
+    environ = dict(os.environ) if environ is None else environ
+    argv, facts = build_vllm_command(environ)
+    cfg = env.common("thinker", environ)
+    return asyncio.run(supervise(argv, facts, cfg))

@@ -1,0 +1,101 @@
+"""Prometheus metrics shared by every role, served on OMNI_METRICS_PORT at /metrics.
+
+`omni_queue_depth{role}` (requests waiting, not yet started) is what the operator's
+autoscaler reads from each pod; `omni_requests_running{role}` is the work in progress.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TTFA_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+
+
+class RoleMetrics:
+    def __init__(self, role: str):
+        self.role = role
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("omni_queue_depth", "Requests waiting, not yet started", ["role"], registry=r).labels(role)
+        self.running = Gauge("omni_requests_running", "Requests in progress", ["role"], registry=r).labels(role)
+        self.ready = Gauge("omni_ready", "1 when the process serves requests (model loaded, not draining)", ["role"],
+                           registry=r).labels(role)
+        self.draining = Gauge("omni_draining", "1 after SIGTERM while in-flight work drains", ["role"],
+                              registry=r).labels(role)
+        self.requests = Counter("omni_requests", "Finished requests by HTTP status code", ["role", "code"], registry=r)
+
+    def count(self, code: int) -> None:
+        self.requests.labels(self.role, str(code)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TalkerMetrics(RoleMetrics):
+    def __init__(self):
+        super().__init__("talker")
+        r = self.registry
+        self.ttfa = Histogram("omni_talker_time_to_first_audio_seconds",
+                              "Request arrival to the first audio bytes sent (queue wait included)",
+                              buckets=TTFA_BUCKETS, registry=r)
+        self.rtf = Histogram("omni_talker_real_time_factor",
+                             "Synthesis wall time divided by the duration of the audio produced (<1 is faster than real time)",
+                             buckets=RTF_BUCKETS, registry=r)
+        self.audio_seconds = Counter("omni_talker_audio_seconds", "Seconds of audio produced", registry=r)
+
+
+class GatewayMetrics(RoleMetrics):
+    def __init__(self):
+        super().__init__("gateway")
+        r = self.registry
+        self.latency = Histogram("omni_gateway_request_duration_seconds",
+                                 "Gateway request latency, arrival to last byte", ["route", "mode"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("omni_gateway_time_to_first_byte_seconds",
+                              "Arrival to the first response bytes (first token or audio chunk)", ["mode"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter("omni_gateway_upstream_errors", "Failed upstream attempts", ["role"], registry=r)
+
+
+class ThinkerMetrics(RoleMetrics):
+    def __init__(self):
+        super().__init__("thinker")
+        r = self.registry
+        self.scrape_ok = Gauge("omni_thinker_engine_scrape_ok", "1 when the last scrape of the engine's /metrics worked",
+                               registry=r)
+
+
+def metrics_app(metrics: RoleMetrics) -> web.Application:
+    async def handle(_request):
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    return app
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEnaNINFinf]+)(\s+\d+)?$")
+
+
+def parse_prometheus_text(text: str) -> dict[str, float]:
+    """Sum of the samples of each metric name in a Prometheus text exposition
+    (labels ignored: a vLLM pod exports one series per model/engine)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        out[m.group(1)] = out.get(m.group(1), 0.0) + value
+    return out

@@ -1,0 +1,401 @@
+"""`omni-runtime thinker --engine transformers`: an OpenAI-compatible server around the
+transformers Qwen3-Omni thinker, for CPU tests and development (production uses vLLM).
+
+Beyond the OpenAI surface it speaks the two extensions the gateway uses for speech:
+  * `"return_token_ids": true` -> `prompt_token_ids` and `choices[i].token_ids`
+    (the same fields vLLM returns for this flag);
+  * `"omni_return_mm_states": true` -> `omni_mm_states`: the thinker's layer
+    `accept_hidden_layer` states at the multimodal positions of the prompt, as the
+    `mm` object of the talker payload (absent for text-only prompts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from . import env
+from .metrics import ThinkerMetrics, metrics_app
+from .server import json_error, serve
+
+log = logging.getLogger("omni.thinker")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def feat_output_length(n_frames: int, n_window: int = 50) -> int:
+    """Audio tokens the AuT encoder produces for n mel frames (Qwen3-Omni's formula)."""
+    chunk = n_window * 2
+    rem = n_frames % chunk
+    feat = (rem - 1) // 2 + 1
+    return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (n_frames // chunk) * 13
+
+
+class ThinkerEngine:
+    def __init__(self, model: str, revision: str | None = None, device: str = "cpu", dtype: str | None = None):
+        import torch
+        from transformers import AutoFeatureExtractor, AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
+
+        from .weights import resolve_model_dir
+
+        self.torch = torch
+        model_dir = resolve_model_dir(model, revision)
+        self.device = torch.device(device)
+        dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        full = Qwen3OmniMoeForConditionalGeneration.from_pretrained(model_dir, enable_audio_output=False, dtype=dt)
+        self.model = full.thinker.to(self.device).eval()
+        self.config = full.config
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            self.features = AutoFeatureExtractor.from_pretrained(model_dir)
+        except Exception:  # noqa: BLE001 - text-only checkpoints
+            self.features = None
+        tc = self.config.thinker_config
+        self.audio_token_id = tc.audio_token_id
+        self.mm_ids = {tc.audio_token_id, tc.image_token_id, tc.video_token_id}
+        self.accept_layer = self.config.talker_config.accept_hidden_layer
+        self.n_window = getattr(tc.audio_config, "n_window", 50)
+        self.eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.lock = threading.Lock()
+
+    # -- request -> model inputs -----------------------------------------------------
+    def prepare(self, messages: list) -> dict:
+        from .audio import decode_wav, resample_linear
+
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages must be a non-empty list")
+        hf_messages, audios = [], []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+                raise BadRequest(f"messages[{i}] needs a role of system, user or assistant")
+            content = msg.get("content")
+            if isinstance(content, str):
+                hf_messages.append({"role": msg["role"], "content": content})
+                continue
+            if not isinstance(content, list):
+                raise BadRequest(f"messages[{i}].content must be a string or a list of parts")
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                elif kind == "input_audio":
+                    spec = part.get("input_audio") or {}
+                    if spec.get("format", "wav") != "wav":
+                        raise BadRequest(f"messages[{i}].content[{j}]: this engine reads wav audio only")
+                    try:
+                        raw = base64.b64decode(spec.get("data", ""), validate=True)
+                        wav, rate = decode_wav(raw)
+                    except (binascii.Error, ValueError) as exc:
+                        raise BadRequest(f"messages[{i}].content[{j}]: bad audio: {exc}") from None
+                    if self.features is None:
+                        raise BadRequest("this checkpoint has no audio feature extractor")
+                    audios.append(resample_linear(wav, rate, self.features.sampling_rate))
+                    parts.append({"type": "audio"})
+                elif kind in ("image_url", "video_url"):
+                    raise BadRequest(f"messages[{i}].content[{j}]: {kind} input is not supported by the transformers "
+                                     "engine (use the vLLM engine); audio and text are")
+                else:
+                    raise BadRequest(f"messages[{i}].content[{j}]: unknown content part type {kind!r}")
+            hf_messages.append({"role": msg["role"], "content": parts})
+        ids = self.tokenizer.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        inputs = {}
+        audio_lengths = []
+        if audios:
+            feats = self.features(audios, sampling_rate=self.features.sampling_rate, return_attention_mask=True,
+                                  padding="longest", return_tensors="pt")
+            mask = feats["attention_mask"]
+            frames = mask.sum(-1).tolist()
+            audio_lengths = [int(f) for f in frames]
+            counts = [feat_output_length(int(f), self.n_window) for f in frames]
+            expanded, k = [], 0
+            for t in ids:
+                if t == self.audio_token_id:
+                    if k >= len(counts):
+                        raise BadRequest("more audio placeholders than audio inputs")
+                    expanded += [t] * counts[k]
+                    k += 1
+                else:
+                    expanded.append(t)
+            ids = expanded
+            inputs = {"input_features": feats["input_features"].to(self.device, self.model.dtype),
+                      "feature_attention_mask": mask.to(self.device)}
+        return {"ids": ids, "inputs": inputs, "audio_feature_lengths": audio_lengths}
+
+    # -- generation (runs on a worker thread) -----------------------------------------
+    def generate(self, prep: dict, params: dict, on_tokens, want_states: bool) -> dict:
+        torch = self.torch
+        from transformers.generation.streamers import BaseStreamer
+
+        class Streamer(BaseStreamer):
+            def __init__(self):
+                self.first = True
+
+            def put(self, value):
+                if self.first:  # the prompt
+                    self.first = False
+                    return
+                on_tokens([int(x) for x in value.reshape(-1).tolist()])
+
+            def end(self):
+                pass
+
+        ids = torch.tensor([prep["ids"]], device=self.device)
+        gen = dict(max_new_tokens=params["max_tokens"], eos_token_id=self.eos, pad_token_id=self.eos)
+        if params["temperature"] > 0:
+            gen.update(do_sample=True, temperature=params["temperature"], top_p=params["top_p"])
+        else:
+            gen.update(do_sample=False)
+        with self.lock, torch.inference_mode():
+            if params.get("seed") is not None:
+                torch.manual_seed(params["seed"])
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=Streamer(),
+                                      **prep["inputs"], **gen)
+            result = {"token_ids": out[0, ids.shape[1]:].tolist()}
+            positions = [i for i, t in enumerate(prep["ids"]) if t in self.mm_ids]
+            if want_states and positions:
+                fwd = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
+                                 **prep["inputs"])
+                states = fwd.hidden_states[self.accept_layer][0, positions]
+                from .payload import encode_states
+
+                dtype = "bfloat16" if self.model.dtype == torch.bfloat16 else "float32"
+                result["mm_states"] = encode_states(states, self.accept_layer, dtype,
+                                                    audio_feature_lengths=prep["audio_feature_lengths"])
+        return result
+
+
+def _params(body: dict) -> dict:
+    def num(name, default, lo, hi, typ=float):
+        v = body.get(name, default)
+        if v is None:
+            v = default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BadRequest(f"{name} must be a number")
+        if not lo <= v <= hi:
+            raise BadRequest(f"{name} must be between {lo} and {hi}")
+        return typ(v)
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return {
+        "max_tokens": num("max_tokens", 64, 1, 8192, int) if max_tokens is None else
+        num("max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", 64, 1, 8192, int),
+        "temperature": num("temperature", 0.0, 0.0, 2.0),
+        "top_p": num("top_p", 1.0, 0.0, 1.0),
+        "seed": body.get("seed") if isinstance(body.get("seed"), int) else None,
+    }
+
+
+class ThinkerService:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.engine: ThinkerEngine | None = None
+        self.load_error = None
+        self.metrics = ThinkerMetrics()
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="thinker")
+        self.waiting = 0
+        self.running = 0
+        self.draining = False
+        self.name = cfg["served_model_name"] or cfg["model"]
+
+    def _update(self):
+        self.metrics.queue_depth.set(self.waiting)
+        self.metrics.running.set(self.running)
+        self.metrics.ready.set(1 if self.engine and not self.draining else 0)
+        self.metrics.draining.set(1 if self.draining else 0)
+
+    async def load(self):
+        loop = asyncio.get_running_loop()
+        try:
+            self.engine = await loop.run_in_executor(
+                None, lambda: ThinkerEngine(self.cfg["model"], self.cfg["revision"], self.cfg["device"], self.cfg["dtype"]))
+            log.info("thinker loaded")
+        except Exception as exc:  # noqa: BLE001
+            log.exception("thinker failed to load")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+        self._update()
+
+    async def health(self, _request):
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        if self.engine is None:
+            return web.json_response({"status": "loading" if not self.load_error else self.load_error}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def models(self, _request):
+        return web.json_response({"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": 0, "owned_by": "omni-runtime"}]})
+
+    async def tokenize(self, request):
+        if self.engine is None:
+            return json_error(503, "model is loading", "unavailable")
+        body = await request.json()
+        try:
+            if "messages" in body:
+                ids = self.engine.prepare(body["messages"])["ids"]
+            else:
+                ids = self.engine.tokenizer(str(body.get("prompt", "")), add_special_tokens=False)["input_ids"]
+        except BadRequest as exc:
+            return json_error(400, str(exc))
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": 4096})
+
+    async def chat(self, request: web.Request):
+        if self.draining:
+            return json_error(503, "thinker is draining", "unavailable")
+        if self.engine is None:
+            return json_error(503, "model is loading", "unavailable")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return json_error(400, "body is not JSON")
+        try:
+            if not isinstance(body, dict):
+                raise BadRequest("body must be a JSON object")
+            params = _params(body)
+            prep = self.engine.prepare(body.get("messages"))
+        except BadRequest as exc:
+            return json_error(400, str(exc))
+        stream = bool(body.get("stream"))
+        want_ids = bool(body.get("return_token_ids"))
+        want_states = bool(body.get("omni_return_mm_states"))
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self.waiting += 1
+        self._update()
+        started = {"flag": False}
+
+        def on_tokens(tokens):
+            loop.call_soon_threadsafe(q.put_nowait, ("tokens", tokens))
+
+        def work():
+            loop.call_soon_threadsafe(q.put_nowait, ("start", None))
+            try:
+                res = self.engine.generate(prep, params, on_tokens, want_states)
+                loop.call_soon_threadsafe(q.put_nowait, ("done", res))
+            except BaseException as exc:  # noqa: BLE001
+                loop.call_soon_threadsafe(q.put_nowait, ("error", exc))
+
+        fut = loop.run_in_executor(self.pool, work)
+        tok = self.engine.tokenizer
+        generated: list[int] = []
+        text_sent = ""
+        resp = None
+
+        def chunk(delta: dict, finish=None, extra=None):
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if extra:
+                for k, v in extra.items():
+                    if k == "token_ids":
+                        obj["choices"][0]["token_ids"] = v
+                    else:
+                        obj[k] = v
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        try:
+            while True:
+                kind, item = await q.get()
+                if kind == "start":
+                    self.waiting -= 1
+                    self.running += 1
+                    started["flag"] = True
+                    self._update()
+                    if stream:
+                        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                        await resp.prepare(request)
+                        extra = {"prompt_token_ids": prep["ids"]} if want_ids else None
+                        await resp.write(chunk({"role": "assistant", "content": ""}, extra=extra))
+                elif kind == "tokens":
+                    generated += item
+                    visible = [t for t in generated if t != self.engine.eos]
+                    text = tok.decode(visible, skip_special_tokens=True)
+                    delta, text_sent = text[len(text_sent):], text
+                    if stream:
+                        await resp.write(chunk({"content": delta}, extra={"token_ids": item} if want_ids else None))
+                elif kind == "error":
+                    log.error("generation failed: %r", item)
+                    if resp is None:
+                        return json_error(500, f"generation failed: {item}", "server_error")
+                    break
+                elif kind == "done":
+                    ids = item["token_ids"]
+                    finish = "stop" if ids and ids[-1] == self.engine.eos else "length"
+                    usage = {"prompt_tokens": len(prep["ids"]), "completion_tokens": len(ids),
+                             "total_tokens": len(prep["ids"]) + len(ids)}
+                    if stream:
+                        extra = {"usage": usage}
+                        if want_states and item.get("mm_states"):
+                            extra["omni_mm_states"] = item["mm_states"]
+                        await resp.write(chunk({}, finish=finish, extra=extra))
+                        await resp.write(b"data: [DONE]\n\n")
+                        await resp.write_eof()
+                        return resp
+                    text = tok.decode([t for t in ids if t != self.engine.eos], skip_special_tokens=True)
+                    out = {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                        "finish_reason": finish}],
+                           "usage": usage}
+                    if want_ids:
+                        out["prompt_token_ids"] = prep["ids"]
+                        out["choices"][0]["token_ids"] = ids
+                    if want_states and item.get("mm_states"):
+                        out["omni_mm_states"] = item["mm_states"]
+                    return web.json_response(out)
+            return resp
+        finally:
+            if started["flag"]:
+                self.running -= 1
+            else:
+                self.waiting -= 1
+            self._update()
+            try:
+                await asyncio.shield(fut)
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def drain(self):
+        self.draining = True
+        self._update()
+        deadline = time.monotonic() + self.cfg["drain_seconds"]
+        while (self.running or self.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def app(self):
+        app = web.Application(client_max_size=self.cfg["max_request_bytes"])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/tokenize", self.tokenize)
+        return app
+
+
+def config_from_env(environ=None) -> dict:
+    cfg = env.common("thinker", environ)
+    cfg.update(device=env.env_str("OMNI_DEVICE", "cpu", environ), dtype=env.env_str("OMNI_DTYPE", None, environ),
+               max_request_bytes=env.env_int("OMNI_MAX_REQUEST_BYTES", 64 << 20, environ, minimum=1024),
+               host=env.env_str("OMNI_HOST", "0.0.0.0", environ))
+    return cfg
+
+
+async def amain(cfg: dict) -> int:
+    svc = ThinkerService(cfg)
+    sites = [(svc.app(), cfg["host"], cfg["port"]), (metrics_app(svc.metrics), cfg["host"], cfg["metrics_port"])]
+
+    async def started():
+        asyncio.ensure_future(svc.load())
+
+    return await serve(sites, svc.drain, started)

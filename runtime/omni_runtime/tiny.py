@@ -1,0 +1,189 @@
+"""A tiny random-weight Qwen3-Omni checkpoint for CPU tests and local development.
+
+Everything is built locally (config, weights, tokenizer, feature extractor): nothing
+is downloaded. The layout matches a real checkpoint directory, so the thinker and
+talker load it through the same code paths as `Qwen/Qwen3-Omni-30B-A3B-Instruct`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Token layout of the tiny tokenizer: 256 byte tokens, then specials, then the
+# three role words as single tokens (the real vocabulary also has them as one token).
+SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|tts_pad|>",
+    "<|tts_bos|>",
+    "<|tts_eos|>",
+]
+ROLE_TOKENS = ["system", "user", "assistant"]
+TEXT_VOCAB = 320  # 256 bytes + 13 specials + 3 roles, rounded up
+
+# Talker codec vocabulary: transformers suppresses the last 1024 ids (except EOS)
+# while sampling, so the codec vocabulary must be larger than that.
+CODEBOOK = 128
+TALKER_VOCAB = CODEBOOK + 1024
+CODEC_PAD, CODEC_BOS, CODEC_EOS = TALKER_VOCAB - 10, TALKER_VOCAB - 9, TALKER_VOCAB - 8
+CODEC_NOTHINK, CODEC_THINK_BOS, CODEC_THINK_EOS = TALKER_VOCAB - 7, TALKER_VOCAB - 6, TALKER_VOCAB - 5
+SPEAKERS = {"ethan": TALKER_VOCAB - 4, "chelsie": TALKER_VOCAB - 3, "aiden": TALKER_VOCAB - 2}
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- elif part['type'] in ('audio', 'input_audio') %}{{- '<|audio_start|><|audio_pad|><|audio_end|>' }}"
+    "{%- elif part['type'] in ('image', 'image_url') %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def token_ids() -> dict[str, int]:
+    ids = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for i, tok in enumerate(ROLE_TOKENS):
+        ids[tok] = 256 + len(SPECIAL_TOKENS) + i
+    return ids
+
+
+def build_config():
+    from transformers import Qwen3OmniMoeConfig
+
+    ids = token_ids()
+    thinker_text = dict(
+        vocab_size=TEXT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [2, 1, 1], "interleaved": True},
+    )
+    audio = dict(
+        num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+        d_model=16, output_dim=32, downsample_hidden_size=8, max_source_positions=1500,
+        n_window=50, n_window_infer=800, conv_chunksize=500,
+    )
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+        deepstack_visual_indexes=[0],
+    )
+    thinker = dict(
+        text_config=thinker_text, audio_config=audio, vision_config=vision,
+        audio_token_id=ids["<|audio_pad|>"], image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], audio_start_token_id=ids["<|audio_start|>"],
+        user_token_id=ids["user"], position_id_per_seconds=25,
+        vision_start_token_id=ids["<|vision_start|>"],
+    )
+    talker_text = dict(
+        vocab_size=TALKER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [2, 1, 1], "interleaved": True},
+    )
+    predictor = dict(
+        vocab_size=CODEBOOK, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_code_groups=4,
+        max_position_embeddings=64,
+    )
+    talker = dict(
+        text_config=talker_text, code_predictor_config=predictor, num_code_groups=4,
+        thinker_hidden_size=32, accept_hidden_layer=1,
+        codec_eos_token_id=CODEC_EOS, codec_nothink_id=CODEC_NOTHINK,
+        codec_think_bos_id=CODEC_THINK_BOS, codec_think_eos_id=CODEC_THINK_EOS,
+        codec_pad_id=CODEC_PAD, codec_bos_id=CODEC_BOS,
+        audio_token_id=ids["<|audio_pad|>"], image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        audio_start_token_id=ids["<|audio_start|>"], speaker_id=dict(SPEAKERS),
+        spatial_merge_size=2,
+    )
+    code2wav = dict(
+        codebook_size=CODEBOOK, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, num_hidden_layers=1, num_quantizers=4, decoder_dim=32,
+        upsample_rates=[8, 5, 4, 3], upsampling_ratios=[2, 2], sliding_window=8,
+        max_position_embeddings=2048,
+    )
+    return Qwen3OmniMoeConfig(
+        thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
+        im_start_token_id=ids["<|im_start|>"], im_end_token_id=ids["<|im_end|>"],
+        tts_pad_token_id=ids["<|tts_pad|>"], tts_bos_token_id=ids["<|tts_bos|>"],
+        tts_eos_token_id=ids["<|tts_eos|>"], system_token_id=ids["system"],
+        user_token_id=ids["user"], assistant_token_id=ids["assistant"],
+    )
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """The printable stand-in character ByteLevel pre-tokenization uses for each byte."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    mapping = _byte_alphabet()
+    assert set(mapping.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    for b in range(256):
+        vocab[mapping[b]] = b
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_TOKENS])
+    ids = token_ids()
+    for t, i in ids.items():
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t), i)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    return fast
+
+
+def build_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
+
+
+def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random-weight Qwen3-Omni checkpoint to `out_dir` and return it."""
+    import torch
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = build_config()
+    model = Qwen3OmniMoeForConditionalGeneration(config).eval()
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    build_feature_extractor().save_pretrained(out)
+    (out / "omni_tiny.json").write_text(json.dumps({"tiny": True, "seed": seed}))
+    return out
