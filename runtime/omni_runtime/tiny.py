@@ -182,6 +182,15 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = build_config()
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
+    # Random weights leave the waveform near 1e-6; rescale the last convolution so the
+    # tiny model's speech is audible PCM (tests check the audio is not silence).
+    with torch.no_grad():
+        codes = torch.randint(0, CODEBOOK, (1, config.code2wav_config.num_quantizers, 8))
+        std = float(model.code2wav(codes).std()) or 1e-6
+        last = model.code2wav.decoder[-1].conv
+        last.weight.mul_(0.2 / std)
+        if last.bias is not None:
+            last.bias.zero_()
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     build_feature_extractor().save_pretrained(out)
