@@ -3,17 +3,19 @@
 The pydantic JSON schema is turned into a Kubernetes *structural* schema:
 references inlined, optional unions collapsed, JSON-Schema-2020 bounds rewritten
 to OpenAPI v3.0 form, free-form objects marked to keep unknown fields, and
-object-valued fields defaulted to ``{}`` so the apiserver fills nested defaults
-(the CEL rules rely on those defaults being present).
+object-valued fields defaulted to their models' full defaults (the CEL rules
+rely on those fields being present).
 """
 
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from . import rbac
 from .api import (API_VERSION, GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
@@ -54,7 +56,6 @@ def _structural(node: Any, *, keep_defaults: bool) -> Any:
             node = {**options[0], **node}
             if node.get("default", 0) is None:
                 node.pop("default")
-                node["_optional"] = True
     for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(node.get(bound), (int, float)) and not isinstance(node.get(bound), bool):
             node[plain] = node.pop(bound)
@@ -77,31 +78,52 @@ def _structural(node: Any, *, keep_defaults: bool) -> Any:
     for key, value in node.items():
         if key == "properties":
             props = {}
-            required = set(node.get("required", []))
             for prop, schema in value.items():
                 schema = _structural(schema, keep_defaults=keep_defaults)
-                is_model = schema.get("type") == "object" and "properties" in schema
-                optional = schema.pop("_optional", False)
-                if keep_defaults and is_model and not optional and prop not in required and "default" not in schema:
-                    schema["default"] = {}
                 if not keep_defaults:
                     schema.pop("default", None)
                 props[prop] = schema
             out[key] = props
         elif key in ("items", "additionalProperties") and isinstance(value, dict):
             out[key] = _structural(value, keep_defaults=keep_defaults)
-        elif key == "default" and isinstance(value, dict) and value:
-            # Object defaults are expressed as {} plus per-field defaults, so the two can't disagree.
-            out[key] = {}
         else:
             out[key] = value
     return out
 
 
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `Model`, `Model | None`; None for anything else."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 and type(None) in typing.get_args(annotation) else None
+
+
+def _object_defaults(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Default every always-present object field to its model's full default value.
+
+    The apiserver checks a default against the CEL rules as it stands, without
+    filling its nested defaults, so `{}` would fail `minReplicas <= maxReplicas`.
+    Optional objects (`X | None`, e.g. talker) get no default: absent stays absent.
+    """
+    props = schema.get("properties", {})
+    for field_name, info in model.model_fields.items():
+        sub = props.get(info.alias or field_name)
+        cls = _model_class(info.annotation)
+        if sub is None or cls is None:
+            continue
+        _object_defaults(sub, cls)
+        if info.default_factory is not None:
+            sub["default"] = info.default_factory().model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
 def _schema_of(model, *, keep_defaults: bool) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     resolved = _resolve(raw, raw.get("$defs", {}))
-    return _structural(resolved, keep_defaults=keep_defaults)
+    schema = _structural(resolved, keep_defaults=keep_defaults)
+    if keep_defaults:
+        _object_defaults(schema, model)
+    return schema
 
 
 def _condition_status(kind: str) -> str:

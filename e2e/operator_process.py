@@ -1,0 +1,97 @@
+"""Run the real operator (`omni-operator run`) as a local process against a LocalCluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from e2e.cluster import LocalCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT / "crds" / "omnideployment.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def install_crd(cluster: LocalCluster) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/omnideployments.omni.qwen.ai")
+
+
+class OperatorProcess:
+    """`omni-operator run` with its own health/metrics ports and a log file."""
+
+    def __init__(self, cluster: LocalCluster, log_file: Path, *extra_args: str):
+        self.cluster = cluster
+        self.log_file = log_file
+        self.extra_args = extra_args
+        self.health_port = _free_port()
+        self.metrics_port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "OperatorProcess":
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab")
+        cmd = [sys.executable, "-m", "omni_operator.cli", "run", "--health-port", str(self.health_port),
+               "--metrics-port", str(self.metrics_port), *self.extra_args]
+        env = dict(self.cluster.env, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"operator not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def kill(self) -> None:
+        """SIGKILL: what a node failure or OOM does; no clean shutdown."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "OperatorProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,195 @@
+"""A small, explicit Kubernetes REST layer over the official client's connection.
+
+Only the calls the operator makes: get, list, server-side apply, delete with a
+uid precondition, status merge-patch and the scale subresource. Objects are
+plain dicts (what the renderers produce), so there is no model conversion.
+Every write is counted, so tests and benchmarks can prove a no-op reconcile
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import urlencode
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from .api import GROUP, PLURAL, VERSION
+
+FIELD_MANAGER = "omni-operator"
+
+# kind -> (group/version path prefix, plural); the operator touches nothing else.
+RESOURCES: dict[str, tuple[str, str]] = {
+    "Service": ("/api/v1", "services"),
+    "Pod": ("/api/v1", "pods"),
+    "Event": ("/api/v1", "events"),
+    "Secret": ("/api/v1", "secrets"),
+    "StatefulSet": ("/apis/apps/v1", "statefulsets"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("/apis/keda.sh/v1alpha1", "scaledobjects"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+    "OmniDeployment": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+def api_version(kind: str) -> str:
+    prefix = RESOURCES[kind][0]
+    return prefix.removeprefix("/apis/").removeprefix("/api/")
+
+
+RETRYABLE = {409, 429, 500, 502, 503, 504}
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, reason: str, body: str = ""):
+        super().__init__(f"{status} {reason}: {body[:500]}")
+        self.status = status
+        self.reason = reason
+        self.body = body
+
+
+def load_api_client() -> client.ApiClient:
+    """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None, timeout: float = 30.0):
+        self.api = api_client or load_api_client()
+        self.timeout = timeout
+        self.writes: Counter[str] = Counter()  # "PATCH StatefulSet" -> count
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        prefix, plural = RESOURCES[kind]
+        path = prefix + (f"/namespaces/{namespace}" if namespace else "") + f"/{plural}"
+        if name:
+            path += f"/{name}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    def request(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None,
+                content_type: str = "application/json", retries: int = 4) -> Any:
+        if query:
+            path += "?" + urlencode(query)
+        headers = {"Accept": "application/json"}
+        payload = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            # The client serialises JSON content types itself; apply patches go as text (JSON is YAML).
+            payload = body if "json" in content_type else json.dumps(body)
+        if method != "GET":
+            with self._lock:
+                self.writes[f"{method} {path.split('?')[0]}"] += 1
+        delay = 0.2
+        for attempt in range(retries + 1):
+            try:
+                _, url, hdrs, _, _ = self.api.param_serialize(method, path, header_params=headers,
+                                                              auth_settings=["BearerToken"])
+                resp = self.api.call_api(method, url, header_params=hdrs, body=payload,
+                                         _request_timeout=self.timeout)
+                data = resp.read() if hasattr(resp, "read") else resp.data
+                if resp.status >= 400:
+                    raise _api_exception(resp.status, resp.reason, data or b"")
+                return json.loads(data) if data else None
+            except ApiException as err:
+                if err.status in RETRYABLE and attempt < retries and not (err.status == 409 and method == "POST"):
+                    time.sleep(delay)
+                    delay = min(delay * 2, 3.0)
+                    continue
+                raise KubeError(err.status or 0, err.reason or "", err.body or "") from None
+
+    # ------------------------------------------------------------------ verbs
+
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", self.path(kind, namespace, name))
+        except KubeError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        result = self.request("GET", self.path(kind, namespace), query=query)
+        return list(result.get("items") or [])
+
+    def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply under the operator's single field manager."""
+        meta = obj["metadata"]
+        query = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
+        return self.request("PATCH", self.path(obj["kind"], meta.get("namespace"), meta["name"]), query=query,
+                            body=obj, content_type="application/apply-patch+yaml")
+
+    def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete, only if the object is still the one we saw (uid precondition). False when gone."""
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self.request("DELETE", self.path(kind, namespace, name), body=body)
+            return True
+        except KubeError as err:
+            if err.status in (404, 409):
+                return False
+            raise
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.request("PATCH", self.path(kind, namespace, name, "status"), body={"status": status},
+                                content_type="application/merge-patch+json")
+        except KubeError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def scale(self, kind: str, namespace: str, name: str, replicas: int) -> dict[str, Any] | None:
+        try:
+            return self.request("PATCH", self.path(kind, namespace, name, "scale"),
+                                body={"spec": {"replicas": replicas}}, content_type="application/merge-patch+json")
+        except KubeError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def create_event(self, namespace: str, involved: dict[str, Any], *, reason: str, message: str,
+                     type_: str = "Normal") -> None:
+        meta = involved["metadata"]
+        now = _now()
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                               "name": meta["name"], "namespace": namespace, "uid": meta.get("uid")},
+            "reason": reason, "message": message[:1024], "type": type_,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": FIELD_MANAGER}, "reportingComponent": FIELD_MANAGER,
+        }
+        try:
+            self.request("POST", self.path("Event", namespace), body=event, retries=1)
+        except KubeError:
+            pass  # events are best effort; never fail a reconcile over one
+
+
+def _api_exception(status: int, reason: str | None, data: bytes) -> ApiException:
+    err = ApiException(status=status, reason=reason or "")
+    err.body = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    return err
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,23 @@
+"""The operator's own Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter("omni_operator_reconcile_total", "Reconciles by result.", ["result"])
+RECONCILE_SECONDS = Histogram("omni_operator_reconcile_duration_seconds", "Time for one reconcile.",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+SIZING_VALID = Gauge("omni_operator_sizing_valid", "1 when the OmniDeployment's spec could be sized.",
+                     ["namespace", "name"])
+DESIRED = Gauge("omni_operator_desired_replicas", "Replicas the operator wants per role.",
+                ["namespace", "name", "role"])
+READY = Gauge("omni_operator_ready_replicas", "Ready replicas per role.", ["namespace", "name", "role"])
+QUEUE_DEPTH = Gauge("omni_operator_workqueue_depth", "OmniDeployments waiting to be reconciled.")
+IS_LEADER = Gauge("omni_operator_leader", "1 while this process holds the leader Lease.")
+
+
+def record_status(namespace: str, name: str, sizing_valid: bool, roles) -> None:
+    SIZING_VALID.labels(namespace, name).set(1 if sizing_valid else 0)
+    for role, obs in roles.items():
+        DESIRED.labels(namespace, name, role).set(obs.desired)
+        READY.labels(namespace, name, role).set(obs.ready)

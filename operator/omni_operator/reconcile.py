@@ -1,0 +1,294 @@
+"""Reconcile one OmniDeployment: plan (pure) -> apply the difference -> prune -> status.
+
+Level-triggered and idempotent: it reads the current state every time, writes
+only what differs from the plan (so a steady-state reconcile makes no write
+calls), never touches objects it does not own, and applies nothing at all when
+the spec can't be sized.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .api import KIND, AutoscalingMode
+from .kube import Kube, KubeError, api_version
+from .plan import Plan, PlanError, make_plan
+from .render import ROLES, instance_selector, role_selector
+from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
+                     transitions)
+
+log = logging.getLogger(__name__)
+
+CHILD_KINDS = ("Service", "StatefulSet", "Deployment", "PodDisruptionBudget")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _component(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def wanted_replicas(resource: dict[str, Any]) -> dict[str, int] | None:
+    """Replicas the autoscaler last decided (kept in status), when it is the one deciding."""
+    spec = resource.get("spec") or {}
+    if (spec.get("autoscaling") or {}).get("mode", AutoscalingMode.OPERATOR.value) != AutoscalingMode.OPERATOR.value:
+        return None
+    status = resource.get("status") or {}
+    wanted = {role: (status.get(role) or {}).get("desiredReplicas") for role in ROLES}
+    return {role: n for role, n in wanted.items() if isinstance(n, int)} or None
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did (for logs, metrics and tests)."""
+
+    applied: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    status_written: bool = False
+    error: str | None = None
+    skipped: str | None = None
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None):
+        self.kube = kube
+        self.image_repository = image_repository
+        self.image_tag = image_tag
+
+    # ------------------------------------------------------------------ entry point
+
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        started = time.monotonic()
+        outcome = Outcome()
+        resource = self.kube.get(KIND, namespace, name)
+        if resource is None:
+            outcome.skipped = "gone"
+            return outcome
+        if resource["metadata"].get("deletionTimestamp"):
+            outcome.skipped = "deleting"  # children go with it (owner references)
+            return outcome
+        try:
+            self._reconcile(resource, outcome)
+            metrics.RECONCILES.labels(result="error" if outcome.error else "ok").inc()
+        except Exception:
+            metrics.RECONCILES.labels(result="exception").inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        return outcome
+
+    # ------------------------------------------------------------------ steps
+
+    def _reconcile(self, resource: dict[str, Any], outcome: Outcome) -> None:
+        meta = resource["metadata"]
+        name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        plan: Plan | None = None
+        sizing_error: str | None = None
+        invalid_spec = False
+        try:
+            plan = make_plan(name, namespace, uid, resource.get("spec") or {}, wanted_replicas(resource),
+                             image_repository=self.image_repository, image_tag=self.image_tag)
+        except PlanError as err:
+            sizing_error, invalid_spec = str(err), err.invalid
+
+        live = self._live_children(namespace, name)
+        if plan is not None:
+            outcome.error = self._apply(plan, live, uid, namespace, outcome)
+            if outcome.error is None:
+                self._prune(plan, live, uid, namespace, outcome)
+        self._write_status(resource, plan, live, sizing_error, invalid_spec, outcome)
+
+    def _live_children(self, namespace: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+        live = {}
+        for kind in CHILD_KINDS:
+            for obj in self.kube.list(kind, namespace, instance_selector(name)):
+                # List items carry no apiVersion/kind of their own.
+                obj.setdefault("kind", kind)
+                obj.setdefault("apiVersion", api_version(kind))
+                live[(kind, obj["metadata"]["name"])] = obj
+        return live
+
+    def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> str | None:
+        for obj in plan.objects:
+            key = (obj["kind"], obj["metadata"]["name"])
+            current = live.get(key)
+            if current is None:
+                # Not labelled as ours; a same-named object may still exist and belong to someone else.
+                current = self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
+            if current is not None and not owned_by(current, uid):
+                return (f"{obj['kind']} {namespace}/{obj['metadata']['name']} already exists and is not owned by "
+                        "this OmniDeployment; rename one of them (nothing was changed)")
+            if current is not None and is_subset(obj, current):
+                continue
+            try:
+                live[key] = self.kube.apply(obj)
+            except KubeError as err:
+                return f"applying {obj['kind']} {obj['metadata']['name']} failed: {err}"
+            outcome.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        return None
+
+    def _prune(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> None:
+        planned = {(o["kind"], o["metadata"]["name"]) for o in plan.objects}
+        for key, obj in list(live.items()):
+            if key in planned or not owned_by(obj, uid):
+                continue
+            if self.kube.delete(key[0], namespace, key[1], uid=obj["metadata"].get("uid")):
+                outcome.pruned.append(f"{key[0]}/{key[1]}")
+            live.pop(key)
+
+    # ------------------------------------------------------------------ status
+
+    def _observe(self, plan: Plan | None, live: dict, previous: dict[str, Any]) -> dict[str, RoleObservation]:
+        roles: dict[str, RoleObservation] = {}
+        workloads = {role: [o for (kind, _), o in sorted(live.items())
+                            if kind in ("StatefulSet", "Deployment") and _component(o) == role] for role in ROLES}
+        for role in ROLES:
+            if plan is not None:
+                if role == "talker" and plan.sizing.talker is None:
+                    continue
+                desired = plan.replicas[role]
+                pods = plan.sizing.thinker.pods_per_replica if role == "thinker" else 1
+            else:
+                if not workloads[role]:
+                    continue
+                # Spec can't be planned: report what is running against what was last desired.
+                desired = (previous.get(role) or {}).get("desiredReplicas", 0)
+                pods = ((previous.get("sizing") or {}).get(role) or {}).get("podsPerReplica", 1)
+            roles[role] = observe_role(desired, workloads[role], pods)
+        return roles
+
+    def _write_status(self, resource: dict[str, Any], plan: Plan | None, live: dict, sizing_error: str | None,
+                      invalid_spec: bool, outcome: Outcome) -> None:
+        meta = resource["metadata"]
+        previous = resource.get("status") or {}
+        roles = self._observe(plan, live, previous)
+        generation = meta.get("generation")
+        conditions = compute_conditions(
+            generation=generation, sizing_error=sizing_error,
+            sizing_reason=plan.sizing.reason if plan else "", invalid_spec=invalid_spec,
+            apply_error=outcome.error, roles=roles)
+        status: dict[str, Any] = dict(previous)
+        status["observedGeneration"] = generation
+        for role in ROLES:
+            status[role] = roles[role].as_status() if role in roles else None
+        if plan is not None:
+            status["sizing"] = _sizing_status(plan)
+            status["gpus"] = plan.gpus
+            status["replicas"] = roles["thinker"].current
+            status["selector"] = role_selector(meta["name"], "thinker")
+        status["conditions"] = merge_conditions(previous.get("conditions") or [], conditions, _now())
+        metrics.record_status(meta["namespace"], meta["name"], sizing_error is None, roles)
+
+        if _comparable(status) == _comparable(previous):
+            return
+        # Merge patch: null removes a role that no longer exists (e.g. talker after a variant change).
+        self.kube.patch_status(KIND, meta["namespace"], meta["name"], status)
+        outcome.status_written = True
+        for cond in transitions(previous.get("conditions") or [], conditions):
+            if cond["type"] in ("Ready", "SizingValid", "Degraded"):
+                warn = (cond["type"] == "Degraded" and cond["status"] == "True") or \
+                       (cond["type"] == "SizingValid" and cond["status"] == "False")
+                self.kube.create_event(meta["namespace"], resource, reason=cond["reason"],
+                                       message=f"{cond['type']}={cond['status']}: {cond['message']}",
+                                       type_="Warning" if warn else "Normal")
+
+
+def _sizing_status(plan: Plan) -> dict[str, Any]:
+    def role(s):
+        if s is None:
+            return None
+        out = {"estimatedGB": s.estimated_gb, "gpusPerReplica": s.gpus_per_replica,
+               "podsPerReplica": s.pods_per_replica, "gpusPerPod": s.gpus_per_pod,
+               "vllmArgs": list(s.vllm_args), "notes": list(s.notes)}
+        if s.tensor_parallel_size:
+            out["tensorParallelSize"] = s.tensor_parallel_size
+            out["pipelineParallelSize"] = s.pipeline_parallel_size
+        return out
+
+    return {"thinker": role(plan.sizing.thinker), "talker": role(plan.sizing.talker),
+            "maxModelLen": plan.sizing.thinker.max_model_len, "gpusTotal": plan.gpus}
+
+
+def _comparable(status: dict[str, Any]) -> dict[str, Any]:
+    """Status without timestamps and without keys set to None (absent and null are the same)."""
+    out = {k: v for k, v in status.items() if v is not None}
+    out["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
+                         for c in status.get("conditions") or []]
+    if isinstance(out.get("sizing"), dict):
+        out["sizing"] = {k: v for k, v in out["sizing"].items() if v is not None}
+    return out
+
+
+class WorkQueue:
+    """Deduplicating work queue: a key is never reconciled twice at once, and a key added
+    while it is being reconciled is reconciled once more afterwards (nothing is lost)."""
+
+    def __init__(self, handler, workers: int = 4):
+        self._handler = handler
+        self._cond = threading.Condition()
+        self._pending: list[tuple[str, str]] = []
+        self._queued: set[tuple[str, str]] = set()
+        self._active: set[tuple[str, str]] = set()
+        self._dirty: set[tuple[str, str]] = set()
+        self._stopped = False
+        self._threads = [threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def add(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self._cond:
+            if key in self._active:
+                self._dirty.add(key)
+            elif key not in self._queued:
+                self._queued.add(key)
+                self._pending.append(key)
+                self._cond.notify()
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._active
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                key = self._pending.pop(0)
+                self._queued.discard(key)
+                self._active.add(key)
+            try:
+                self._handler(*key)
+            except Exception:  # never let one object take the worker down
+                log.exception("reconcile of %s/%s failed; it will be retried", *key)
+                with self._cond:
+                    self._dirty.add(key)
+                time.sleep(1.0)
+            finally:
+                with self._cond:
+                    self._active.discard(key)
+                    if key in self._dirty:
+                        self._dirty.discard(key)
+                        if key not in self._queued:
+                            self._queued.add(key)
+                            self._pending.append(key)
+                            self._cond.notify()

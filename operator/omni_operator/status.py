@@ -1,0 +1,156 @@
+"""Pure status logic: drift detection, role observation, conditions.
+
+Everything here takes plain dicts and returns plain dicts; the reconciler does
+the I/O around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+READY, PROGRESSING, DEGRADED, SIZING_VALID = "Ready", "Progressing", "Degraded", "SizingValid"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SIZING_VALID)
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def _scalar_equal(want: Any, have: Any) -> bool:
+    # The apiserver normalises some scalars: GPU counts come back as strings, "None" stays "None".
+    if isinstance(want, bool) or isinstance(have, bool):
+        return want == have
+    return str(want) == str(have)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value is False or value == "" or value == {} or value == []
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """True when every field we render is present with the same value in the live object.
+
+    Fields the apiserver adds (defaults, status, other managers' fields) are ignored;
+    lists must have the same length and match item by item.
+    """
+    if isinstance(want, dict):
+        if not isinstance(have, dict):
+            return False
+        # The apiserver omits empty and false values (omitempty): absent equals False/""/{}/[].
+        return all(is_subset(v, have[k]) if k in have else _empty(v) for k, v in want.items())
+    if isinstance(want, list):
+        if not isinstance(have, list) or len(want) != len(have):
+            return False
+        return all(is_subset(w, h) for w, h in zip(want, have))
+    return _scalar_equal(want, have)
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences", []))
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+@dataclass(frozen=True)
+class RoleObservation:
+    desired: int
+    current: int
+    ready: int
+    up_to_date: bool
+
+    def as_status(self) -> dict[str, Any]:
+        return {"desiredReplicas": self.desired, "replicas": self.current, "readyReplicas": self.ready,
+                "ready": f"{self.ready}/{self.desired}"}
+
+
+def _workload_settled(obj: dict[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    want = (obj.get("spec") or {}).get("replicas", 0)
+    return (status.get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
+            and status.get("updatedReplicas", 0) >= want
+            and status.get("readyReplicas", 0) >= want)
+
+
+def observe_role(desired: int, workloads: list[dict[str, Any]], pods_per_replica: int = 1) -> RoleObservation:
+    """Replicas of a role from its StatefulSets/Deployment.
+
+    With one workload the replicas are its pods; when a replica spans nodes each
+    StatefulSet is one replica, ready only when all its shards are.
+    """
+    if pods_per_replica > 1:
+        current = len(workloads)
+        ready = sum(1 for w in workloads if (w.get("status") or {}).get("readyReplicas", 0) >= pods_per_replica)
+    else:
+        current = sum((w.get("status") or {}).get("replicas", 0) for w in workloads)
+        ready = sum((w.get("status") or {}).get("readyReplicas", 0) for w in workloads)
+    up_to_date = all(_workload_settled(w) for w in workloads) and current == desired
+    return RoleObservation(desired=desired, current=current, ready=ready, up_to_date=up_to_date)
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def condition(type_: str, status: bool | str, reason: str, message: str, generation: int | None) -> dict[str, Any]:
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    return {"type": type_, "status": value, "reason": reason, "message": message, "observedGeneration": generation}
+
+
+def compute_conditions(*, generation: int | None, sizing_error: str | None, sizing_reason: str,
+                       invalid_spec: bool, apply_error: str | None,
+                       roles: dict[str, RoleObservation]) -> list[dict[str, Any]]:
+    """The four conditions from what the reconcile saw."""
+    not_ready = [f"{role} {o.ready}/{o.desired} ready" for role, o in roles.items() if o.ready < o.desired]
+    rolling = [role for role, o in roles.items() if not o.up_to_date]
+    all_ready = not not_ready and bool(roles)
+
+    if sizing_error:
+        sizing = condition(SIZING_VALID, False, "InvalidSpec" if invalid_spec else "InsufficientGPUMemory",
+                           sizing_error, generation)
+    else:
+        sizing = condition(SIZING_VALID, True, "Sized", sizing_reason, generation)
+
+    if sizing_error:
+        degraded = condition(DEGRADED, True, "SizingInvalid",
+                             "the spec cannot be sized; running replicas are left unchanged: " + sizing_error,
+                             generation)
+    elif apply_error:
+        degraded = condition(DEGRADED, True, "ApplyFailed", apply_error, generation)
+    else:
+        degraded = condition(DEGRADED, False, "AsExpected", "", generation)
+
+    if sizing_error:
+        progressing = condition(PROGRESSING, False, "SizingInvalid", "nothing is rolled out until the spec is fixed",
+                                generation)
+    elif rolling or not_ready:
+        progressing = condition(PROGRESSING, True, "RollingOut",
+                                "waiting for " + ", ".join(not_ready or [f"{r} rollout" for r in rolling]), generation)
+    else:
+        progressing = condition(PROGRESSING, False, "Complete", "all roles are rolled out", generation)
+
+    if all_ready:
+        ready = condition(READY, True, "AllReplicasReady",
+                          ", ".join(f"{r} {o.ready}/{o.desired}" for r, o in roles.items()), generation)
+    elif not roles:
+        ready = condition(READY, False, "NoReplicas", "nothing is deployed yet", generation)
+    else:
+        ready = condition(READY, False, "ReplicasNotReady", ", ".join(not_ready), generation)
+    return [ready, progressing, degraded, sizing]
+
+
+def merge_conditions(previous: list[dict[str, Any]], new: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime when a condition's status did not change."""
+    before = {c.get("type"): c for c in previous or []}
+    merged = []
+    for cond in new:
+        old = before.get(cond["type"])
+        changed = old is None or old.get("status") != cond["status"]
+        merged.append({**cond, "lastTransitionTime": now if changed else old.get("lastTransitionTime", now)})
+    return merged
+
+
+def transitions(previous: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conditions whose status or reason changed (worth an Event)."""
+    before = {c.get("type"): c for c in previous or []}
+    return [c for c in new if (before.get(c["type"]) or {}).get("status") != c["status"]
+            or (before.get(c["type"]) or {}).get("reason") != c["reason"]]
