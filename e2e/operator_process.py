@@ -58,12 +58,19 @@ class OperatorProcess:
             time.sleep(0.2)
         raise RuntimeError(f"operator not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
-    def healthy(self) -> bool:
+    def _probe(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
+
+    def healthy(self) -> bool:
+        return self._probe("/healthz")
+
+    def ready(self) -> bool:
+        """Holds the leader lease (when electing) and its watches run."""
+        return self._probe("/readyz")
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:

@@ -330,3 +330,58 @@ def test_scale_subresource_pins_thinker_replicas(cluster, namespace, operator):
                                        "scaled/scale").stdout)
     assert scale["status"]["replicas"] == 3 and "component=thinker" in scale["status"]["selector"]
     assert scale["spec"]["replicas"] == 3
+
+
+def test_operator_works_with_exactly_its_rbac_rules(cluster, namespace, crd, tmp_path):
+    """The rules in omni_operator.rbac (what the chart installs) are enough to reconcile."""
+    from omni_operator.rbac import RULES
+
+    sa, role = "omni-operator", f"omni-operator-{namespace}"
+    cluster.kubectl("create", "serviceaccount", sa, "-n", namespace)
+    apply(cluster, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                    "metadata": {"name": role}, "rules": RULES})
+    cluster.kubectl("create", "clusterrolebinding", role, f"--clusterrole={role}",
+                    f"--serviceaccount={namespace}:{sa}")
+    try:
+        token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+        kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())
+        kubeconfig["users"] = [{"name": sa, "user": {"token": token}}]
+        for ctx in kubeconfig["contexts"]:
+            ctx["context"]["user"] = sa
+        sa_config = tmp_path / "sa-kubeconfig"
+        sa_config.write_text(yaml.safe_dump(kubeconfig))
+
+        class SaCluster:  # the same cluster, seen with the service account's credentials
+            env = dict(cluster.env, KUBECONFIG=str(sa_config))
+
+        op = OperatorProcess(SaCluster, tmp_path / "sa-operator.log", "--all-namespaces").start()
+        try:
+            apply(cluster, omni("rbac", namespace))
+            wait_ready(cluster, namespace, "rbac", op)
+            assert "Forbidden" not in op.log_tail(400) and "403" not in op.log_tail(400)
+        finally:
+            op.stop()
+    finally:
+        cluster.kubectl("delete", "clusterrolebinding", role, check=False)
+        cluster.kubectl("delete", "clusterrole", role, check=False)
+
+
+def test_leader_election_keeps_a_single_writer(cluster, namespace, crd, tmp_path):
+    lease_args = ("--namespace", namespace, "--leader-elect", "--leader-election-namespace", namespace)
+    leader = OperatorProcess(crd, tmp_path / "leader.log", *lease_args).start()
+    follower = OperatorProcess(crd, tmp_path / "follower.log", *lease_args).start()  # healthy, not ready
+    try:
+        apply(cluster, omni("elect", namespace))
+        wait_ready(cluster, namespace, "elect", leader)
+        lease = kget(cluster, "lease", "omni-operator-leader", "-n", namespace)
+        assert lease["spec"]["holderIdentity"].endswith(str(leader.proc.pid))
+        assert leader.ready() and not follower.ready()
+        assert "applied" not in follower.log_tail(), "the follower must not reconcile"
+        leader.kill()
+        wait("follower takes over", follower.ready, timeout=60, operator=follower)
+        cluster.kubectl("delete", "service", "elect-gateway", "-n", namespace)
+        wait("new leader repairs drift", lambda: "Service/elect-gateway" in children(cluster, namespace, "elect"),
+             operator=follower)
+    finally:
+        leader.stop()
+        follower.stop()

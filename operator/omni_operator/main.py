@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kopf
 from prometheus_client import start_http_server
@@ -33,10 +34,40 @@ def _resync_loop(kube: Kube, queue: WorkQueue, namespaces: list[str], stop: thre
             log.warning("resync list failed: %s", err)
 
 
+def _serve_health(port: int, ready: threading.Event) -> None:
+    """/healthz: the process is alive (followers waiting for the lease too);
+    /readyz: this process holds the lease and its watches are running."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            if self.path.startswith("/healthz"):
+                ok = True
+            elif self.path.startswith("/readyz"):
+                ok = ready.is_set()
+            else:
+                self.send_error(404)
+                return
+            body = b"ok\n" if ok else b"not ready\n"
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # probes every few seconds: keep them out of the log
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+
+
 def run_operator(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kube = Kube()
+    ready = threading.Event()
+    if args.health_port:
+        _serve_health(args.health_port, ready)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     elector = None
@@ -67,10 +98,9 @@ def run_operator(args: argparse.Namespace) -> int:
     stop = threading.Event()
     threading.Thread(target=_resync_loop, args=(kube, queue, args.namespace, stop), daemon=True,
                      name="resync").start()
-    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     try:
         kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace,
-                 namespaces=args.namespace, liveness_endpoint=liveness)
+                 namespaces=args.namespace, ready_flag=ready)
     finally:
         stop.set()
         queue.stop()

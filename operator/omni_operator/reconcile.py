@@ -228,10 +228,14 @@ def _comparable(status: dict[str, Any]) -> dict[str, Any]:
 
 class WorkQueue:
     """Deduplicating work queue: a key is never reconciled twice at once, and a key added
-    while it is being reconciled is reconciled once more afterwards (nothing is lost)."""
+    while it is being reconciled is reconciled once more afterwards (nothing is lost).
+    A key whose reconcile raises is retried with exponential backoff."""
+
+    MAX_BACKOFF = 60.0
 
     def __init__(self, handler, workers: int = 4):
         self._handler = handler
+        self._failures: dict[tuple[str, str], int] = {}
         self._cond = threading.Condition()
         self._pending: list[tuple[str, str]] = []
         self._queued: set[tuple[str, str]] = set()
@@ -278,11 +282,14 @@ class WorkQueue:
                 self._active.add(key)
             try:
                 self._handler(*key)
+                self._failures.pop(key, None)
             except Exception:  # never let one object take the worker down
-                log.exception("reconcile of %s/%s failed; it will be retried", *key)
-                with self._cond:
-                    self._dirty.add(key)
-                time.sleep(1.0)
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+                delay = min(self.MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
+                log.exception("reconcile of %s/%s failed (%d in a row); retrying in %.1fs", *key, failures, delay)
+                retry = threading.Timer(delay, self.add, args=key)
+                retry.daemon = True
+                retry.start()
             finally:
                 with self._cond:
                     self._active.discard(key)
