@@ -1,0 +1,148 @@
+"""Gateway -> thinker (transformers engine) -> talker, all real processes on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from omni_runtime.audio import parse_wav_header
+
+from .conftest import free_port
+from .helpers import b64, post_stream, run, sine_wav, sse_events
+
+pytestmark = pytest.mark.runtime
+
+KEY = "sk-test-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, module_spawn, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# api keys\n{KEY}\n")
+    common = {"OMNI_MODEL": str(tiny_model), "OMNI_DEVICE": "cpu", "OMNI_SERVED_MODEL_NAME": "qwen3-omni-tiny"}
+    thinker = module_spawn("thinker", {**common, "OMNI_ROLE": "thinker"}, args=("--engine", "transformers"))
+    talker = module_spawn("talker", {**common, "OMNI_ROLE": "talker", "OMNI_MAX_INFLIGHT": "2", "OMNI_MAX_QUEUE": "4"})
+    dead = free_port()  # nothing listens there: the gateway must fail over
+    gateway = module_spawn("gateway", {
+        **common, "OMNI_ROLE": "gateway",
+        "OMNI_THINKER_SERVICE": f"127.0.0.1:{dead},127.0.0.1:{thinker.port}",
+        "OMNI_TALKER_SERVICE": f"localhost:{talker.port}",
+        "OMNI_API_KEYS_FILE": str(keys), "OMNI_MAX_REQUEST_BYTES": "200000",
+        "OMNI_TALKER_GENERATION": json.dumps({"max_codes": 24, "min_codes": 24, "seed": 5}),
+    })
+    for p in (thinker, talker, gateway):
+        p.wait_ready()
+    return {"thinker": thinker, "talker": talker, "gateway": gateway}
+
+
+def chat(stack, body, headers=AUTH):
+    return run(post_stream(stack["gateway"].url + "/v1/chat/completions", body, headers=headers))
+
+
+def user(content):
+    return {"model": "qwen3-omni-tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 6}
+
+
+def test_models_and_auth(stack):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(stack["gateway"].url + "/v1/models", headers=AUTH)
+    with urllib.request.urlopen(req) as r:
+        assert json.load(r)["data"][0]["id"] == "qwen3-omni-tiny"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(stack["gateway"].url + "/v1/models")
+    assert e.value.code == 401
+    status, _, body, _ = chat(stack, user("hi"), headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and "API key" in json.loads(body)["error"]["message"]
+
+
+def test_text_non_stream_and_stream_with_failover(stack):
+    status, _, body, _ = chat(stack, user("hello"))
+    assert status == 200, body[:300]
+    out = json.loads(body)
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    assert out["usage"]["completion_tokens"] >= 1
+
+    status, headers, body, _ = chat(stack, {**user("hello"), "stream": True})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(body)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    m = stack["gateway"].metrics()
+    assert m["omni_gateway_upstream_errors_total"] >= 1, "the dead thinker endpoint was tried and skipped"
+    assert m["omni_gateway_request_duration_seconds_count"] >= 2
+    assert "omni_queue_depth" in m and m["omni_requests_running"] == 0
+
+
+def _audio_request(content, stream=False, fmt="wav"):
+    return {**user(content), "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": fmt},
+            "stream": stream}
+
+
+def test_audio_non_stream_returns_wav(stack):
+    status, _, body, _ = chat(stack, _audio_request("Tell me something."))
+    assert status == 200, body[:300]
+    msg = json.loads(body)["choices"][0]["message"]
+    wav = base64.b64decode(msg["audio"]["data"])
+    hdr = parse_wav_header(wav)
+    assert hdr["sample_rate"] == 24000 and hdr["data_size"] == len(wav) - 44
+    assert hdr["data_size"] // 2 > 0.8 * 24 * 1920
+    assert isinstance(msg["audio"]["transcript"], str)
+
+
+def test_audio_stream_text_then_audio(stack):
+    status, _, body, _ = chat(stack, _audio_request("Stream it.", stream=True))
+    assert status == 200, body[:300]
+    events = [e for e in sse_events(body) if e != "[DONE]"]
+    kinds = []
+    pcm = b""
+    for e in events:
+        audio = e["choices"][0]["delta"].get("audio") or {}
+        if "transcript" in audio:
+            kinds.append("text")
+        if "data" in audio:
+            kinds.append("audio")
+            pcm += base64.b64decode(audio["data"])
+    assert "audio" in kinds and kinds.index("audio") > (kinds.index("text") if "text" in kinds else -1)
+    assert kinds[-1] == "audio" and kinds.count("audio") >= 2
+    assert len(pcm) % 2 == 0 and len(pcm) // 2 > 0.8 * 24 * 1920
+    final = events[-1]["choices"][0]
+    assert final["finish_reason"] in ("stop", "length") and final["delta"]["audio"]["sample_rate"] == 24000
+
+
+def test_audio_input_carries_thinker_states_to_talker(stack):
+    content = [{"type": "input_audio", "input_audio": {"data": b64(sine_wav(0.5)), "format": "wav"}},
+               {"type": "text", "text": "What is this sound?"}]
+    status, _, body, _ = chat(stack, _audio_request(content, fmt="pcm16"))
+    assert status == 200, body[:300]
+    audio = json.loads(body)["choices"][0]["message"]["audio"]
+    pcm = base64.b64decode(audio["data"])
+    assert pcm[:4] != b"RIFF" and len(pcm) // 2 > 0.8 * 24 * 1920
+
+
+@pytest.mark.parametrize("body, needle", [
+    (user([{"type": "video_clip", "url": "x"}]), "unknown content part type"),
+    (user([{"type": "input_audio", "input_audio": {"data": "%%%not-base64%%%", "format": "wav"}}]), "not valid base64"),
+    (user([{"type": "input_audio", "input_audio": {"data": b64(b"1234"), "format": "aiff"}}]), "unsupported audio format"),
+    (user([{"type": "input_audio", "input_audio": {"data": b64(b"just bytes"), "format": "wav"}}]), "not a WAV"),
+    (user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]), "not valid base64"),
+    (user([{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]), "http(s) or data: URL"),
+    ({**_audio_request("hi"), "audio": {"voice": "Ethan", "format": "mp3"}}, "unsupported output audio format"),
+    ({"model": "m", "messages": []}, "non-empty list"),
+    ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "not a chat role"),
+    ("{broken json", "not valid JSON"),
+])
+def test_bad_input_answers_400(stack, body, needle):
+    status, _, raw, _ = chat(stack, body)
+    assert status == 400, raw[:300]
+    assert needle in json.loads(raw)["error"]["message"]
+
+
+def test_request_size_limit_413(stack):
+    big = user([{"type": "input_audio", "input_audio": {"data": b64(sine_wav(8.0)), "format": "wav"}}])
+    status, _, raw, _ = chat(stack, big)
+    assert status == 413, raw[:300]

@@ -1,0 +1,189 @@
+"""The vLLM launcher: command construction (pure) and supervision of a stand-in vllm."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+
+from omni_runtime.launcher import LauncherError, build_vllm_command, node_rank_from_pod_name, parse_vllm_args
+from omni_runtime.metrics import parse_prometheus_text
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.runtime
+
+SIZING_ARGS = ["--tensor-parallel-size", "4", "--max-model-len", "32768", "--max-num-seqs", "8",
+               "--limit-mm-per-prompt", json.dumps({"image": 4, "video": 1, "audio": 4}),
+               "--gpu-memory-utilization", "0.9"]
+BASE = {"OMNI_ROLE": "thinker", "OMNI_MODEL": "/models/qwen3-omni", "OMNI_SERVED_MODEL_NAME": "qwen3-omni",
+        "OMNI_PORT": "8000", "POD_NAME": "demo-thinker-0", "POD_NAMESPACE": "ai"}
+
+
+def cmd(**env):
+    return build_vllm_command({**BASE, "OMNI_VLLM_ARGS": json.dumps(SIZING_ARGS), **env})
+
+
+def test_single_pod():
+    argv, facts = cmd()
+    assert argv == ["vllm", "serve", "/models/qwen3-omni", "--served-model-name", "qwen3-omni",
+                    "--host", "0.0.0.0", "--port", "8000", *SIZING_ARGS]
+    assert facts == {"nnodes": 1, "node_rank": 0, "headless": False, "port": 8000, "served_model_name": "qwen3-omni"}
+    # the JSON inside an argument survives as one argv element
+    assert json.loads(argv[argv.index("--limit-mm-per-prompt") + 1]) == {"image": 4, "video": 1, "audio": 4}
+
+
+def test_defaults_revision_and_port():
+    argv, facts = build_vllm_command({"OMNI_MODEL": "Qwen/Qwen3-Omni-30B-A3B-Instruct", "OMNI_MODEL_REVISION": "abc123",
+                                      "OMNI_PORT": "9000"})
+    assert argv[:3] == ["vllm", "serve", "Qwen/Qwen3-Omni-30B-A3B-Instruct"]
+    assert argv[argv.index("--served-model-name") + 1] == "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+    assert argv[argv.index("--revision") + 1] == "abc123"
+    assert argv[argv.index("--port") + 1] == "9000" and facts["port"] == 9000
+    argv, _ = build_vllm_command({"OMNI_MODEL": "m", "OMNI_VLLM_ARGS": ""})
+    assert argv == ["vllm", "serve", "m", "--served-model-name", "m", "--host", "0.0.0.0", "--port", "8000"]
+
+
+def test_multi_node_rank_zero_serves_the_api():
+    argv, facts = cmd(OMNI_NNODES="2", POD_NAME="demo-thinker-r0-0", OMNI_MASTER_ADDR="demo-thinker-r0-0.demo-thinker",
+                      OMNI_MASTER_PORT="29600")
+    tail = argv[argv.index("--distributed-executor-backend"):]
+    assert tail == ["--distributed-executor-backend", "mp", "--nnodes", "2", "--node-rank", "0",
+                    "--master-addr", "demo-thinker-r0-0.demo-thinker", "--master-port", "29600"]
+    assert "--headless" not in argv and facts["headless"] is False and facts["node_rank"] == 0
+    assert argv[argv.index("--port") + 1] == "8000"
+
+
+@pytest.mark.parametrize("ordinal, nnodes", [(1, 2), (3, 4), (11, 12)])
+def test_multi_node_rank_n_is_headless(ordinal, nnodes):
+    argv, facts = cmd(OMNI_NNODES=str(nnodes), POD_NAME=f"big-thinker-7-{ordinal}", OMNI_MASTER_ADDR="big-thinker-7-0.svc")
+    assert argv[argv.index("--node-rank") + 1] == str(ordinal)
+    assert argv[argv.index("--nnodes") + 1] == str(nnodes)
+    assert argv[argv.index("--master-port") + 1] == "29501"
+    assert argv[-1] == "--headless" and facts["headless"] is True and facts["node_rank"] == ordinal
+
+
+def test_explicit_mp_backend_is_not_duplicated():
+    args = SIZING_ARGS + ["--distributed-executor-backend", "mp"]
+    argv, _ = build_vllm_command({**BASE, "OMNI_VLLM_ARGS": json.dumps(args), "OMNI_NNODES": "2",
+                                  "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0"})
+    assert argv.count("--distributed-executor-backend") == 1
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"OMNI_VLLM_ARGS": "[--tensor-parallel-size 4"}, "not valid JSON"),
+    ({"OMNI_VLLM_ARGS": '{"tp": 4}'}, "must be a JSON list"),
+    ({"OMNI_VLLM_ARGS": '["--max-num-seqs", {"n": 8}]'}, "OMNI_VLLM_ARGS[1] must be a string"),
+    ({"OMNI_VLLM_ARGS": '["--enforce-eager", true]'}, "OMNI_VLLM_ARGS[1] must be a string"),
+    ({"OMNI_VLLM_ARGS": '["--port", "9999"]'}, "must not set --port"),
+    ({"OMNI_VLLM_ARGS": '["--served-model-name=x"]'}, "must not set --served-model-name"),
+    ({"OMNI_VLLM_ARGS": '["--headless"]'}, "must not set --headless"),
+    ({"OMNI_VLLM_ARGS": '["Qwen/other", "--tensor-parallel-size", "2"]'}, "must start with a flag"),
+    ({"OMNI_NNODES": "two"}, "OMNI_NNODES='two' is not an integer"),
+    ({"OMNI_NNODES": "0"}, "must be >= 1"),
+    ({"OMNI_NNODES": "2", "POD_NAME": "thinker", "OMNI_MASTER_ADDR": "t-0"}, "no StatefulSet ordinal"),
+    ({"OMNI_NNODES": "2", "POD_NAME": "t-0"}, "OMNI_MASTER_ADDR is required"),
+    ({"OMNI_NNODES": "2", "POD_NAME": "t-2", "OMNI_MASTER_ADDR": "t-0"}, "outside OMNI_NNODES=2"),
+    ({"OMNI_NNODES": "2", "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0", "OMNI_MASTER_PORT": "70000"}, "not a TCP port"),
+    ({"OMNI_NNODES": "2", "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0",
+      "OMNI_VLLM_ARGS": '["--distributed-executor-backend", "ray"]'}, "mp backend"),
+])
+def test_bad_configuration_is_a_clear_error(env, needle):
+    with pytest.raises(ValueError) as e:  # LauncherError and ConfigError are ValueErrors
+        build_vllm_command({**BASE, **env})
+    assert needle in str(e.value)
+
+
+def test_node_rank_and_args_helpers():
+    assert node_rank_from_pod_name("omni-thinker-r2-5") == 5
+    assert parse_vllm_args(None) == [] and parse_vllm_args("[]") == []
+    assert parse_vllm_args('["--max-num-seqs", 8, "--gpu-memory-utilization", 0.9]') == [
+        "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9"]
+
+
+def test_cli_reports_bad_args_and_exits_2():
+    env = {**os.environ, **BASE, "OMNI_VLLM_ARGS": "not json"}
+    r = subprocess.run([sys.executable, "-m", "omni_runtime.cli", "print-vllm-command"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "OMNI_VLLM_ARGS is not valid JSON" in r.stderr
+
+
+VLLM_EXPOSITION = """# HELP vllm:num_requests_waiting Number of requests waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="qwen3-omni"} 3.0
+vllm:num_requests_running{engine="0",model_name="qwen3-omni"} 2.0
+vllm:kv_cache_usage_perc{engine="0",model_name="qwen3-omni"} 0.25
+vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="qwen3-omni"} 7.0
+"""
+
+
+def test_parse_vllm_metrics():
+    m = parse_prometheus_text(VLLM_EXPOSITION)
+    assert m["vllm:num_requests_waiting"] == 3.0 and m["vllm:num_requests_running"] == 2.0
+
+
+FAKE_VLLM = textwrap.dedent('''\
+    #!{python}
+    # Stand-in for `vllm serve`: /health, /metrics with queue gauges, exits on SIGTERM.
+    import json, signal, sys, time
+    from aiohttp import web
+    args = sys.argv[1:]
+    open({argv_file!r}, "w").write(json.dumps(args))
+    port = int(args[args.index("--port") + 1])
+    state = {{"waiting": 3}}
+    async def health(_):
+        return web.Response(text="")
+    async def metrics(_):
+        return web.Response(text=f"vllm:num_requests_waiting{{{{engine=\\"0\\"}}}} {{state['waiting']}}\\n"
+                                 "vllm:num_requests_running{{engine=\\"0\\"}} 2\\n")
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    web.run_app(app, host="127.0.0.1", port=port, print=None)
+''')
+
+
+def test_supervisor_republishes_queue_metrics_and_drains(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    argv_file = tmp_path / "argv.json"
+    fake = bindir / "vllm"
+    fake.write_text(FAKE_VLLM.format(python=sys.executable, argv_file=str(argv_file)))
+    fake.chmod(0o755)
+    port, mport = free_port(), free_port()
+    env = {**os.environ, **BASE, "PATH": f"{bindir}:{os.environ['PATH']}", "OMNI_PORT": str(port),
+           "OMNI_METRICS_PORT": str(mport), "OMNI_VLLM_ARGS": json.dumps(SIZING_ARGS), "OMNI_DRAIN_SECONDS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.cli", "thinker"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        m = {}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=1) as r:
+                    text = r.read().decode()
+                m = parse_prometheus_text(text)
+                if m.get("omni_queue_depth") == 3.0:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert m.get("omni_queue_depth") == 3.0 and m.get("omni_requests_running") == 2.0, m
+        assert 'omni_queue_depth{role="thinker"} 3.0' in text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            assert r.status == 200  # vLLM's own /health is the readiness endpoint
+        assert json.loads(argv_file.read_text())[:2] == ["serve", "/models/qwen3-omni"]
+        proc.send_signal(signal.SIGTERM)
+        # the stand-in never empties its queue: the drain gives up after OMNI_DRAIN_SECONDS
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
