@@ -261,6 +261,7 @@ class Gateway:
         deadline = time.monotonic() + self.cfg["drain_seconds"]
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # let the last responses flush before the listeners close
         if self.session:
             await self.session.close()
 

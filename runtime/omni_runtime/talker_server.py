@@ -202,6 +202,7 @@ class TalkerService:
             for flag in list(self.cancel_flags):
                 flag.set()
             await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # let the last responses flush before the listeners close
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def app(self) -> web.Application:

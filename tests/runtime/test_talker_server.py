@@ -135,7 +135,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(tiny_model, spawn):
 
     async def scenario():
         async with aiohttp.ClientSession() as s:
-            async with s.post(url, json=text_payload(tiny_model, codes=50)) as r:
+            async with s.post(url, json=text_payload(tiny_model, codes=150)) as r:
                 assert r.status == 200
                 got = await r.content.read(64)  # the stream has started
                 talker.terminate()
@@ -152,5 +152,6 @@ def test_sigterm_drains_in_flight_and_refuses_new(tiny_model, spawn):
     assert health == 503 and refused == 503
     hdr = parse_wav_header(body)
     samples = (len(body) - hdr["data_offset"]) // 2
-    assert samples > 0.8 * 50 * 1920, "the in-flight stream must complete"
+    assert samples > 0.8 * 150 * 1920, "the in-flight stream must complete"
     assert talker.popen.wait(timeout=30) == 0
+    assert "SIGTERM: draining" in talker.log_text()
