@@ -328,17 +328,21 @@ def test_prometheus_rule_alerts():
     rule = one(render(("monitoring-values.yaml",), api_versions=(MONITORING_API,)), "PrometheusRule")
     rules = rule["spec"]["groups"][0]["rules"]
     alerts = {r["alert"]: r for r in rules if "alert" in r}
-    assert set(alerts) == {"OmniQueueBackingUp", "OmniReplicasNotReady", "OmniSizingInvalid", "OmniOperatorDown"}
+    assert set(alerts) == {"OmniQueueBackingUp", "OmniReplicasNotReady", "OmniSizingInvalid", "OmniOperatorDown",
+                           "OmniReconcileErrors"}
     q = alerts["OmniQueueBackingUp"]
     assert "omni_queue_depth" in q["expr"] and q["expr"].rstrip().endswith("> 16") and q["for"] == "5m"
     r = alerts["OmniReplicasNotReady"]["expr"]
     assert "omni_operator_desired_replicas" in r and "omni_operator_ready_replicas" in r and "!= 0" in r
     assert "omni_operator_sizing_valid" in alerts["OmniSizingInvalid"]["expr"]
     assert f'job="{OPERATOR}"' in alerts["OmniOperatorDown"]["expr"]
+    assert 'omni_operator_reconcile_total{' in alerts["OmniReconcileErrors"]["expr"]
+    assert 'result!="ok"' in alerts["OmniReconcileErrors"]["expr"]
+    assert "omni_operator_leader" not in r  # one replica: no Lease
     for name, a in alerts.items():
         assert a["labels"]["severity"] in {"warning", "critical"}
         assert a["annotations"]["summary"] and a["annotations"]["description"]
-        if name != "OmniOperatorDown":  # Prometheus templating survives Helm's
+        if name not in ("OmniOperatorDown", "OmniReconcileErrors"):  # Prometheus templating survives Helm's
             assert "{{ $labels.namespace }}" in a["annotations"]["summary"]
     assert {"record": "omni:queue_depth:sum_by_role",
             "expr": "sum by (namespace, omnideployment, role) (omni_queue_depth)"} in rules
@@ -347,7 +351,16 @@ def test_prometheus_rule_alerts():
                                                           "monitoring.serviceMonitor.enabled=false"),
                      api_versions=(MONITORING_API,)), "PrometheusRule")
     assert {r.get("alert") for r in off["spec"]["groups"][0]["rules"]} >= {"OmniQueueBackingUp"}
-    assert not {r.get("alert") for r in off["spec"]["groups"][0]["rules"]} & {"OmniSizingInvalid", "OmniOperatorDown"}
+    assert not {r.get("alert") for r in off["spec"]["groups"][0]["rules"]} & {
+        "OmniSizingInvalid", "OmniOperatorDown", "OmniReconcileErrors"}
+
+
+def test_alerts_read_only_the_leaders_series_with_leader_election():
+    rule = one(render(("monitoring-values.yaml", "ha-leader-election-values.yaml"), api_versions=(MONITORING_API,)),
+               "PrometheusRule")
+    alerts = {r["alert"]: r["expr"] for r in rule["spec"]["groups"][0]["rules"] if "alert" in r}
+    for name in ("OmniReplicasNotReady", "OmniSizingInvalid"):
+        assert "and on (instance) (omni_operator_leader == 1)" in alerts[name], name
 
 
 def test_grafana_dashboard():
@@ -376,14 +389,20 @@ def test_network_policies():
     assert api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}] and api["ports"] == [{"port": 443, "protocol": "TCP"}]
     scrape = op["spec"]["egress"][1]["to"][0]
     assert scrape["namespaceSelector"]["matchExpressions"][0]["values"] == ["inference"]
-    runtime = one(docs, "NetworkPolicy", f"{RELEASE}-qwen3-omni-runtime", "inference")
-    assert runtime["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["thinker", "talker"]
-    gateway_rule, metrics_rule = runtime["spec"]["ingress"]
-    assert gateway_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-    assert "ports" not in gateway_rule
-    assert {p["port"] for p in metrics_rule["ports"]} == {"metrics", "http"}
-    assert metrics_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
-    assert metrics_rule["from"][1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"
+    for role in ("thinker", "talker"):
+        runtime = one(docs, "NetworkPolicy", f"{RELEASE}-qwen3-omni-runtime-{role}", "inference")
+        assert runtime["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == role
+        assert runtime["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "omni-operator"
+        peers_rule, metrics_rule = runtime["spec"]["ingress"]
+        peers = [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in peers_rule["from"]]
+        # gateway -> thinker/talker; thinker pods of one replica talk to each other; nothing -> talker else.
+        assert peers == (["gateway", "thinker"] if role == "thinker" else ["gateway"])
+        assert "ports" not in peers_rule
+        assert {p["port"] for p in metrics_rule["ports"]} == {"metrics", "http"}
+        assert metrics_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+        assert metrics_rule["from"][1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == \
+            "monitoring"
+    assert not find(docs, "NetworkPolicy", namespace=NAMESPACE)[1:]  # only the operator's in its namespace
     assert not find(render(), "NetworkPolicy")
 
 
