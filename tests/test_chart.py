@@ -410,7 +410,7 @@ def test_network_policies():
 
 
 def _hook_object(docs) -> dict[str, Any]:
-    job = one(docs, "Job")
+    job = one([d for d in docs if d], "Job")
     env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     return json.loads(env["OMNI_OBJECT"])
 
@@ -421,6 +421,9 @@ def test_default_omnideployment_on_first_install_is_created_by_a_hook_job():
     hooks = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})
              and d["metadata"]["annotations"]["helm.sh/hook"] != "test"]
     assert {d["kind"] for d in hooks} == {"ServiceAccount", "Role", "RoleBinding", "Job"}
+    job = one(hooks, "Job")
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    assert job["metadata"]["annotations"]["helm.sh/hook-output-log-policy"] == "hook-failed"
     for d in hooks:
         assert d["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
         assert "hook-succeeded" in d["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
@@ -677,9 +680,11 @@ def _crd_absent(cluster) -> None:
                      lambda: cluster.kubectl("get", "crd", CRD_NAME, check=False).returncode != 0, timeout=120)
 
 
-def _run_create_hook_like_its_job(cluster, release: str, namespace: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _run_create_hook_like_its_job(cluster, release: str, namespace: str, tmp_path: Path,
+                                  bad_object: dict[str, Any] | None = None) -> list[subprocess.CompletedProcess]:
     """kwok plays the kubelet: it marks the hook Job's pod Succeeded without running a container.
-    Run the Job's container command here instead, with the Job's own service account and Role."""
+    Run the Job's container command here instead, with the Job's own service account and Role
+    (first with ``bad_object``, if given, then with the Job's own object)."""
     hooks = [d for d in yaml.safe_load_all(cluster.helm("get", "hooks", release, "-n", namespace).stdout) if d]
     job = one(hooks, "Job")
     rbac = [d for d in hooks if d["kind"] in ("ServiceAccount", "Role", "RoleBinding")
@@ -698,8 +703,10 @@ def _run_create_hook_like_its_job(cluster, release: str, namespace: str, tmp_pat
            "SERVICE_ACCOUNT_DIR": str(sa_dir), "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
            "CREATE_TIMEOUT_SECONDS": "30"}
     command = [sys.executable, *container["command"][1:]]
+    objects = ([json.dumps(bad_object)] if bad_object else []) + [env["OMNI_OBJECT"]]
     try:
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        return [subprocess.run(command, env={**env, "OMNI_OBJECT": obj}, capture_output=True, text=True, timeout=60)
+                for obj in objects]
     finally:
         for d in rbac:  # helm deletes them once the Job succeeded
             cluster.kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "-n", namespace, "--ignore-not-found")
@@ -731,7 +738,13 @@ def test_install_upgrade_uninstall(cluster, namespace, tmp_path):
     deploy = cluster.get_json("deployment", f"{release}-qwen3-omni-operator", "-n", namespace)
     assert deploy["status"].get("readyReplicas") == 1  # kwok runs the pod (no container) and reports it Ready
     assert "OmniDeployment" not in _release_kinds(cluster, release, namespace)
-    result = _run_create_hook_like_its_job(cluster, release, namespace, tmp_path)
+    hook_object = _hook_object(yaml.safe_load_all(cluster.helm("get", "hooks", release, "-n", namespace).stdout))
+    refused = json.loads(json.dumps(hook_object))
+    refused["metadata"]["name"] = "refused"
+    refused["spec"]["thinker"].update(minReplicas=3, maxReplicas=2)
+    bad, result = _run_create_hook_like_its_job(cluster, release, namespace, tmp_path, bad_object=refused)
+    assert bad.returncode == 2, bad.stdout + bad.stderr  # the Job's podFailurePolicy fails it at once
+    assert "refused" in bad.stderr and "minReplicas must not exceed maxReplicas" in bad.stderr
     assert result.returncode == 0, result.stdout + result.stderr
     created = _omni(cluster, name, namespace)
     assert created is not None

@@ -19,6 +19,7 @@ import urllib.request
 
 SA_DIR = os.environ.get("SERVICE_ACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount")
 TIMEOUT_S = float(os.environ.get("CREATE_TIMEOUT_SECONDS", "120"))
+EXIT_REFUSED = 2  # the apiserver refused the object (e.g. its validation rules): retrying cannot help
 
 
 def main() -> int:
@@ -56,7 +57,10 @@ def main() -> int:
                 problem += f" (is the CRD omnideployments.{group_version.split('/')[0]} installed?)"
         except (OSError, ssl.SSLError) as e:
             retry, problem = True, str(e)
-        if not retry or time.monotonic() > deadline:
+        if not retry:
+            print(f"error: the apiserver refused OmniDeployment {ns}/{name}: {problem}", file=sys.stderr)
+            return EXIT_REFUSED
+        if time.monotonic() > deadline:
             print(f"error: cannot create OmniDeployment {ns}/{name}: {problem}", file=sys.stderr)
             return 1
         print(f"waiting to create OmniDeployment {ns}/{name}: {problem}", file=sys.stderr)
