@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from e2e.cluster import DEFAULT_STATE_DIR, POOL_LABEL, REPO_ROOT, ClusterError, CommandError, LocalCluster
+from e2e.cluster import DEFAULT_STATE_DIR, POOL_LABEL, REPO_ROOT, LocalCluster
 from e2e.operator_process import OperatorProcess
 
 CHART = REPO_ROOT / "charts" / "qwen3-omni"
@@ -203,7 +204,7 @@ def summary(cluster: LocalCluster, omni: dict[str, Any], took: float) -> str:
     if replicas:
         out += ["", "Ready replicas: " + ", ".join(replicas)]
     pods = _get_json(cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}") or {"items": []}
-    out += ["", "Pods:", _pod_table(pods["items"], _pools(cluster))]
+    out += ["", "Pods:", _pod_table(pods["items"], pools)]
     if status.get("gpus") is not None:
         out += ["", f"GPUs held by the desired replicas: {status['gpus']}"]
     return "\n".join(out)
@@ -262,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         say(summary(cluster, omni, time.monotonic() - t_apply))
         ok = True
         return 0
-    except (DemoError, ClusterError, CommandError, RuntimeError, OSError) as err:
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:  # ClusterError, DemoError, CommandError
         say(f"\nDEMO FAILED: {err}")
         if operator_log.exists():
             say(f"\n--- last lines of {operator_log} ---")
@@ -280,11 +281,10 @@ def run(args: argparse.Namespace) -> int:
             say(f"cluster:  {cluster.server}   (state {state_dir})")
             if operator is not None and operator.proc.poll() is None:
                 say(f"operator: pid {operator.proc.pid}, log {operator_log}")
-            say("use it:   eval $(python -m e2e.cluster env"
-                + ("" if state_dir == DEFAULT_STATE_DIR.resolve() else f" --state-dir {state_dir}") + ")")
+            where = "" if state_dir == DEFAULT_STATE_DIR.resolve() else f" --state-dir {state_dir}"
+            say(f"use it:   eval $(python -m e2e.cluster env{where})")
             say(f"          kubectl get omni -A -o wide; kubectl get pods -n {namespace} -o wide")
-            say("stop it:  python -m e2e.demo --down"
-                + ("" if state_dir == DEFAULT_STATE_DIR.resolve() else f" --state-dir {state_dir}"))
+            say(f"stop it:  python -m e2e.demo --down{where}")
         else:
             if operator is not None:
                 operator.stop()
