@@ -474,6 +474,7 @@ BAD_VALUES = [
     (["--set", "image.pullPolicy=Sometimes"], ["/image/pullPolicy", "'Always', 'IfNotPresent', 'Never'"]),
     (["--set", "watchNamespaces=team-a"], ["/watchNamespaces", "got string, want array"]),
     (["--set", "watchNamespaces[0]=Team_A"], ["/watchNamespaces/0", "does not match pattern"]),
+    (["--set", "watchNamespaces={a,a}"], ["/watchNamespaces", "items at 0 and 1 are equal"]),
     (["--set", "ports.metrics=70000"], ["/ports/metrics", "maximum"]),
     (["--set", "monitoring.podMonitor.enabled=yes"], ["/monitoring/podMonitor/enabled", "got string, want boolean"]),
     (["--set", "monitoring.prometheusRule.rules.queueBackingUp.for=10 minutes"],
