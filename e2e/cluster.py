@@ -788,6 +788,8 @@ class LocalCluster:
             f"--cluster-name={CLUSTER_NAME}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*",
+            # Fake nodes never fail; a long grace keeps a slow machine's hiccups from flipping them.
+            "--node-monitor-grace-period=5m",
             "--profiling=false",
             "--v=1",
         ])
@@ -806,6 +808,9 @@ class LocalCluster:
             f"--manage-nodes-with-label-selector={KWOK_NODE_LABEL[0]}={KWOK_NODE_LABEL[1]}",
             f"--cidr={POD_CIDR}",
             f"--node-ip={NODE_IP}",
+            # Keep node Leases renewed: without heartbeats the node lifecycle controller marks
+            # the fake nodes NotReady (and their pods not ready) after its grace period.
+            "--node-lease-duration-seconds=40",
         ])
         self._write_info()
         self._create_nodes()

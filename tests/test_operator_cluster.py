@@ -385,3 +385,18 @@ def test_leader_election_keeps_a_single_writer(cluster, namespace, crd, tmp_path
     finally:
         leader.stop()
         follower.stop()
+
+
+def test_switching_autoscaling_mode_keeps_a_single_writer_of_replicas(cluster, namespace, operator):
+    resource = omni("modes", namespace)
+    resource["spec"]["autoscaling"] = {"mode": "HPA"}
+    apply(cluster, resource)
+    wait("HPAs", lambda: len(kget(cluster, "hpa", "-n", namespace)["items"]) == 3, operator=operator)
+    sts = kget(cluster, "statefulset", "modes-thinker", "-n", namespace, "--show-managed-fields")
+    managers = {m["manager"] for m in sts["metadata"]["managedFields"]
+                if "f:replicas" in json.dumps(m.get("fieldsV1", {}).get("f:spec", {}))}
+    assert "omni-operator" not in managers, "with an HPA in charge the operator must not own spec.replicas"
+    resource["spec"]["autoscaling"] = {"mode": "Operator"}
+    apply(cluster, resource)
+    wait("HPAs pruned", lambda: kget(cluster, "hpa", "-n", namespace)["items"] == [], operator=operator)
+    wait_ready(cluster, namespace, "modes", operator)

@@ -301,6 +301,9 @@ class AutoscalingSpec(ApiModel):
                 _cel("self.scaleDownStabilizationSeconds >= self.scaleUpStabilizationSeconds",
                      "scaleDownStabilizationSeconds must be at least scaleUpStabilizationSeconds",
                      reason="FieldValueInvalid"),
+                _cel("self.mode != 'KEDA' || has(self.prometheusAddress)",
+                     "mode KEDA needs prometheusAddress (the Prometheus that scrapes the runtime pods)",
+                     reason="FieldValueRequired"),
             ]
         }
     )
@@ -315,11 +318,16 @@ class AutoscalingSpec(ApiModel):
     gpu_budget: int | None = Field(default=None, ge=0, le=100000,
                                    description="Most GPUs thinker and talker may hold together.")
     scale_to_zero: bool = Field(default=False, description="Allow roles with minReplicas 0 to reach zero when idle.")
+    prometheus_address: str | None = Field(
+        default=None, pattern=r"^https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?$", max_length=512,
+        description="Prometheus base URL for mode KEDA, e.g. http://prometheus-operated.monitoring:9090.")
 
     @model_validator(mode="after")
     def _windows(self) -> "AutoscalingSpec":
         if self.scale_down_stabilization_seconds < self.scale_up_stabilization_seconds:
             raise ValueError("scaleDownStabilizationSeconds must be at least scaleUpStabilizationSeconds")
+        if self.mode == AutoscalingMode.KEDA.value and not self.prometheus_address:
+            raise ValueError("mode KEDA needs prometheusAddress (the Prometheus that scrapes the runtime pods)")
         return self
 
 
@@ -357,6 +365,11 @@ class OmniDeploymentSpec(ApiModel):
         if self.replicas is not None and not (self.thinker.min_replicas <= self.replicas <= self.thinker.max_replicas):
             raise ValueError("replicas must lie within thinker.minReplicas..thinker.maxReplicas")
         return self
+
+    @property
+    def external_autoscaler(self) -> bool:
+        """An HPA or KEDA writes replicas: the operator must not."""
+        return self.autoscaling.mode in (AutoscalingMode.HPA.value, AutoscalingMode.KEDA.value)
 
     @property
     def has_talker(self) -> bool:

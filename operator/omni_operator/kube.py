@@ -38,6 +38,10 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "OmniDeployment": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
+BUILTIN_KINDS = {"Service", "Pod", "Event", "Secret", "StatefulSet", "Deployment", "PodDisruptionBudget",
+                 "HorizontalPodAutoscaler", "Lease"}
+
+
 def api_version(kind: str) -> str:
     prefix = RESOURCES[kind][0]
     return prefix.removeprefix("/apis/").removeprefix("/api/")
@@ -124,8 +128,14 @@ class Kube:
             raise
 
     def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
+        """Items of a kind; none when the kind is not served (e.g. KEDA not installed)."""
         query = {"labelSelector": label_selector} if label_selector else None
-        result = self.request("GET", self.path(kind, namespace), query=query)
+        try:
+            result = self.request("GET", self.path(kind, namespace), query=query)
+        except KubeError as err:
+            if err.status == 404 and kind not in BUILTIN_KINDS:
+                return []
+            raise
         return list(result.get("items") or [])
 
     def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
@@ -148,10 +158,17 @@ class Kube:
                 return False
             raise
 
-    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any], *,
+                     resource_version: str | None = None) -> dict[str, Any] | None:
+        """Merge-patch the status. With `resource_version` a concurrent change answers 409
+        (raised, not retried: the caller must re-read and decide again)."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
-            return self.request("PATCH", self.path(kind, namespace, name, "status"), body={"status": status},
-                                content_type="application/merge-patch+json")
+            return self.request("PATCH", self.path(kind, namespace, name, "status"), body=body,
+                                content_type="application/merge-patch+json",
+                                retries=0 if resource_version else 4)
         except KubeError as err:
             if err.status == 404:
                 return None
@@ -160,6 +177,7 @@ class Kube:
     def scale(self, kind: str, namespace: str, name: str, replicas: int) -> dict[str, Any] | None:
         try:
             return self.request("PATCH", self.path(kind, namespace, name, "scale"),
+                                query={"fieldManager": FIELD_MANAGER},
                                 body={"spec": {"replicas": replicas}}, content_type="application/merge-patch+json")
         except KubeError as err:
             if err.status == 404:

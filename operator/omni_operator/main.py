@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 from . import handlers, metrics
 from .api import KIND
 from .kube import Kube, KubeError
+from .autoscaler import Autoscaler
 from .leader import LeaderElector
 from .reconcile import Reconciler, WorkQueue
 
@@ -80,6 +81,8 @@ def run_operator(args: argparse.Namespace) -> int:
 
     def reconcile(namespace: str, name: str) -> None:
         outcome = reconciler.reconcile(namespace, name)
+        if outcome.requeue:
+            queue.add(namespace, name)
         metrics.QUEUE_DEPTH.set(queue.depth())
         if outcome.applied or outcome.pruned or outcome.error:
             log.info("%s/%s: applied %s, pruned %s%s", namespace, name, outcome.applied or "nothing",
@@ -98,6 +101,8 @@ def run_operator(args: argparse.Namespace) -> int:
     stop = threading.Event()
     threading.Thread(target=_resync_loop, args=(kube, queue, args.namespace, stop), daemon=True,
                      name="resync").start()
+    autoscaler = Autoscaler(kube, queue.add)
+    threading.Thread(target=autoscaler.run, args=(stop, args.namespace), daemon=True, name="autoscaler").start()
     try:
         kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace,
                  namespaces=args.namespace, ready_flag=ready)

@@ -24,7 +24,8 @@ from .status import (RoleObservation, compute_conditions, is_subset, merge_condi
 
 log = logging.getLogger(__name__)
 
-CHILD_KINDS = ("Service", "StatefulSet", "Deployment", "PodDisruptionBudget")
+CHILD_KINDS = ("Service", "StatefulSet", "Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+               "ScaledObject")
 
 
 def _now() -> str:
@@ -54,6 +55,7 @@ class Outcome:
     status_written: bool = False
     error: str | None = None
     skipped: str | None = None
+    requeue: bool = False  # the object changed under us; reconcile it again
 
 
 class Reconciler:
@@ -189,7 +191,15 @@ class Reconciler:
         if _comparable(status) == _comparable(previous):
             return
         # Merge patch: null removes a role that no longer exists (e.g. talker after a variant change).
-        self.kube.patch_status(KIND, meta["namespace"], meta["name"], status)
+        # The resourceVersion guards the autoscaler's decisions: if it wrote meanwhile, we re-read.
+        try:
+            self.kube.patch_status(KIND, meta["namespace"], meta["name"], status,
+                                   resource_version=meta.get("resourceVersion"))
+        except KubeError as err:
+            if err.status != 409:
+                raise
+            outcome.requeue = True
+            return
         outcome.status_written = True
         for cond in transitions(previous.get("conditions") or [], conditions):
             if cond["type"] in ("Ready", "SizingValid", "Degraded"):

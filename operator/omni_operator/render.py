@@ -318,7 +318,7 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
             resource_defaults=defaults, env=env, volumes=volumes + [shm_volume], mounts=mounts + [shm_mount],
             startup_seconds=budget, spread_labels=selector_labels(name, "thinker"),
             shard_labels=match if replica is not None else None)
-        objects.append({
+        objects.append(_without_replicas_if(replica is None and spec.external_autoscaler, {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
             "metadata": _meta(inp, sts_name, "thinker", extra_labels),
@@ -335,8 +335,15 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
                     "spec": pod_spec,
                 },
             },
-        })
+        }))
     return objects
+
+
+def _without_replicas_if(external: bool, workload: dict[str, Any]) -> dict[str, Any]:
+    """With an HPA or KEDA in charge the operator leaves spec.replicas to them (single writer)."""
+    if external:
+        del workload["spec"]["replicas"]
+    return workload
 
 
 # ----------------------------------------------------------------------------- talker
@@ -362,7 +369,7 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
     pod_spec = _pod_spec(inp, "talker", talker, gpu_resource=talker.gpu.resource_name, gpus=sizing.gpus_per_pod,
                          resource_defaults=defaults, env=env, volumes=volumes, mounts=mounts,
                          startup_seconds=budget, spread_labels=selector_labels(name, "talker"))
-    return [{
+    return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": _meta(inp, n["talker"], "talker"),
@@ -378,7 +385,7 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
                 "spec": pod_spec,
             },
         },
-    }]
+    })]
 
 
 # ----------------------------------------------------------------------------- gateway
@@ -407,7 +414,7 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
     pod_spec = _pod_spec(inp, "gateway", gateway, gpu_resource=None, gpus=0, resource_defaults=defaults,
                          env=[*_env(values), *_downward_env()], volumes=volumes, mounts=mounts,
                          startup_seconds=60, spread_labels=selector_labels(name, "gateway"), read_only_root=True)
-    return [{
+    return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(inp, n["gateway"], "gateway"),
@@ -421,7 +428,7 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
                 "spec": pod_spec,
             },
         },
-    }]
+    })]
 
 
 # ----------------------------------------------------------------------------- services, PDBs
@@ -480,10 +487,81 @@ def render_pdbs(inp: RenderInput) -> list[dict[str, Any]]:
     } for role in sorted(roles)]
 
 
+# ----------------------------------------------------------------------------- HPA / KEDA
+
+
+def _scaled_roles(inp: RenderInput) -> list[tuple[str, dict[str, Any], Any]]:
+    """(role, scale target, role spec) for every role an external autoscaler can scale."""
+    spec, name = inp.spec, inp.owner.name
+    targets = []
+    if inp.sizing.thinker.pods_per_replica == 1:  # a replica spanning nodes is a set of StatefulSets
+        targets.append(("thinker", {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                    "name": thinker_statefulset_name(name, None)}, spec.thinker))
+    if spec.effective_talker is not None:
+        targets.append(("talker", {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": names(name)["talker"]},
+                        spec.effective_talker))
+    targets.append(("gateway", {"apiVersion": "apps/v1", "kind": "Deployment", "name": names(name)["gateway"]},
+                    spec.gateway))
+    return targets
+
+
+def render_autoscalers(inp: RenderInput) -> list[dict[str, Any]]:
+    """An HPA (Pods metric omni_queue_depth, served by a metrics adapter) or a KEDA ScaledObject
+    (Prometheus query) per role, when the spec hands replicas to one of them."""
+    scaling = inp.spec.autoscaling
+    targets = scaling.target_queue_depth.model_dump()
+    objects = []
+    for role, ref, role_spec in _scaled_roles(inp):
+        meta = _meta(inp, names(inp.owner.name)[role], role)
+        if scaling.mode == "HPA":
+            objects.append({
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta,
+                "spec": {
+                    "scaleTargetRef": ref,
+                    # The HPA cannot go to zero; KEDA can.
+                    "minReplicas": max(1, role_spec.min_replicas),
+                    "maxReplicas": max(1, role_spec.max_replicas),
+                    "metrics": [{"type": "Pods", "pods": {
+                        "metric": {"name": "omni_queue_depth"},
+                        "target": {"type": "AverageValue", "averageValue": f"{targets[role]:g}"}}}],
+                    "behavior": {
+                        "scaleUp": {"stabilizationWindowSeconds": scaling.scale_up_stabilization_seconds,
+                                    "policies": [{"type": "Pods", "value": scaling.max_step, "periodSeconds": 15}]},
+                        "scaleDown": {"stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds,
+                                      "policies": [{"type": "Pods", "value": scaling.max_step,
+                                                    "periodSeconds": 60}]},
+                    },
+                },
+            })
+        elif scaling.mode == "KEDA":
+            ns, name = inp.owner.namespace, inp.owner.name
+            selector = f'namespace="{ns}",role="{role}",pod=~"{name}-{role}-.*"'
+            objects.append({
+                "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": meta,
+                "spec": {
+                    "scaleTargetRef": ref,
+                    "minReplicaCount": role_spec.min_replicas if scaling.scale_to_zero else max(1, role_spec.min_replicas),
+                    "maxReplicaCount": max(1, role_spec.max_replicas),
+                    "pollingInterval": scaling.poll_seconds,
+                    "cooldownPeriod": scaling.scale_down_stabilization_seconds,
+                    "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
+                        "scaleUp": {"stabilizationWindowSeconds": scaling.scale_up_stabilization_seconds},
+                        "scaleDown": {"stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds}}}},
+                    "triggers": [{"type": "prometheus", "metadata": {
+                        "serverAddress": scaling.prometheus_address,
+                        # Requests in the system (waiting + running): the same signal the operator's loop uses.
+                        "query": f"sum(omni_queue_depth{{{selector}}}) + sum(omni_requests_running{{{selector}}})",
+                        "threshold": f"{targets[role]:g}",
+                    }}],
+                },
+            })
+    return objects
+
+
 def render_all(inp: RenderInput) -> list[dict[str, Any]]:
     """Every child object, Services first so StatefulSet pods get DNS from the start."""
     return [*render_services(inp), *render_thinker(inp), *render_talker(inp), *render_gateway(inp),
-            *render_pdbs(inp)]
+            *render_pdbs(inp), *render_autoscalers(inp)]
 
 
 # ----------------------------------------------------------------------------- replicas and GPUs

@@ -1,0 +1,224 @@
+"""The autoscaling loop: scrape each ready pod's /metrics, decide, write replicas.
+
+The decision itself is pure (``omni_operator.autoscale.decide``); this module
+only gathers its inputs and applies its output. The decided replicas go to the
+OmniDeployment's status (the record the reconciler renders from, so the two
+never disagree) and straight to the workload's scale subresource, under the
+operator's one field manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from .api import KIND, AutoscalingMode, OmniDeploymentSpec, parse_spec
+from .autoscale import Decision, History, PodLoad, Policy, RoleState, decide, parse_gateway_waiting, parse_pod_metrics
+from .kube import Kube, KubeError
+from .render import METRICS_PORT, POD_INDEX_LABEL, instance_selector, names, thinker_statefulset_name
+
+log = logging.getLogger(__name__)
+
+MAX_DECISIONS_KEPT = 10
+SCALED_ROLES = ("thinker", "talker", "gateway")
+
+
+def fetch_metrics(url: str, timeout: float) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions", []))
+
+
+def _unschedulable(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return status.get("phase") == "Pending" and any(
+        c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
+        for c in status.get("conditions", []))
+
+
+def _metrics_url(pod: dict[str, Any]) -> str | None:
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    port = METRICS_PORT
+    for container in pod["spec"].get("containers", []):
+        for p in container.get("ports", []):
+            if p.get("name") == "metrics":
+                port = p["containerPort"]
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/metrics"
+
+
+def policy_for(spec: OmniDeploymentSpec, role: str) -> Policy:
+    scaling = spec.autoscaling
+    role_spec = {"thinker": spec.thinker, "talker": spec.effective_talker, "gateway": spec.gateway}[role]
+    return Policy(target_per_replica=getattr(scaling.target_queue_depth, role),
+                  min_replicas=role_spec.min_replicas, max_replicas=role_spec.max_replicas,
+                  scale_up_window=scaling.scale_up_stabilization_seconds,
+                  scale_down_window=scaling.scale_down_stabilization_seconds,
+                  max_step=scaling.max_step, scale_to_zero=scaling.scale_to_zero)
+
+
+class Autoscaler:
+    def __init__(self, kube: Kube, enqueue: Callable[[str, str], None], *, scrape_timeout: float = 2.0,
+                 fetch: Callable[[str, float], str | None] = fetch_metrics, clock: Callable[[], float] = time.monotonic):
+        self.kube = kube
+        self.enqueue = enqueue
+        self.scrape_timeout = scrape_timeout
+        self.fetch = fetch
+        self.clock = clock
+        self.histories: dict[tuple[str, str, str], History] = {}
+        self.next_tick: dict[tuple[str, str], float] = {}
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="scrape")
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event, namespaces: list[str]) -> None:
+        while not stop.wait(1.0):
+            try:
+                self.run_once(namespaces)
+            except Exception:  # the loop must outlive any one bad object or API hiccup
+                log.exception("autoscaling pass failed")
+
+    def run_once(self, namespaces: list[str]) -> None:
+        now = self.clock()
+        seen = set()
+        for ns in namespaces or [None]:
+            for resource in self.kube.list(KIND, ns):
+                key = (resource["metadata"]["namespace"], resource["metadata"]["name"])
+                seen.add(key)
+                if now >= self.next_tick.get(key, 0.0):
+                    poll = ((resource.get("spec") or {}).get("autoscaling") or {}).get("pollSeconds", 5)
+                    self.next_tick[key] = now + poll
+                    self.tick(resource)
+        for key in list(self.next_tick):  # forget deleted OmniDeployments
+            if key not in seen:
+                self.next_tick.pop(key)
+                for hkey in [h for h in self.histories if h[:2] == key]:
+                    self.histories.pop(hkey)
+
+    # ------------------------------------------------------------------ one OmniDeployment
+
+    def tick(self, resource: dict[str, Any]) -> dict[str, Decision]:
+        meta = resource["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        try:
+            spec = parse_spec(resource.get("spec") or {})
+        except ValidationError:
+            return {}
+        status = resource.get("status") or {}
+        sizing = status.get("sizing")
+        if spec.autoscaling.mode != AutoscalingMode.OPERATOR.value:
+            return {}
+        if not sizing or meta.get("deletionTimestamp"):
+            return {}  # nothing sized and running yet: the reconciler goes first
+
+        pods = self.kube.list("Pod", ns, instance_selector(name))
+        by_role: dict[str, list[dict]] = {r: [] for r in SCALED_ROLES}
+        for pod in pods:
+            role = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+            if role in by_role:
+                by_role[role].append(pod)
+        thinker_pods = (sizing.get("thinker") or {}).get("podsPerReplica", 1)
+        if thinker_pods > 1:  # only rank 0 of a multi-node replica serves and reports load
+            by_role["thinker"] = [p for p in by_role["thinker"]
+                                  if p["metadata"].get("labels", {}).get(POD_INDEX_LABEL) == "0"]
+
+        pages = self._scrape([p for role in SCALED_ROLES for p in by_role[role] if _pod_ready(p)])
+        gateway_waiting: dict[str, float] = {}
+        for pod in by_role["gateway"]:
+            page = pages.get(pod["metadata"]["name"])
+            for role, value in (parse_gateway_waiting(page) if page else {}).items():
+                gateway_waiting[role] = gateway_waiting.get(role, 0.0) + value
+
+        gpus = {r: (sizing.get(r) or {}).get("gpusPerReplica", 0) for r in ("thinker", "talker")}
+        current = {r: (status.get(r) or {}).get("desiredReplicas", 0) for r in SCALED_ROLES}
+        now = self.clock()
+        decisions: dict[str, Decision] = {}
+        for role in SCALED_ROLES:
+            if status.get(role) is None or (role == "talker" and spec.effective_talker is None):
+                continue
+            if role == "thinker" and spec.replicas is not None:
+                continue  # pinned through the scale subresource
+            loads = [load for p in by_role[role] if _pod_ready(p)
+                     and (load := parse_pod_metrics(p["metadata"]["name"], pages.get(p["metadata"]["name"]) or "",
+                                                    role)) is not None]
+            unschedulable = sum(1 for p in by_role[role] if _unschedulable(p))
+            if role == "thinker":
+                unschedulable = -(-unschedulable // thinker_pods)  # in replicas
+            other = {"thinker": "talker", "talker": "thinker"}.get(role)
+            state = RoleState(
+                current=current[role], ready=(status.get(role) or {}).get("readyReplicas", 0),
+                unschedulable=unschedulable, gpus_per_replica=gpus.get(role, 0),
+                other_roles_gpus=gpus.get(other, 0) * current.get(other, 0) if other else 0,
+                gpu_budget=spec.autoscaling.gpu_budget if role != "gateway" else None,
+                gateway_waiting=gateway_waiting.get(role, 0.0))
+            history = self.histories.setdefault((ns, name, role), History())
+            decision = decide(now, loads, state, policy_for(spec, role), history)
+            if decision.changed(state.current):
+                decisions[role] = decision
+        if decisions:
+            self._apply(resource, spec, decisions, thinker_pods)
+        return decisions
+
+    def _scrape(self, pods: list[dict[str, Any]]) -> dict[str, str | None]:
+        urls = {p["metadata"]["name"]: _metrics_url(p) for p in pods}
+        futures = {name: self.pool.submit(self.fetch, url, self.scrape_timeout)
+                   for name, url in urls.items() if url}
+        return {name: f.result() for name, f in futures.items()}
+
+    def _apply(self, resource: dict[str, Any], spec: OmniDeploymentSpec, decisions: dict[str, Decision],
+               thinker_pods: int) -> None:
+        meta = resource["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        status = resource.get("status") or {}
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        history = list(status.get("lastScaleDecisions") or [])
+        patch: dict[str, Any] = {}
+        for role, d in decisions.items():
+            before = (status.get(role) or {}).get("desiredReplicas", 0)
+            patch[role] = {"desiredReplicas": d.desired}
+            history.append({"time": stamp, "role": role, "fromReplicas": before, "toReplicas": d.desired,
+                            "reason": d.reason[:512]})
+        patch["lastScaleDecisions"] = history[-MAX_DECISIONS_KEPT:]
+        try:
+            # The status carries the decision; the resourceVersion makes a concurrent writer lose, not us.
+            self.kube.patch_status(KIND, ns, name, patch, resource_version=meta.get("resourceVersion"))
+        except KubeError as err:
+            if err.status == 409:
+                return  # changed under us: decide again on the next tick with fresh state
+            raise
+        for role, d in decisions.items():
+            target = self._scale_target(spec, name, role, thinker_pods)
+            if target is not None:
+                self.kube.scale(target[0], ns, target[1], d.desired)
+            before = (status.get(role) or {}).get("desiredReplicas", 0)
+            self.kube.create_event(ns, resource, reason="ScaledUp" if d.desired > before else "ScaledDown",
+                                   message=f"{role} {before} -> {d.desired}: {d.reason}")
+            log.info("%s/%s: %s %d -> %d: %s", ns, name, role, before, d.desired, d.reason)
+        self.enqueue(ns, name)
+
+    @staticmethod
+    def _scale_target(spec: OmniDeploymentSpec, name: str, role: str, thinker_pods: int) -> tuple[str, str] | None:
+        if role == "gateway":
+            return ("Deployment", names(name)["gateway"])
+        if role == "talker":
+            return ("StatefulSet", names(name)["talker"])
+        if thinker_pods == 1:
+            return ("StatefulSet", thinker_statefulset_name(name, None))
+        return None  # a multi-node replica is a StatefulSet of its own: the reconciler adds or removes it
