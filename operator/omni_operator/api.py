@@ -166,7 +166,13 @@ class Toleration(ApiModel):
 class NodePool(ApiModel):
     """Where a role's pods run. GPU roles also tolerate the nvidia.com/gpu taint."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("self.nodeSelector.all(k, k.size() <= 316 && k.matches(r'" + LABEL_KEY + "') && "
+             "self.nodeSelector[k].matches(r'" + LABEL_VALUE + "'))",
+             "nodeSelector keys and values must be valid label keys and values", reason="FieldValueInvalid"),
+    ]})
+
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     affinity: dict[str, Any] | None = Field(
         default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -199,13 +205,19 @@ class GpuType(ApiModel):
                                description="Fraction of GPU memory the server may use (vLLM --gpu-memory-utilization).")
 
 
+# A resource.Quantity in a structural schema: an integer, or a string of quantity form
+# (pattern applies to strings only).
+_QUANTITY_SCHEMA = {"x-kubernetes-int-or-string": True, "pattern": QUANTITY}
+
+
 class Resources(ApiModel):
     """Overrides for the main container's requests and limits (GPU limits are set by sizing)."""
 
+
     requests: dict[str, str | int] = Field(default_factory=dict, max_length=16,
-                                           json_schema_extra={"additionalProperties": {"x-kubernetes-int-or-string": True}})
+                                           json_schema_extra={"additionalProperties": _QUANTITY_SCHEMA})
     limits: dict[str, str | int] = Field(default_factory=dict, max_length=16,
-                                         json_schema_extra={"additionalProperties": {"x-kubernetes-int-or-string": True}})
+                                         json_schema_extra={"additionalProperties": _QUANTITY_SCHEMA})
 
     @model_validator(mode="after")
     def _quantities(self) -> "Resources":

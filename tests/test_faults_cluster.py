@@ -1,0 +1,96 @@
+"""Tier 3: faults provoked for real against the control plane (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+from kubernetes import config as kube_config
+
+from e2e.operator_process import OperatorProcess, install_crd
+from omni_operator.kube import Kube
+from omni_operator.rbac import RULES
+from omni_operator.reconcile import Outcome, Reconciler
+
+from .test_operator_cluster import apply, children, condition, kget, omni, wait, wait_ready
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, tmp_path_factory):
+    install_crd(cluster)
+    op = OperatorProcess(cluster, tmp_path_factory.mktemp("faults") / "operator.log", "--all-namespaces").start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def kube(cluster) -> Kube:
+    return Kube(kube_config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+
+
+def test_status_conflict_makes_the_reconcile_start_over(cluster, namespace, operator, kube):
+    """A stale read loses against a concurrent status writer (HTTP 409) instead of overwriting it."""
+    apply(cluster, omni("conflict", namespace))
+    wait_ready(cluster, namespace, "conflict", operator)
+    stale = kube.get("OmniDeployment", namespace, "conflict")
+    # Another writer (the autoscaler, or a person) changes the status after our read.
+    kube.patch_status("OmniDeployment", namespace, "conflict", {"thinker": {"desiredReplicas": 2}})
+    stale["status"]["thinker"]["readyReplicas"] = 0  # make our stale view differ so a write is attempted
+    outcome = Outcome()
+    Reconciler(kube)._reconcile(stale, outcome)
+    assert outcome.requeue and not outcome.status_written
+    assert kube.get("OmniDeployment", namespace, "conflict")["status"]["thinker"]["desiredReplicas"] == 2
+
+
+def test_resources_deleted_while_being_reconciled_leave_nothing_behind(cluster, namespace, operator):
+    names = [f"flash-{i}" for i in range(5)]
+    docs = [omni(n, namespace) for n in names]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    cluster.kubectl("delete", "omni", *names, "-n", namespace, "--wait=false")
+    wait("every child collected",
+         lambda: all(children(cluster, namespace, n) == {} for n in names), timeout=120, operator=operator)
+    # The operator is still healthy and serving other objects.
+    assert operator.healthy()
+    apply(cluster, omni("after", namespace))
+    wait_ready(cluster, namespace, "after", operator)
+    assert "Traceback" not in operator.log_tail(400)
+
+
+def test_hub_token_is_referenced_never_read_logged_or_stored(cluster, namespace, operator):
+    secret_value = "hf_do-not-leak-" + namespace
+    cluster.kubectl("create", "secret", "generic", "hf", "-n", namespace, f"--from-literal=token={secret_value}")
+    resource = omni("secret", namespace)
+    resource["spec"]["model"]["tokenSecretRef"] = {"name": "hf"}
+    apply(cluster, resource)
+    ready = wait_ready(cluster, namespace, "secret", operator)
+    assert secret_value not in json.dumps(ready)
+    for obj in children(cluster, namespace, "secret").values():
+        assert secret_value not in json.dumps(obj)
+    sts = kget(cluster, "statefulset", "secret-thinker", "-n", namespace)
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert secret_value not in operator.log_file.read_text()
+    assert not [r for r in RULES if "secrets" in r["resources"]], "the operator has no reason to read Secrets"
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"thinker": {"maxReplicas": 10 ** 12}}, "spec.thinker.maxReplicas"),
+    ({"workload": {"maxConcurrentSequences": "many"}}, "spec.workload.maxConcurrentSequences"),
+    ({"thinker": {"nodePool": {"nodeSelector": {"pool": "x\ny"}}}}, "nodeSelector keys and values"),
+    ({"thinker": {"nodePool": {"nodeSelector": {"bad key!": "x"}}}}, "nodeSelector keys and values"),
+    ({"thinker": {"extraArgs": ["x" * 300]}}, "spec.thinker.extraArgs[0]"),
+    ({"thinker": {"image": "registry.example/img:1\"; rm -rf /"}}, "spec.thinker.image"),
+    ({"model": {"revision": "main$(curl evil)"}}, "spec.model.revision"),
+    ({"thinker": {"resources": {"limits": {"memory": "lots"}}}}, "spec.thinker.resources"),
+])
+def test_hostile_specs_are_refused_at_admission(cluster, namespace, operator, patch, message):
+    resource = omni("hostile", namespace)
+    for section, value in patch.items():
+        resource["spec"][section] = {**resource["spec"].get(section, {}), **value}
+    result = apply(cluster, resource, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert kget(cluster, "omni", "hostile", "-n", namespace) is None
