@@ -191,8 +191,8 @@ def size(req: SizingRequest) -> Sizing:
         if not uses_vllm:
             where = "the talker runs on one GPU per pod"
         return Sizing(**base, fits=False, max_model_len=model_len, reason=(
-            f"needs {est.gigabytes:.2f} GB but at most {biggest} x {req.gpu_memory_gib:g} GiB GPUs "
-            f"x {req.utilization:g} utilization = {biggest * usable:.2f} GB usable fit: {where}; "
+            f"needs {est.gigabytes:.2f} GB but the largest replica allowed, {biggest} x {req.gpu_memory_gib:g} GiB "
+            f"GPUs at {req.utilization:g} utilization, holds {biggest * usable:.2f} GB ({where}); "
             f"use larger GPUs, allow more nodes per replica, or lower maxVideoSeconds"))
 
     pods = max(1, gpus // per_node)
