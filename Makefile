@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-runtime binaries demo test test-fast generate clean
+.PHONY: setup setup-runtime system-tools binaries demo test test-fast generate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,21 @@ setup-runtime: $(VENV)/.installed-runtime
 binaries:
 	bash e2e/build-binaries.sh
 
-demo: setup binaries
+# openssl (certificates of the local control plane) and a Lua 5.1 interpreter (the Argo CD health
+# check runs on gopher-lua, Lua 5.1); installed from Debian when missing and we may.
+system-tools:
+	@missing=""; command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v lua5.1 >/dev/null || missing="$$missing lua5.1"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "please install:$$missing" >&2; exit 1; fi; \
+	fi
+
+demo: setup system-tools binaries
 	$(PY) -m e2e.demo
 
-test: setup-runtime binaries
+test: setup-runtime system-tools binaries
 	$(PY) -m pytest
 
 # Pure and schema tiers only: no control plane, no torch.

@@ -7,12 +7,11 @@ import base64
 import json
 
 import pytest
+import torch  # the runtime extra; `make test` installs it
+
+from omni_runtime.payload import PayloadError, encode_states, parse
 
 pytestmark = pytest.mark.runtime
-
-torch = pytest.importorskip("torch")
-
-from omni_runtime.payload import PayloadError, encode_states, parse  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype, tol", [("bfloat16", 1e-2), ("float16", 1e-3), ("float32", 0.0)])
