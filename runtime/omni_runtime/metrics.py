@@ -60,6 +60,16 @@ class GatewayMetrics(RoleMetrics):
                               "Arrival to the first response bytes (first token or audio chunk)", ["mode"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter("omni_gateway_upstream_errors", "Failed upstream attempts", ["role"], registry=r)
+        self.scrape_errors = Counter("omni_gateway_upstream_scrape_errors",
+                                     "Failed scrapes of an upstream's /metrics (routing then uses own in-flight counts)",
+                                     ["role"], registry=r)
+        self.waiting_requests = Gauge("omni_gateway_waiting_requests",
+                                      "Requests held because no replica of the role is reachable (scale-from-zero signal)",
+                                      ["role"], registry=r)
+        for role in ("thinker", "talker"):
+            self.waiting_requests.labels(role).set(0)
+            self.upstream_errors.labels(role)
+            self.scrape_errors.labels(role)
 
 
 class ThinkerMetrics(RoleMetrics):

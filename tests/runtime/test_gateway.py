@@ -28,8 +28,8 @@ def stack(tiny_model, module_spawn, tmp_path_factory):
     dead = free_port()  # nothing listens there: the gateway must fail over
     gateway = module_spawn("gateway", {
         **common, "OMNI_ROLE": "gateway",
-        "OMNI_THINKER_SERVICE": f"127.0.0.1:{dead},127.0.0.1:{thinker.port}",
-        "OMNI_TALKER_SERVICE": f"localhost:{talker.port}",
+        "OMNI_THINKER_SERVICE": f"127.0.0.1:{dead}|{free_port()},127.0.0.1:{thinker.port}|{thinker.metrics_port}",
+        "OMNI_TALKER_SERVICE": f"localhost:{talker.port}|{talker.metrics_port}",
         "OMNI_API_KEYS_FILE": str(keys), "OMNI_MAX_REQUEST_BYTES": "200000",
         "OMNI_TALKER_GENERATION": json.dumps({"max_codes": 24, "min_codes": 24, "seed": 5}),
     })
@@ -76,6 +76,7 @@ def test_text_non_stream_and_stream_with_failover(stack):
     assert m["omni_gateway_upstream_errors_total"] >= 1, "the dead thinker endpoint was tried and skipped"
     assert m["omni_gateway_request_duration_seconds_count"] >= 2
     assert "omni_queue_depth" in m and m["omni_requests_running"] == 0
+    assert m["omni_gateway_waiting_requests"] == 0, "a live thinker was there: nothing was held"
 
 
 def _audio_request(content, stream=False, fmt="wav"):
@@ -146,3 +147,49 @@ def test_request_size_limit_413(stack):
     big = user([{"type": "input_audio", "input_audio": {"data": b64(sine_wav(8.0)), "format": "wav"}}])
     status, _, raw, _ = chat(stack, big)
     assert status == 413, raw[:300]
+
+
+def test_speech_request_is_held_while_no_talker_is_reachable(stack, spawn):
+    """The thinker answers; the talker role has no reachable replica (scaled to zero):
+    the request waits on the talker side, counted in omni_gateway_waiting_requests{role="talker"},
+    and after OMNI_UPSTREAM_WAIT_SECONDS ends with a clear error (JSON 503, or an SSE error
+    event once the transcript is already streaming)."""
+    import re
+    import threading
+    import time
+
+    thinker = stack["thinker"]
+    gw = spawn("gateway", {
+        "OMNI_MODEL": "m", "OMNI_UPSTREAM_WAIT_SECONDS": "1",
+        "OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
+        "OMNI_TALKER_SERVICE": f"127.0.0.1:{free_port()}|{free_port()}",
+    }).wait_ready()
+
+    def gauges():
+        text = gw.metrics_text()
+        return {role: float(re.search(r'^omni_gateway_waiting_requests\{role="%s"\} (\S+)$' % role, text, re.M)[1])
+                for role in ("thinker", "talker")}
+
+    seen = []
+
+    def watch():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not seen:
+            if gauges()["talker"] == 1:
+                seen.append(gauges())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    status, _, body, _ = run(post_stream(gw.url + "/v1/chat/completions", _audio_request("Say it.")))
+    watcher.join()
+    assert status == 503, body[:300]
+    assert "no talker replica became available within 1 s" in json.loads(body)["error"]["message"]
+    assert seen == [{"thinker": 0.0, "talker": 1.0}]
+
+    status, _, body, _ = run(post_stream(gw.url + "/v1/chat/completions", _audio_request("Say it.", stream=True)))
+    assert status == 200
+    events = sse_events(body)
+    assert events[-1] == "[DONE]" and "no talker replica became available" in events[-2]["error"]["message"]
+    assert gauges() == {"thinker": 0.0, "talker": 0.0}
+    assert gw.metrics()["omni_gateway_upstream_scrape_errors_total"] >= 1  # the talker's metrics port is dead too
