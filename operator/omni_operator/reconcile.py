@@ -262,18 +262,18 @@ class WorkQueue:
         with self._cond:
             if key in self._active:
                 self._dirty.add(key)
-            elif key not in self._queued:
-                self._queued.add(key)
-                self._pending.append(key)
-                self._cond.notify()
+            else:
+                self._enqueue_locked(key)
+
+    def _enqueue_locked(self, key: tuple[str, str]) -> None:
+        if key not in self._queued:
+            self._queued.add(key)
+            self._pending.append(key)
+            self._cond.notify()
 
     def depth(self) -> int:
         with self._cond:
             return len(self._pending)
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._pending and not self._active
 
     def stop(self) -> None:
         with self._cond:
@@ -305,7 +305,4 @@ class WorkQueue:
                     self._active.discard(key)
                     if key in self._dirty:
                         self._dirty.discard(key)
-                        if key not in self._queued:
-                            self._queued.add(key)
-                            self._pending.append(key)
-                            self._cond.notify()
+                        self._enqueue_locked(key)

@@ -177,6 +177,20 @@ def _env(pairs: dict[str, str]) -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in pairs.items()]
 
 
+def _role_env(inp: RenderInput, role: str, **extra: str) -> list[dict[str, Any]]:
+    """The environment contract every runtime container reads (see runtime/README.md)."""
+    return _env({"OMNI_ROLE": role, "OMNI_SERVED_MODEL_NAME": served_model_name(inp),
+                 "OMNI_PORT": str(HTTP_PORT[role]), "OMNI_METRICS_PORT": str(METRICS_PORT),
+                 "OMNI_DRAIN_SECONDS": str(inp.spec.workload.max_request_seconds), **extra})
+
+
+def _pod_template(inp: RenderInput, role: str, pod_spec: dict[str, Any],
+                  extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"metadata": {"labels": common_labels(inp.owner.name, role, {**inp.extra_labels, **(extra_labels or {})}),
+                         "annotations": {"kubectl.kubernetes.io/default-container": role}},
+            "spec": pod_spec}
+
+
 def _downward_env() -> list[dict[str, Any]]:
     return [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
@@ -288,10 +302,7 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
                              "memory": _quantity_gi(max(32, 24 * sizing.gpus_per_pod))},
                 "limits": {"memory": _quantity_gi(max(32, 24 * sizing.gpus_per_pod))}}
     base_env = [
-        *_env({"OMNI_ROLE": "thinker", "OMNI_SERVED_MODEL_NAME": served_model_name(inp),
-               "OMNI_PORT": str(HTTP_PORT["thinker"]), "OMNI_METRICS_PORT": str(METRICS_PORT),
-               "OMNI_DRAIN_SECONDS": str(spec.workload.max_request_seconds),
-               "OMNI_VLLM_ARGS": json.dumps(thinker_vllm_args(inp), separators=(",", ":"))}),
+        *_role_env(inp, "thinker", OMNI_VLLM_ARGS=json.dumps(thinker_vllm_args(inp), separators=(",", ":"))),
         *model_env, *_downward_env(),
     ]
     replicas = inp.replicas.get("thinker", 0)
@@ -329,11 +340,7 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
                 "podManagementPolicy": "Parallel",
                 "updateStrategy": {"type": "RollingUpdate"},
                 "selector": {"matchLabels": match},
-                "template": {
-                    "metadata": {"labels": common_labels(name, "thinker", {**inp.extra_labels, **extra_labels}),
-                                 "annotations": {"kubectl.kubernetes.io/default-container": "thinker"}},
-                    "spec": pod_spec,
-                },
+                "template": _pod_template(inp, "thinker", pod_spec, extra_labels),
             },
         }))
     return objects
@@ -358,11 +365,8 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
     n = names(name)
     model_env, volumes, mounts, budget = _model_env_and_volumes(spec)
     env = [
-        *_env({"OMNI_ROLE": "talker", "OMNI_SERVED_MODEL_NAME": served_model_name(inp),
-               "OMNI_PORT": str(HTTP_PORT["talker"]), "OMNI_METRICS_PORT": str(METRICS_PORT),
-               "OMNI_DRAIN_SECONDS": str(spec.workload.max_request_seconds),
-               "OMNI_MAX_QUEUE": str(talker.max_queue), "OMNI_MAX_INFLIGHT": str(talker.max_inflight),
-               "OMNI_DEVICE": "cuda"}),
+        *_role_env(inp, "talker", OMNI_MAX_QUEUE=str(talker.max_queue), OMNI_MAX_INFLIGHT=str(talker.max_inflight),
+                   OMNI_DEVICE="cuda"),
         *model_env, *_downward_env(),
     ]
     defaults = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
@@ -379,11 +383,7 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
             "selector": {"matchLabels": selector_labels(name, "talker")},
-            "template": {
-                "metadata": {"labels": common_labels(name, "talker", inp.extra_labels),
-                             "annotations": {"kubectl.kubernetes.io/default-container": "talker"}},
-                "spec": pod_spec,
-            },
+            "template": _pod_template(inp, "talker", pod_spec),
         },
     })]
 
@@ -395,10 +395,7 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
     spec, name, ns = inp.spec, inp.owner.name, inp.owner.namespace
     gateway = spec.gateway
     n = names(name)
-    values = {"OMNI_ROLE": "gateway", "OMNI_SERVED_MODEL_NAME": served_model_name(inp),
-              "OMNI_PORT": str(HTTP_PORT["gateway"]), "OMNI_METRICS_PORT": str(METRICS_PORT),
-              "OMNI_DRAIN_SECONDS": str(spec.workload.max_request_seconds),
-              "OMNI_THINKER_SERVICE": f"{n['thinker-headless']}.{ns}.svc:{HTTP_PORT['thinker']}",
+    values = {"OMNI_THINKER_SERVICE": f"{n['thinker-headless']}.{ns}.svc:{HTTP_PORT['thinker']}",
               "OMNI_MAX_REQUEST_BYTES": str(gateway.max_request_bytes)}
     if spec.has_talker:
         values["OMNI_TALKER_SERVICE"] = f"{n['talker-headless']}.{ns}.svc:{HTTP_PORT['talker']}"
@@ -412,7 +409,7 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
         mounts.append({"name": "api-keys", "mountPath": "/etc/omni/api-keys", "readOnly": True})
     defaults = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
     pod_spec = _pod_spec(inp, "gateway", gateway, gpu_resource=None, gpus=0, resource_defaults=defaults,
-                         env=[*_env(values), *_downward_env()], volumes=volumes, mounts=mounts,
+                         env=[*_role_env(inp, "gateway", **values), *_downward_env()], volumes=volumes, mounts=mounts,
                          startup_seconds=60, spread_labels=selector_labels(name, "gateway"), read_only_root=True)
     return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
@@ -422,11 +419,7 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
             "replicas": inp.replicas.get("gateway", 0),
             "selector": {"matchLabels": selector_labels(name, "gateway")},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {
-                "metadata": {"labels": common_labels(name, "gateway", inp.extra_labels),
-                             "annotations": {"kubectl.kubernetes.io/default-container": "gateway"}},
-                "spec": pod_spec,
-            },
+            "template": _pod_template(inp, "gateway", pod_spec),
         },
     })]
 
