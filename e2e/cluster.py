@@ -65,6 +65,20 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CLUSTER_NAME = "omni-local"
 
+# With ``LocalCluster(audit=True)``: write requests of service accounts, except kube-system's
+# (the controllers run under those). Here the only other service-account client is an operator
+# running under its own account (kwok's pods run nothing), so logs/audit.log holds its writes.
+AUDIT_POLICY: Mapping[str, Any] = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],  # one entry per request, when its response is complete
+    "rules": [
+        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"],
+         "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+    ],
+}
+
 
 @dataclass(frozen=True)
 class NodePool:
@@ -425,10 +439,13 @@ class LocalCluster:
         *,
         bin_dir: Path | str | None = None,
         die_with_parent: bool = False,
+        audit: bool = False,
     ):
         """``die_with_parent``: the components are killed when this process dies
-        (used by the test fixture so that even a killed test run leaves nothing behind)."""
+        (used by the test fixture so that even a killed test run leaves nothing behind).
+        ``audit``: the apiserver writes an audit log (``AUDIT_POLICY``) to ``audit_log``."""
         self.die_with_parent = die_with_parent
+        self.audit = audit
         self.state_dir = Path(state_dir or os.environ.get("OMNI_E2E_STATE") or DEFAULT_STATE_DIR).resolve()
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else default_bin_dir()
         self.kubeconfig = self.state_dir / "kubeconfig"
@@ -463,6 +480,11 @@ class LocalCluster:
     def log_file(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
 
+    @property
+    def audit_log(self) -> Path:
+        """JSON lines, one audit event per request (only with ``audit=True``)."""
+        return self.log_dir / "audit.log"
+
     def __enter__(self) -> "LocalCluster":
         return self.start()
 
@@ -483,6 +505,9 @@ class LocalCluster:
     def _start_locked(self, t0: float, timeout: float, build: bool) -> "LocalCluster":
         if self.is_running():
             self._info = self._read_info()
+            if self.audit and not self._info.get("audit"):
+                raise ClusterError(f"the cluster running from {self.state_dir} has no audit log; "
+                                   "stop it first to start one with audit=True")
             _log(f"reusing the cluster running from {self.state_dir} at {self.server}")
             self._ensure_nodes(timeout)
             return self
@@ -733,7 +758,8 @@ class LocalCluster:
         etcd_port, etcd_peer, api_port, kcm_port, sched_port = _free_ports(5)
         server = f"https://127.0.0.1:{api_port}"
         self._info = {"server": server, "ports": {"etcd": etcd_port, "kube-apiserver": api_port,
-                                                  "kube-controller-manager": kcm_port, "kube-scheduler": sched_port}}
+                                                  "kube-controller-manager": kcm_port, "kube-scheduler": sched_port},
+                      "audit": self.audit}
         self._write_kubeconfigs(server)
         pki = self.pki.path
 
@@ -771,6 +797,7 @@ class LocalCluster:
             "--allow-privileged=true",
             "--profiling=false",
             "--v=1",
+            *self._audit_args(),
         ])
         self._wait("kube-apiserver /readyz", "kube-apiserver", lambda: self._get("/readyz")[0] == 200, deadline)
         t_api = time.monotonic()
@@ -824,6 +851,15 @@ class LocalCluster:
         self._wait("all nodes Ready", "kwok", self._nodes_ready, deadline)
         _log(f"etcd {t_etcd - t0:.1f}s, apiserver {t_api - t_etcd:.1f}s, "
              f"controllers+nodes {time.monotonic() - t_api:.1f}s")
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self._run_dir / "audit-policy.yaml"
+        policy.write_text(json.dumps(AUDIT_POLICY, indent=2))  # JSON is YAML
+        self.audit_log.unlink(missing_ok=True)
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+                "--audit-log-mode=blocking"]
 
     def _write_info(self) -> None:
         self._info["pids"] = {n: p.pid for n, p in self._procs.items()}
@@ -962,8 +998,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"cluster state (certificates, logs, etcd data); default {DEFAULT_STATE_DIR}")
     parser.add_argument("--purge", action="store_true", help="down: also delete the state dir")
     parser.add_argument("--timeout", type=float, default=180.0, help="up: seconds to wait for readiness")
+    parser.add_argument("--audit", action="store_true", help="up: audit log of the operator's writes in logs/")
     args = parser.parse_args(argv)
-    c = LocalCluster(args.state_dir)
+    c = LocalCluster(args.state_dir, audit=args.audit)
     if args.command == "up":
         try:
             c.start(timeout=args.timeout)
