@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from e2e.cluster import CommandError, LocalCluster
+from e2e.cluster import LocalCluster
 from e2e.operator_process import OperatorProcess, install_crd
 from omni_operator import rbac
 from omni_operator.api import GROUP, KIND, PLURAL, VERSION
@@ -429,17 +429,6 @@ def operator_account(cluster: LocalCluster) -> OperatorAccount:
     return OperatorAccount(env=dict(cluster.env, KUBECONFIG=str(path)))
 
 
-def install_crd_retrying(cluster: LocalCluster, attempts: int = 3) -> None:
-    """install_crd; its `kubectl wait` can fail at once when the CRD has no status yet."""
-    for attempt in range(attempts):
-        try:
-            return install_crd(cluster)
-        except CommandError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(1)
-
-
 def log_errors(op: OperatorProcess) -> tuple[int, int]:
     """(failed reconciles, other ERROR lines) in the operator's log."""
     text = op.log_file.read_text(errors="replace")
@@ -645,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = LocalCluster(state_dir, audit=True, die_with_parent=True)
     cluster.start(timeout=240)
     try:
-        install_crd_retrying(cluster)
+        install_crd(cluster)
         op = OperatorProcess(operator_account(cluster), state_dir / "logs" / "operator.log", "--all-namespaces")
         op.start()
         try:

@@ -23,10 +23,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def install_crd(cluster: LocalCluster) -> None:
+def install_crd(cluster: LocalCluster, timeout: float = 60.0) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/omnideployments.omni.qwen.ai")
+    # `kubectl wait` fails at once while the new CRD has no status yet, so poll the condition.
+    cluster.wait_for("the OmniDeployment CRD to be established", lambda: cluster.kubectl(
+        "get", "crd/omnideployments.omni.qwen.ai", "-o",
+        'jsonpath={.status.conditions[?(@.type=="Established")].status}', check=False).stdout == "True",
+        timeout=timeout)
 
 
 class OperatorProcess:

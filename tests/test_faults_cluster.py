@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
@@ -14,7 +13,7 @@ from omni_operator.kube import Kube
 from omni_operator.rbac import RULES
 from omni_operator.reconcile import Outcome, Reconciler
 
-from .test_operator_cluster import apply, children, condition, kget, omni, wait, wait_ready
+from .test_operator_cluster import apply, children, kget, omni, wait, wait_ready
 
 pytestmark = pytest.mark.cluster
 

@@ -19,13 +19,14 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from .api import KIND, AutoscalingMode, OmniDeploymentSpec, parse_spec
-from .autoscale import Decision, History, PodLoad, Policy, RoleState, decide, parse_gateway_waiting, parse_pod_metrics
+from .autoscale import Decision, History, Policy, RoleState, decide, parse_gateway_waiting, parse_pod_metrics
 from .kube import Kube, KubeError
-from .render import METRICS_PORT, POD_INDEX_LABEL, instance_selector, names, thinker_statefulset_name
+from .render import APP_NAME, MANAGER, METRICS_PORT, POD_INDEX_LABEL, names, thinker_statefulset_name
 
 log = logging.getLogger(__name__)
 
 MAX_DECISIONS_KEPT = 10
+MANAGED_PODS = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/managed-by={MANAGER}"
 SCALED_ROLES = ("thinker", "talker", "gateway")
 
 
@@ -64,6 +65,12 @@ def _metrics_url(pod: dict[str, Any]) -> str | None:
     return f"http://{host}:{port}/metrics"
 
 
+def _operator_scaled(resource: dict[str, Any]) -> bool:
+    """The operator's own loop decides replicas (not an HPA, KEDA, or nobody)."""
+    mode = ((resource.get("spec") or {}).get("autoscaling") or {}).get("mode", AutoscalingMode.OPERATOR.value)
+    return mode == AutoscalingMode.OPERATOR.value and not resource["metadata"].get("deletionTimestamp")
+
+
 def policy_for(spec: OmniDeploymentSpec, role: str) -> Policy:
     scaling = spec.autoscaling
     role_spec = {"thinker": spec.thinker, "talker": spec.effective_talker, "gateway": spec.gateway}[role]
@@ -88,33 +95,41 @@ class Autoscaler:
 
     # ------------------------------------------------------------------ loop
 
-    def run(self, stop: threading.Event, namespaces: list[str]) -> None:
+    def run(self, stop: threading.Event, resources: Callable[[], list[dict[str, Any]]]) -> None:
+        """Every second, tick the OmniDeployments that are due; `resources` returns the latest
+        version of each (the watch keeps them, so this makes no LIST calls)."""
         while not stop.wait(1.0):
             try:
-                self.run_once(namespaces)
+                self.run_once(resources())
             except Exception:  # the loop must outlive any one bad object or API hiccup
                 log.exception("autoscaling pass failed")
 
-    def run_once(self, namespaces: list[str]) -> None:
+    def run_once(self, resources: list[dict[str, Any]]) -> None:
         now = self.clock()
-        seen = set()
-        for ns in namespaces or [None]:
-            for resource in self.kube.list(KIND, ns):
-                key = (resource["metadata"]["namespace"], resource["metadata"]["name"])
-                seen.add(key)
-                if now >= self.next_tick.get(key, 0.0):
-                    poll = ((resource.get("spec") or {}).get("autoscaling") or {}).get("pollSeconds", 5)
-                    self.next_tick[key] = now + poll
-                    self.tick(resource)
-        for key in list(self.next_tick):  # forget deleted OmniDeployments
-            if key not in seen:
-                self.next_tick.pop(key)
-                for hkey in [h for h in self.histories if h[:2] == key]:
-                    self.histories.pop(hkey)
+        due = []
+        for resource in resources:
+            key = (resource["metadata"]["namespace"], resource["metadata"]["name"])
+            if now >= self.next_tick.get(key, 0.0) and _operator_scaled(resource):
+                poll = ((resource.get("spec") or {}).get("autoscaling") or {}).get("pollSeconds", 5)
+                self.next_tick[key] = now + poll
+                due.append(resource)
+        # One pod LIST per namespace per pass, filtered by the apiserver to the operator's pods.
+        pods_by_ns = {ns: self.kube.list("Pod", ns, MANAGED_PODS)
+                      for ns in sorted({r["metadata"]["namespace"] for r in due})}
+        for resource in due:
+            meta = resource["metadata"]
+            pods = [p for p in pods_by_ns[meta["namespace"]]
+                    if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == meta["name"]]
+            self.tick(resource, pods)
+        live = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in resources}
+        for key in [k for k in self.next_tick if k not in live]:  # forget deleted OmniDeployments
+            self.next_tick.pop(key)
+            for hkey in [h for h in self.histories if h[:2] == key]:
+                self.histories.pop(hkey)
 
     # ------------------------------------------------------------------ one OmniDeployment
 
-    def tick(self, resource: dict[str, Any]) -> dict[str, Decision]:
+    def tick(self, resource: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Decision]:
         meta = resource["metadata"]
         ns, name = meta["namespace"], meta["name"]
         try:
@@ -128,7 +143,6 @@ class Autoscaler:
         if not sizing or meta.get("deletionTimestamp"):
             return {}  # nothing sized and running yet: the reconciler goes first
 
-        pods = self.kube.list("Pod", ns, instance_selector(name))
         by_role: dict[str, list[dict]] = {r: [] for r in SCALED_ROLES}
         for pod in pods:
             role = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component")

@@ -9,6 +9,7 @@ annotations): deleting an OmniDeployment never waits for the operator.
 from __future__ import annotations
 
 import logging
+import threading
 
 import kopf
 
@@ -20,8 +21,29 @@ log = logging.getLogger(__name__)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
 
 
-def register(registry: kopf.OperatorRegistry, enqueue) -> None:
-    """Attach the handlers to `registry`; `enqueue(namespace, name)` schedules a reconcile."""
+class ResourceIndex:
+    """The latest OmniDeployments seen on the watch, so periodic loops need no LIST calls."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: dict[tuple[str, str], dict] = {}
+
+    def observe(self, body: dict, deleted: bool) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        with self._lock:
+            if deleted:
+                self._items.pop(key, None)
+            else:
+                self._items[key] = body
+
+    def items(self) -> list[dict]:
+        with self._lock:
+            return list(self._items.values())
+
+
+def register(registry: kopf.OperatorRegistry, enqueue, index: ResourceIndex | None = None) -> None:
+    """Attach the handlers to `registry`; `enqueue(namespace, name)` schedules a reconcile,
+    and `index` (if given) keeps the latest version of every OmniDeployment."""
 
     @kopf.on.login(registry=registry)
     def login(**kwargs):
@@ -29,7 +51,9 @@ def register(registry: kopf.OperatorRegistry, enqueue) -> None:
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def omni_changed(event, name, namespace, **_):
+    def omni_changed(event, body, name, namespace, **_):
+        if index is not None:
+            index.observe(dict(body), deleted=event.get("type") == "DELETED")
         enqueue(namespace, name)
 
     def child_changed(event, body, namespace, **_):

@@ -47,6 +47,8 @@ def api_version(kind: str) -> str:
     return prefix.removeprefix("/apis/").removeprefix("/api/")
 
 
+UNSERVED_RECHECK_SECONDS = 300.0  # an optional API (KEDA) installed later is noticed within this
+
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 
 
@@ -72,6 +74,7 @@ class Kube:
         self.api = api_client or load_api_client()
         self.timeout = timeout
         self.writes: Counter[str] = Counter()  # "PATCH StatefulSet" -> count
+        self._unserved: dict[str, float] = {}  # kind -> monotonic time to ask again
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
@@ -128,12 +131,16 @@ class Kube:
             raise
 
     def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
-        """Items of a kind; none when the kind is not served (e.g. KEDA not installed)."""
+        """Items of a kind; none when the kind is not served (e.g. KEDA not installed), which is
+        remembered for a while so every reconcile does not ask again."""
+        if self._unserved.get(kind, 0.0) > time.monotonic():
+            return []
         query = {"labelSelector": label_selector} if label_selector else None
         try:
             result = self.request("GET", self.path(kind, namespace), query=query)
         except KubeError as err:
             if err.status == 404 and kind not in BUILTIN_KINDS:
+                self._unserved[kind] = time.monotonic() + UNSERVED_RECHECK_SECONDS
                 return []
             raise
         return list(result.get("items") or [])

@@ -90,7 +90,8 @@ def run_operator(args: argparse.Namespace) -> int:
 
     queue = WorkQueue(reconcile)
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, queue.add)
+    index = handlers.ResourceIndex()
+    handlers.register(registry, queue.add, index)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_):
@@ -102,7 +103,7 @@ def run_operator(args: argparse.Namespace) -> int:
     threading.Thread(target=_resync_loop, args=(kube, queue, args.namespace, stop), daemon=True,
                      name="resync").start()
     autoscaler = Autoscaler(kube, queue.add)
-    threading.Thread(target=autoscaler.run, args=(stop, args.namespace), daemon=True, name="autoscaler").start()
+    threading.Thread(target=autoscaler.run, args=(stop, index.items), daemon=True, name="autoscaler").start()
     try:
         kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace,
                  namespaces=args.namespace, ready_flag=ready)

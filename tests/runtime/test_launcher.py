@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from omni_runtime.launcher import LauncherError, build_vllm_command, node_rank_from_pod_name, parse_vllm_args
+from omni_runtime.launcher import build_vllm_command, node_rank_from_pod_name, parse_vllm_args
 from omni_runtime.metrics import parse_prometheus_text
 
 from .conftest import free_port
