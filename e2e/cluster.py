@@ -454,6 +454,7 @@ class LocalCluster:
         self._run_dir = self.state_dir / "run"
         self._info_file = self._run_dir / "cluster.json"
         self._procs: dict[str, subprocess.Popen] = {}
+        self._args: dict[str, list[str]] = {}  # flags each component was started with
         self._info: dict[str, Any] = {}
 
     # -- public properties --------------------------------------------------
@@ -722,8 +723,24 @@ class LocalCluster:
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         self._procs[name] = proc
+        self._args[name] = list(args)
         (self._run_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc
+
+    def restart_apiserver(self, down_seconds: float = 0.0, timeout: float = 60.0) -> None:
+        """Kill the apiserver (SIGKILL, like a crash) and start it again with the same flags and
+        port, keeping etcd's data: clients see their connections and watches break and must recover.
+        Only the process that started the cluster can do this (it holds the flags)."""
+        proc = self._procs.get("kube-apiserver")
+        if proc is None or "kube-apiserver" not in self._args:
+            raise ClusterError("restart_apiserver needs the LocalCluster object that started the cluster")
+        self._signal(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        time.sleep(down_seconds)
+        self._spawn("kube-apiserver", self._args["kube-apiserver"])
+        self._write_info()
+        self._wait("kube-apiserver /readyz after a restart", "kube-apiserver",
+                   lambda: self._get("/readyz")[0] == 200, time.monotonic() + timeout)
 
     def _assert_alive(self, name: str) -> None:
         proc = self._procs.get(name)

@@ -93,3 +93,16 @@ def test_hostile_specs_are_refused_at_admission(cluster, namespace, operator, pa
     result = apply(cluster, resource, check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert kget(cluster, "omni", "hostile", "-n", namespace) is None
+
+
+def test_operator_survives_an_apiserver_restart(cluster, namespace, operator):
+    apply(cluster, omni("outage", namespace))
+    wait_ready(cluster, namespace, "outage", operator)
+    cluster.restart_apiserver(down_seconds=3)
+    assert operator.healthy(), "the operator must ride out the outage, not exit"
+    # Its watches came back: drift is still repaired and new objects are still served.
+    cluster.kubectl("delete", "service", "outage-gateway", "-n", namespace)
+    wait("drift repaired after the restart", lambda: "Service/outage-gateway" in children(cluster, namespace, "outage"),
+         timeout=120, operator=operator)
+    apply(cluster, omni("after-outage", namespace))
+    wait_ready(cluster, namespace, "after-outage", operator)
