@@ -90,6 +90,7 @@ class Autoscaler:
         self.fetch = fetch
         self.clock = clock
         self.histories: dict[tuple[str, str, str], History] = {}
+        self._specs: dict[tuple[str | None, int | None], OmniDeploymentSpec | None] = {}
         self.next_tick: dict[tuple[str, str], float] = {}
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="scrape")
 
@@ -122,6 +123,8 @@ class Autoscaler:
                     if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == meta["name"]]
             self.tick(resource, pods)
         live = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in resources}
+        current_specs = {(r["metadata"].get("uid"), r["metadata"].get("generation")) for r in resources}
+        self._specs = {k: v for k, v in self._specs.items() if k in current_specs}
         for key in [k for k in self.next_tick if k not in live]:  # forget deleted OmniDeployments
             self.next_tick.pop(key)
             for hkey in [h for h in self.histories if h[:2] == key]:
@@ -132,9 +135,8 @@ class Autoscaler:
     def tick(self, resource: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Decision]:
         meta = resource["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        try:
-            spec = parse_spec(resource.get("spec") or {})
-        except ValidationError:
+        spec = self._spec(resource)
+        if spec is None:
             return {}
         status = resource.get("status") or {}
         sizing = status.get("sizing")
@@ -189,6 +191,17 @@ class Autoscaler:
         if decisions:
             self._apply(resource, spec, decisions, thinker_pods)
         return decisions
+
+    def _spec(self, resource: dict[str, Any]) -> OmniDeploymentSpec | None:
+        """The parsed spec, parsed once per generation (ticks come every few seconds)."""
+        meta = resource["metadata"]
+        key = (meta.get("uid"), meta.get("generation"))
+        if key not in self._specs:
+            try:
+                self._specs[key] = parse_spec(resource.get("spec") or {})
+            except ValidationError:
+                self._specs[key] = None
+        return self._specs[key]
 
     def _scrape(self, pods: list[dict[str, Any]]) -> dict[str, str | None]:
         urls = {p["metadata"]["name"]: _metrics_url(p) for p in pods}
