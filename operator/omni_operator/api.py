@@ -9,6 +9,7 @@ disagree on defaults or bounds. Cross-field rules are CEL
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -182,8 +183,6 @@ class NodePool(ApiModel):
 
     @model_validator(mode="after")
     def _labels(self) -> "NodePool":
-        import re
-
         for key, value in self.node_selector.items():
             if not re.match(LABEL_KEY, key) or len(key) > 316:
                 raise ValueError(f"nodeSelector key {key!r} is not a valid label key")
@@ -221,8 +220,6 @@ class Resources(ApiModel):
 
     @model_validator(mode="after")
     def _quantities(self) -> "Resources":
-        import re
-
         for section in ("requests", "limits"):
             for name, qty in getattr(self, section).items():
                 if not re.match(QUANTITY, str(qty)):
@@ -479,8 +476,6 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035: Service names derive
 
 def check_name(name: str) -> None:
     """The rules the CRD enforces on metadata.name, for offline rendering."""
-    import re
-
     if len(name) > MAX_NAME_LENGTH:
         raise ValueError(f"metadata.name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}")
     if not re.match(NAME_PATTERN, name):

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from . import rbac
-from .api import (API_VERSION, GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
+from .api import (GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
                   OmniDeploymentSpec, OmniDeploymentStatus)
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -229,5 +229,3 @@ def write_generated(root: Path) -> list[Path]:
             changed.append(path)
     return changed
 
-
-__all__ = ["API_VERSION", "CRD_NAME", "build_crd", "generated_files", "write_generated"]

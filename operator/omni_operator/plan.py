@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api import OmniDeploymentSpec, check_name, describe_validation_error, parse_spec
-from .render import Owner, RenderInput, gpus_for, initial_replicas, render_all, role_selector
+from .render import Owner, RenderInput, gpus_for, initial_replicas, render_all
 from .sizing import DeploymentSizing, size_deployment
 
 # Offline renders have no apiserver-assigned uid; this one makes that obvious.
@@ -88,5 +88,3 @@ def plan_offline(resource: dict[str, Any], namespace: str | None = None) -> Plan
     ns = meta.get("namespace") or namespace or "default"
     return make_plan(name, ns, meta.get("uid") or OFFLINE_UID, resource.get("spec") or {})
 
-
-__all__ = ["Plan", "PlanError", "make_plan", "plan_offline", "clamp_replicas", "role_selector"]

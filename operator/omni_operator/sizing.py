@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .api import MODEL_CONTEXT_TOKENS
+from .api import MODEL_CONTEXT_TOKENS, OmniDeploymentSpec
 
 GIB_IN_GB = 1024 ** 3 / 1e9  # the table is in GB (1e9 bytes); GPUs are sold in GiB
 
@@ -250,7 +250,7 @@ class DeploymentSizing:
         return "; ".join(failing or parts)
 
 
-def size_deployment(spec) -> DeploymentSizing:
+def size_deployment(spec: OmniDeploymentSpec) -> DeploymentSizing:
     """Size the thinker (Thinking row) and, for Instruct, the talker (row difference)."""
     variant = spec.variant.lower()
     workload = spec.workload

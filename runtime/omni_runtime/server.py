@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -44,6 +45,14 @@ async def serve(sites: list[tuple[web.Application, str, int]], drain: Callable[[
             await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def wait_until_idle(busy: Callable[[], bool], seconds: float) -> bool:
+    """The drain's wait: until `busy()` is false or `seconds` pass. True when it went idle."""
+    deadline = time.monotonic() + seconds
+    while busy() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return not busy()
 
 
 def setup_logging(level: str = "INFO") -> None:

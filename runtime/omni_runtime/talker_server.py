@@ -25,7 +25,7 @@ from . import env
 from .audio import wav_header
 from .metrics import TalkerMetrics, metrics_app
 from .payload import PayloadError, parse
-from .server import json_error, serve
+from .server import json_error, serve, wait_until_idle
 
 log = logging.getLogger("omni.talker")
 
@@ -194,10 +194,7 @@ class TalkerService:
     async def drain(self):
         self.draining = True
         self._update()
-        deadline = time.monotonic() + self.cfg["drain_seconds"]
-        while (self.running or self.waiting) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.running or self.waiting:
+        if not await wait_until_idle(lambda: self.running or self.waiting, self.cfg["drain_seconds"]):
             log.warning("drain deadline reached with %d running, %d waiting: cancelling", self.running, self.waiting)
             for flag in list(self.cancel_flags):
                 flag.set()

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import env
 from .metrics import ThinkerMetrics, metrics_app
-from .server import json_error, serve
+from .server import json_error, serve, wait_until_idle
 
 log = logging.getLogger("omni.thinker")
 
@@ -370,9 +370,7 @@ class ThinkerService:
     async def drain(self):
         self.draining = True
         self._update()
-        deadline = time.monotonic() + self.cfg["drain_seconds"]
-        while (self.running or self.waiting) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until_idle(lambda: self.running or self.waiting, self.cfg["drain_seconds"])
 
     def app(self):
         app = web.Application(client_max_size=self.cfg["max_request_bytes"])
