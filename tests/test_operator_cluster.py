@@ -257,6 +257,7 @@ def test_objects_not_owned_are_never_taken_over(cluster, namespace, operator):
     assert "mine-gateway already exists and is not owned" in condition(result, "Degraded")["message"]
     svc = kget(cluster, "service", "mine-gateway", "-n", namespace)
     assert "ownerReferences" not in svc["metadata"] and svc["spec"]["ports"][0]["port"] == 80
+    assert children(cluster, namespace, "mine") == {}, "nothing half-applied"
     cluster.kubectl("delete", "omni", "mine", "-n", namespace)
     time.sleep(1)
     assert kget(cluster, "service", "mine-gateway", "-n", namespace) is not None

@@ -118,16 +118,20 @@ class Reconciler:
         return live
 
     def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> str | None:
+        # First check every object, so that a name taken by someone else stops the whole plan
+        # before anything is written (never half-applied).
+        current: dict[tuple[str, str], dict[str, Any] | None] = {}
         for obj in plan.objects:
             key = (obj["kind"], obj["metadata"]["name"])
-            current = live.get(key)
-            if current is None:
-                # Not labelled as ours; a same-named object may still exist and belong to someone else.
-                current = self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
-            if current is not None and not owned_by(current, uid):
+            # Not labelled as ours: a same-named object may still exist and belong to someone else.
+            found = live[key] if key in live else self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
+            if found is not None and not owned_by(found, uid):
                 return (f"{obj['kind']} {namespace}/{obj['metadata']['name']} already exists and is not owned by "
                         "this OmniDeployment; rename one of them (nothing was changed)")
-            if current is not None and is_subset(obj, current):
+            current[key] = found
+        for obj in plan.objects:
+            key = (obj["kind"], obj["metadata"]["name"])
+            if current[key] is not None and is_subset(obj, current[key]):
                 continue
             try:
                 live[key] = self.kube.apply(obj)
