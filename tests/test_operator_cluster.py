@@ -397,6 +397,13 @@ def test_switching_autoscaling_mode_keeps_a_single_writer_of_replicas(cluster, n
     managers = {m["manager"] for m in sts["metadata"]["managedFields"]
                 if "f:replicas" in json.dumps(m.get("fieldsV1", {}).get("f:spec", {}))}
     assert "omni-operator" not in managers, "with an HPA in charge the operator must not own spec.replicas"
+    # The HPA's choice is the target the status reports against (someone else scaling is not drift).
+    cluster.kubectl("scale", "statefulset", "modes-talker", "-n", namespace, "--replicas=2")
+    scaled = wait("talker 2/2", lambda: (r := kget(cluster, "omni", "modes", "-n", namespace))
+                  and r["status"].get("talker", {}).get("ready") == "2/2" and r, operator=operator)
+    assert condition(scaled, "Progressing")["status"] == "False" and condition(scaled, "Ready")["status"] == "True"
+    assert scaled["status"]["gpus"] == 2 + 2 * 1  # thinker 1 x 2 GPUs, talker 2 x 1 GPU
+    assert kget(cluster, "statefulset", "modes-talker", "-n", namespace)["spec"]["replicas"] == 2
     resource["spec"]["autoscaling"] = {"mode": "Operator"}
     apply(cluster, resource)
     wait("HPAs pruned", lambda: kget(cluster, "hpa", "-n", namespace)["items"] == [], operator=operator)

@@ -18,7 +18,7 @@ from . import metrics
 from .api import KIND, AutoscalingMode
 from .kube import Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
-from .render import ROLES, instance_selector, role_selector
+from .render import ROLES, gpus_for, instance_selector, role_selector
 from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
                      transitions)
 
@@ -161,6 +161,9 @@ class Reconciler:
                     continue
                 desired = plan.replicas[role]
                 pods = plan.sizing.thinker.pods_per_replica if role == "thinker" else 1
+                if plan.spec.external_autoscaler and pods == 1 and workloads[role]:
+                    # An HPA or KEDA decides these replicas: what it asked of the workload is the target.
+                    desired = sum((w.get("spec") or {}).get("replicas", 1) for w in workloads[role])
             else:
                 if not workloads[role]:
                     continue
@@ -185,8 +188,10 @@ class Reconciler:
         for role in ROLES:
             status[role] = roles[role].as_status() if role in roles else None
         if plan is not None:
-            status["sizing"] = _sizing_status(plan)
-            status["gpus"] = plan.gpus
+            # GPUs of the replicas actually asked for (an HPA may have chosen other counts than the plan).
+            gpus = gpus_for(plan.sizing, {role: obs.desired for role, obs in roles.items()})
+            status["sizing"] = _sizing_status(plan, gpus)
+            status["gpus"] = gpus
             status["replicas"] = roles["thinker"].current
             status["selector"] = role_selector(meta["name"], "thinker")
         status["conditions"] = merge_conditions(previous.get("conditions") or [], conditions, _now())
@@ -214,7 +219,7 @@ class Reconciler:
                                        type_="Warning" if warn else "Normal")
 
 
-def _sizing_status(plan: Plan) -> dict[str, Any]:
+def _sizing_status(plan: Plan, gpus: int) -> dict[str, Any]:
     def role(s):
         if s is None:
             return None
@@ -227,7 +232,7 @@ def _sizing_status(plan: Plan) -> dict[str, Any]:
         return out
 
     return {"thinker": role(plan.sizing.thinker), "talker": role(plan.sizing.talker),
-            "maxModelLen": plan.sizing.thinker.max_model_len, "gpusTotal": plan.gpus}
+            "maxModelLen": plan.sizing.thinker.max_model_len, "gpusTotal": gpus}
 
 
 def _comparable(status: dict[str, Any]) -> dict[str, Any]:
