@@ -58,6 +58,7 @@ def test_unschedulable_pods_report_an_exhausted_pool():
     for t in (0, 5, 10, 15):
         decision = decide(t, loads(3, 20), RoleState(current=4, ready=3, unschedulable=1), POLICY, history)
     assert decision.desired == 4 and "GPU pool exhausted" in decision.reason
+    assert decision.blocked == "GPUPoolExhausted"
 
 
 def test_gpu_budget_is_shared_with_the_other_role():
@@ -66,7 +67,10 @@ def test_gpu_budget_is_shared_with_the_other_role():
     for t in (0, 5, 10, 15):
         decision = decide(t, loads(2, 40), state, POLICY, history)
     assert decision.desired == 3  # (9 - 3) // 2
-    assert "GPU budget 9 allows 3" in decision.reason
+    assert "GPU budget 9 allows 3" in decision.reason and decision.blocked == "GPUBudgetExhausted"
+    calm = decide(20, loads(2, 1), RoleState(current=2, ready=2, gpus_per_replica=2, other_roles_gpus=3,
+                                             gpu_budget=9), POLICY, History())
+    assert calm.blocked is None
 
 
 def test_scale_down_waits_for_the_whole_window():

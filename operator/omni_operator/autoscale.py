@@ -95,6 +95,7 @@ class Decision:
     reason: str
     recommendation: int  # before stabilisation and bounds
     load: float
+    blocked: str | None = None  # "GPUPoolExhausted" / "GPUBudgetExhausted" when more was wanted than allowed
 
     def changed(self, current: int) -> bool:
         return self.desired != current
@@ -124,16 +125,18 @@ def decide(now: float, loads: list[PodLoad], state: RoleState, policy: Policy, h
             ceiling = affordable
             notes.append(f"GPU budget {state.gpu_budget} allows {affordable} replica(s)")
 
-    def bounded(value: int, why: str) -> Decision:
+    def bounded(value: int, why: str, blocked: str | None = None) -> Decision:
         lo = min(floor, ceiling)
         clamped = max(lo, min(ceiling, value))
         if clamped != value:
             why += f"; bounded to {clamped} (min {floor}, max {ceiling})"
+            if notes and value > clamped:
+                blocked = blocked or "GPUBudgetExhausted"
         step = max(-policy.max_step, min(policy.max_step, clamped - state.current))
         target = state.current + step
         if target != clamped:
             why += f"; stepping by at most {policy.max_step}"
-        return Decision(target, "; ".join([why, *notes]) if notes else why, raw, load)
+        return Decision(target, "; ".join([why, *notes]) if notes else why, raw, load, blocked)
 
     # From zero there are no pods to measure: the gateway's waiting requests are the signal.
     if state.current == 0:
@@ -151,7 +154,8 @@ def decide(now: float, loads: list[PodLoad], state: RoleState, policy: Policy, h
     if stable_up > state.current:
         if state.unschedulable:
             return bounded(state.current, f"load {load:g} wants {stable_up} replicas but {state.unschedulable} "
-                                          "pending pod(s) cannot be scheduled: GPU pool exhausted")
+                                          "pending pod(s) cannot be scheduled: GPU pool exhausted",
+                           blocked="GPUPoolExhausted")
         return bounded(stable_up, f"load {load:g} over {state.ready} ready replica(s) "
                                   f"(target {policy.target_per_replica:g} each) for {policy.scale_up_window:g}s"
                                   + (f", {loading} more loading" if loading else ""))

@@ -91,6 +91,7 @@ class Autoscaler:
         self.clock = clock
         self.histories: dict[tuple[str, str, str], History] = {}
         self._specs: dict[tuple[str | None, int | None], OmniDeploymentSpec | None] = {}
+        self._blocked: dict[tuple[str, str, str], str | None] = {}  # last reported block per role
         self.next_tick: dict[tuple[str, str], float] = {}
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="scrape")
 
@@ -129,6 +130,7 @@ class Autoscaler:
             self.next_tick.pop(key)
             for hkey in [h for h in self.histories if h[:2] == key]:
                 self.histories.pop(hkey)
+                self._blocked.pop(hkey, None)
 
     # ------------------------------------------------------------------ one OmniDeployment
 
@@ -151,6 +153,9 @@ class Autoscaler:
             if role in by_role:
                 by_role[role].append(pod)
         thinker_pods = (sizing.get("thinker") or {}).get("podsPerReplica", 1)
+        # Pending shards count against their replica whatever their rank: a replica needs all of them.
+        unschedulable = {role: sum(1 for p in role_pods if _unschedulable(p)) for role, role_pods in by_role.items()}
+        unschedulable["thinker"] = -(-unschedulable["thinker"] // thinker_pods)  # in replicas
         if thinker_pods > 1:  # only rank 0 of a multi-node replica serves and reports load
             by_role["thinker"] = [p for p in by_role["thinker"]
                                   if p["metadata"].get("labels", {}).get(POD_INDEX_LABEL) == "0"]
@@ -174,13 +179,10 @@ class Autoscaler:
             loads = [load for p in by_role[role] if _pod_ready(p)
                      and (load := parse_pod_metrics(p["metadata"]["name"], pages.get(p["metadata"]["name"]) or "",
                                                     role)) is not None]
-            unschedulable = sum(1 for p in by_role[role] if _unschedulable(p))
-            if role == "thinker":
-                unschedulable = -(-unschedulable // thinker_pods)  # in replicas
             other = {"thinker": "talker", "talker": "thinker"}.get(role)
             state = RoleState(
                 current=current[role], ready=(status.get(role) or {}).get("readyReplicas", 0),
-                unschedulable=unschedulable, gpus_per_replica=gpus.get(role, 0),
+                unschedulable=unschedulable[role], gpus_per_replica=gpus.get(role, 0),
                 other_roles_gpus=gpus.get(other, 0) * current.get(other, 0) if other else 0,
                 gpu_budget=spec.autoscaling.gpu_budget if role != "gateway" else None,
                 gateway_waiting=gateway_waiting.get(role, 0.0))
@@ -188,9 +190,20 @@ class Autoscaler:
             decision = decide(now, loads, state, policy_for(spec, role), history)
             if decision.changed(state.current):
                 decisions[role] = decision
+            self._report_blocked(resource, role, decision)
         if decisions:
             self._apply(resource, spec, decisions, thinker_pods)
         return decisions
+
+    def _report_blocked(self, resource: dict[str, Any], role: str, decision: Decision) -> None:
+        """A Warning Event when a role starts wanting more than the GPU pool or budget allows."""
+        key = (resource["metadata"]["namespace"], resource["metadata"]["name"], role)
+        if decision.blocked == self._blocked.get(key):
+            return
+        self._blocked[key] = decision.blocked
+        if decision.blocked:
+            self.kube.create_event(key[0], resource, reason=decision.blocked, type_="Warning",
+                                   message=f"{role}: {decision.reason}")
 
     def _spec(self, resource: dict[str, Any]) -> OmniDeploymentSpec | None:
         """The parsed spec, parsed once per generation (ticks come every few seconds)."""

@@ -89,6 +89,14 @@ class PodProcesses:
         raise AssertionError(f"{pod} never served")
 
 
+def wait_for(check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not (result := check()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert result, "timed out"
+    return result
+
+
 def replicas(cluster, namespace: str, sts: str) -> int:
     out = cluster.kubectl("get", "statefulset", sts, "-n", namespace, "-o", "jsonpath={.spec.replicas}",
                           check=False)
@@ -102,7 +110,8 @@ def test_thinker_replicas_follow_the_queue_depth_of_real_processes(cluster, name
         "metadata": {"name": "scaling", "namespace": namespace},
         "spec": {
             "variant": "Thinking",
-            "thinker": {"minReplicas": 1, "maxReplicas": 3,
+            # 10 GiB GPUs make a replica take all 8 GPUs of a thinker node: the pool holds two replicas.
+            "thinker": {"minReplicas": 1, "maxReplicas": 4, "gpu": {"memoryGiB": 10, "countPerNode": 8},
                         "nodePool": {"nodeSelector": {"omni.qwen.ai/pool": "thinker"}}},
             "gateway": {"minReplicas": 1, "maxReplicas": 1},
             "autoscaling": {"mode": "Operator", "pollSeconds": 1, "targetQueueDepth": {"thinker": 4},
@@ -144,6 +153,14 @@ def test_thinker_replicas_follow_the_queue_depth_of_real_processes(cluster, name
         ups = [d for d in status["lastScaleDecisions"] if d["role"] == "thinker" and d["toReplicas"] > d["fromReplicas"]]
         assert ups and all("load" in d["reason"] for d in ups)
         assert [(d["fromReplicas"], d["toReplicas"]) for d in ups][:2] == [(1, 2), (2, 3)]  # maxStep 1
+
+        # The third replica cannot be scheduled: the load still wants a fourth, which is not asked for.
+        def exhausted():
+            events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+            return [e for e in events if e["reason"] == "GPUPoolExhausted"]
+        (event,) = wait_for(exhausted, 60)
+        assert "GPU pool exhausted" in event["message"] and event["type"] == "Warning"
+        assert replicas(cluster, namespace, "scaling-thinker") == 3
 
         # The queue drains, then after the scale-down window the thinker returns to one replica.
         for t in senders:
