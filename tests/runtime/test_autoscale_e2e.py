@@ -127,7 +127,7 @@ def test_thinker_replicas_follow_the_queue_depth_of_real_processes(cluster, name
         ip = pods.wait_serving("scaling-thinker-0")
 
         # 16 long requests on one pod with 4 workers: 12 wait, 4 run -> 16 in the system, target 4 each.
-        body = json.dumps({"model": "x", "max_tokens": 600, "temperature": 0,
+        body = json.dumps({"model": "x", "max_tokens": 1000, "temperature": 0,
                            "messages": [{"role": "user", "content": "Tell a long story."}]}).encode()
 
         def send():
