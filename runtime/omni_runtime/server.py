@@ -55,6 +55,51 @@ async def wait_until_idle(busy: Callable[[], bool], seconds: float) -> bool:
     return not busy()
 
 
+class EngineService:
+    """The lifecycle shared by the roles that hold a model (thinker, talker): load it in the
+    background, answer /health, keep the queue gauges current, wait for in-flight work on drain."""
+
+    role = "engine"
+
+    def __init__(self, cfg: dict, metrics):
+        self.cfg = cfg
+        self.metrics = metrics  # has queue_depth, running, ready, draining gauges
+        self.engine = None
+        self.load_error: str | None = None
+        self.waiting = 0
+        self.running = 0
+        self.draining = False
+
+    def _update(self) -> None:
+        self.metrics.queue_depth.set(self.waiting)
+        self.metrics.running.set(self.running)
+        self.metrics.ready.set(1 if self.engine is not None and not self.draining else 0)
+        self.metrics.draining.set(1 if self.draining else 0)
+
+    async def load(self, factory: Callable[[], object]) -> None:
+        try:
+            self.engine = await asyncio.get_running_loop().run_in_executor(None, factory)
+            log.info("%s loaded", self.role)
+        except Exception as exc:  # noqa: BLE001 - keep serving 503 with the reason
+            log.exception("%s failed to load", self.role)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+        self._update()
+
+    async def health(self, _request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        if self.engine is None:
+            body = {"status": "loading"} if self.load_error is None else {"status": "failed", "error": self.load_error}
+            return web.json_response(body, status=503)
+        return web.json_response({"status": "ok", "running": self.running, "waiting": self.waiting})
+
+    async def start_draining(self) -> bool:
+        """Refuse new work and wait up to drain_seconds for the rest; True when all finished."""
+        self.draining = True
+        self._update()
+        return await wait_until_idle(lambda: self.running or self.waiting, self.cfg["drain_seconds"])
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

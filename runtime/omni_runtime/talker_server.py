@@ -25,52 +25,25 @@ from . import env
 from .audio import wav_header
 from .metrics import TalkerMetrics, metrics_app
 from .payload import PayloadError, parse
-from .server import json_error, serve, wait_until_idle
+from .server import EngineService, json_error, serve
 
 log = logging.getLogger("omni.talker")
 
 
-class TalkerService:
+class TalkerService(EngineService):
+    role = "talker"
+
     def __init__(self, cfg: dict, engine_factory):
-        self.cfg = cfg
+        super().__init__(cfg, TalkerMetrics())
         self.engine_factory = engine_factory
-        self.engine = None
-        self.load_error: str | None = None
-        self.metrics = TalkerMetrics()
         self.max_inflight = cfg["max_inflight"]
         self.max_queue = cfg["max_queue"]
         self.sem = asyncio.Semaphore(self.max_inflight)
         self.pool = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="synth")
-        self.waiting = 0
-        self.running = 0
-        self.draining = False
         self.cancel_flags: set[threading.Event] = set()
         self._update()
 
-    def _update(self):
-        self.metrics.queue_depth.set(self.waiting)
-        self.metrics.running.set(self.running)
-        self.metrics.ready.set(1 if self.engine is not None and not self.draining else 0)
-        self.metrics.draining.set(1 if self.draining else 0)
-
-    async def load(self):
-        loop = asyncio.get_running_loop()
-        try:
-            self.engine = await loop.run_in_executor(None, self.engine_factory)
-        except Exception as exc:  # noqa: BLE001 - keep serving 503 with the reason
-            log.exception("talker failed to load")
-            self.load_error = f"{type(exc).__name__}: {exc}"
-        self._update()
-
     # -- HTTP -----------------------------------------------------------------------
-    async def health(self, _request):
-        if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        if self.engine is None:
-            body = {"status": "loading"} if self.load_error is None else {"status": "failed", "error": self.load_error}
-            return web.json_response(body, status=503)
-        return web.json_response({"status": "ok", "running": self.running, "waiting": self.waiting})
-
     async def info(self, _request):
         if self.engine is None:
             return json_error(503, "model is loading", "unavailable")
@@ -192,9 +165,7 @@ class TalkerService:
 
     # -- lifecycle ------------------------------------------------------------------
     async def drain(self):
-        self.draining = True
-        self._update()
-        if not await wait_until_idle(lambda: self.running or self.waiting, self.cfg["drain_seconds"]):
+        if not await self.start_draining():
             log.warning("drain deadline reached with %d running, %d waiting: cancelling", self.running, self.waiting)
             for flag in list(self.cancel_flags):
                 flag.set()
@@ -238,6 +209,6 @@ async def amain(cfg: dict) -> int:
     sites = [(svc.app(), cfg["host"], cfg["port"]), (metrics_app(svc.metrics), cfg["host"], cfg["metrics_port"])]
 
     async def started():
-        asyncio.ensure_future(svc.load())
+        asyncio.ensure_future(svc.load(svc.engine_factory))
 
     return await serve(sites, svc.drain, started)

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import env
 from .metrics import ThinkerMetrics, metrics_app
-from .server import json_error, serve, wait_until_idle
+from .server import EngineService, json_error, serve
 
 log = logging.getLogger("omni.thinker")
 
@@ -198,41 +198,17 @@ def _params(body: dict) -> dict:
     }
 
 
-class ThinkerService:
+class ThinkerService(EngineService):
+    role = "thinker"
+
     def __init__(self, cfg: dict):
-        self.cfg = cfg
+        super().__init__(cfg, ThinkerMetrics())
         self.engine: ThinkerEngine | None = None
-        self.load_error = None
-        self.metrics = ThinkerMetrics()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="thinker")
-        self.waiting = 0
-        self.running = 0
-        self.draining = False
         self.name = cfg["served_model_name"] or cfg["model"]
 
-    def _update(self):
-        self.metrics.queue_depth.set(self.waiting)
-        self.metrics.running.set(self.running)
-        self.metrics.ready.set(1 if self.engine and not self.draining else 0)
-        self.metrics.draining.set(1 if self.draining else 0)
-
-    async def load(self):
-        loop = asyncio.get_running_loop()
-        try:
-            self.engine = await loop.run_in_executor(
-                None, lambda: ThinkerEngine(self.cfg["model"], self.cfg["revision"], self.cfg["device"], self.cfg["dtype"]))
-            log.info("thinker loaded")
-        except Exception as exc:  # noqa: BLE001
-            log.exception("thinker failed to load")
-            self.load_error = f"{type(exc).__name__}: {exc}"
-        self._update()
-
-    async def health(self, _request):
-        if self.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        if self.engine is None:
-            return web.json_response({"status": "loading" if not self.load_error else self.load_error}, status=503)
-        return web.json_response({"status": "ok"})
+    def make_engine(self) -> ThinkerEngine:
+        return ThinkerEngine(self.cfg["model"], self.cfg["revision"], self.cfg["device"], self.cfg["dtype"])
 
     async def models(self, _request):
         return web.json_response({"object": "list", "data": [
@@ -368,9 +344,7 @@ class ThinkerService:
                 pass
 
     async def drain(self):
-        self.draining = True
-        self._update()
-        await wait_until_idle(lambda: self.running or self.waiting, self.cfg["drain_seconds"])
+        await self.start_draining()
 
     def app(self):
         app = web.Application(client_max_size=self.cfg["max_request_bytes"])
@@ -394,6 +368,6 @@ async def amain(cfg: dict) -> int:
     sites = [(svc.app(), cfg["host"], cfg["port"]), (metrics_app(svc.metrics), cfg["host"], cfg["metrics_port"])]
 
     async def started():
-        asyncio.ensure_future(svc.load())
+        asyncio.ensure_future(svc.load(svc.make_engine))
 
     return await serve(sites, svc.drain, started)
