@@ -135,6 +135,7 @@ class Autoscaler:
     # ------------------------------------------------------------------ one OmniDeployment
 
     def tick(self, resource: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Decision]:
+        """Decide for one OmniDeployment that `run_once` found due and operator-scaled."""
         meta = resource["metadata"]
         ns, name = meta["namespace"], meta["name"]
         spec = self._spec(resource)
@@ -142,9 +143,7 @@ class Autoscaler:
             return {}
         status = resource.get("status") or {}
         sizing = status.get("sizing")
-        if spec.autoscaling.mode != AutoscalingMode.OPERATOR.value:
-            return {}
-        if not sizing or meta.get("deletionTimestamp"):
+        if not sizing:
             return {}  # nothing sized and running yet: the reconciler goes first
 
         by_role: dict[str, list[dict]] = {r: [] for r in SCALED_ROLES}

@@ -22,6 +22,8 @@ import yaml
 
 from e2e.operator_process import OperatorProcess, install_crd
 
+from ..test_operator_cluster import wait
+
 pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
 
 
@@ -89,14 +91,6 @@ class PodProcesses:
         raise AssertionError(f"{pod} never served")
 
 
-def wait_for(check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not (result := check()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert result, "timed out"
-    return result
-
-
 def replicas(cluster, namespace: str, sts: str) -> int:
     out = cluster.kubectl("get", "statefulset", sts, "-n", namespace, "-o", "jsonpath={.spec.replicas}",
                           check=False)
@@ -158,7 +152,7 @@ def test_thinker_replicas_follow_the_queue_depth_of_real_processes(cluster, name
         def exhausted():
             events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
             return [e for e in events if e["reason"] == "GPUPoolExhausted"]
-        (event,) = wait_for(exhausted, 60)
+        (event,) = wait("a GPUPoolExhausted event", exhausted, timeout=60, operator=operator)
         assert "GPU pool exhausted" in event["message"] and event["type"] == "Warning"
         assert replicas(cluster, namespace, "scaling-thinker") == 3
 
