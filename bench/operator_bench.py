@@ -56,17 +56,19 @@ OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 
 # Small on purpose: one thinker replica and one gateway pod, no talker. Most thinker pods of
 # a large batch stay Pending (the fake pools hold 2x8 + 2x4 GPUs); the figures are about
-# the operator creating children and writing status, not about pods.
+# the operator creating children and writing status, not about pods. The weights are on a
+# user's volume: a weight cache per object would measure the loaders, not the operator.
 SPEC: dict[str, Any] = {
     "variant": "Thinking",
-    "model": {"repo": "Qwen/Qwen3-Omni-30B-A3B-Thinking"},
+    "model": {"pvc": {"claimName": "qwen3-omni-weights"}},
     "workload": {"maxVideoSeconds": 15},
     "thinker": {"gpu": {"memoryGiB": 80, "countPerNode": 8},
                 "nodePool": {"nodeSelector": {"omni.qwen.ai/pool": "thinker"}},
                 "minReplicas": 1, "maxReplicas": 1},
     "gateway": {"nodePool": {"nodeSelector": {"omni.qwen.ai/pool": "cpu"}}, "minReplicas": 1, "maxReplicas": 1},
 }
-SPEC_SUMMARY = "variant Thinking, 15 s video, thinker 1 replica, gateway minReplicas 1 (no talker)"
+SPEC_SUMMARY = ("variant Thinking, 15 s video, thinker 1 replica, gateway minReplicas 1 (no talker), "
+                "weights on a user PVC")
 
 # kind -> watch path under /namespaces/<ns>; the children are the operator's, by label.
 CHILD_PATHS = {

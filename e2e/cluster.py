@@ -1,9 +1,11 @@
 """A real Kubernetes control plane on loopback, with fake GPU node pools.
 
 etcd, kube-apiserver (RBAC, service-account tokens), kube-controller-manager,
-kube-scheduler and kwok run as local processes; kwok plays the kubelet of the
-fake nodes in ``NODE_POOLS`` and hands pods loopback IPs from ``POD_CIDR``, so a
-test can run a real process on a pod's IP.
+kube-scheduler, kwok and the node agent run as local processes. kwok plays the kubelet of
+the fake nodes in ``e2e.nodes.NODE_POOLS`` and hands pods loopback IPs from ``e2e.nodes.POD_CIDR``, so
+a test can run a real process on a pod's IP. The node agent (e2e/node_agent.py) does what
+kwok does not: it provisions hostPath volumes for claims, runs the operator's weight-loader
+pods for real, and serves a stand-in Hugging Face hub (``LocalCluster.hub_url``).
 
     from e2e.cluster import LocalCluster
     c = LocalCluster()          # state in <repo>/.e2e-state
@@ -15,423 +17,52 @@ Command line: ``python -m e2e.cluster up|down|status|env [--state-dir DIR]``.
 The state dir defaults to ``$OMNI_E2E_STATE`` or <repo>/.e2e-state; the binaries
 come from e2e/build-binaries.sh (``$OMNI_BIN_DIR`` points elsewhere).
 
-Only the standard library and the ``openssl`` command are needed.
+Only the standard library and the ``openssl`` command are needed (the node agent's loader
+pods need the repository's runtime package in the running interpreter).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import ctypes
 import fcntl
-import http.client
 import ipaddress
 import json
 import os
-import re
-import secrets
+import shlex
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from e2e import node_agent
+from e2e.binaries import KWOK_STAGES, default_bin_dir, ensure_binaries, missing_binaries
+from e2e.components import (AUDIT_POLICY, CLUSTER_NAME, SERVICE_CIDR, Ports, apiserver_args, component_healthy,
+                             controller_manager_args, etcd_args, etcd_healthy, kwok_args, scheduler_args)
+from e2e.kubeapi import TRANSPORT_ERRORS, KubeApi
+from e2e.kwok_stages import derive_stages
+from e2e.nodes import NODE_POOLS, node_manifests
+from e2e.pki import Pki
+from e2e.procs import (ClusterError, CommandError, die_with_parent, free_ports, pid_alive, pid_argv,
+                       signal_process, tail_file)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILD_SCRIPT = REPO_ROOT / "e2e" / "build-binaries.sh"
 DEFAULT_STATE_DIR = REPO_ROOT / ".e2e-state"
 
-# ---------------------------------------------------------------------------
-# Node pools
-# ---------------------------------------------------------------------------
-
-POOL_LABEL = "omni.qwen.ai/pool"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB per GPU, as GPU feature discovery reports it
-GPU_COUNT_LABEL = "nvidia.com/gpu.count"
-GPU_TAINT: Mapping[str, str] = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
-# kwok manages only nodes with this label; other nodes (if a test adds any) are left alone.
-KWOK_NODE_LABEL = ("type", "kwok")
-# kwok hands every pod an address from this loopback range (all of 127/8 is local on Linux).
-POD_CIDR = "127.0.64.0/18"
-NODE_IP = "127.0.0.1"
-SERVICE_CIDR = "10.96.0.0/16"
-SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
-CLUSTER_NAME = "omni-local"
-
-# With ``LocalCluster(audit=True)``: write requests of service accounts, except kube-system's
-# (the controllers run under those). Here the only other service-account client is an operator
-# running under its own account (kwok's pods run nothing), so logs/audit.log holds its writes.
-AUDIT_POLICY: Mapping[str, Any] = {
-    "apiVersion": "audit.k8s.io/v1",
-    "kind": "Policy",
-    "omitStages": ["RequestReceived"],  # one entry per request, when its response is complete
-    "rules": [
-        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
-        {"level": "Metadata", "userGroups": ["system:serviceaccounts"],
-         "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
-    ],
-}
-
-
-@dataclass(frozen=True)
-class NodePool:
-    """A group of identical fake nodes."""
-
-    name: str
-    nodes: tuple[str, ...]
-    cpu: str
-    memory: str
-    gpus_per_node: int = 0
-    gpu_product: str | None = None
-    gpu_memory_mib: int | None = None
-    pods: int = 110
-    extra_labels: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def has_gpus(self) -> bool:
-        return self.gpus_per_node > 0
-
-    @property
-    def labels(self) -> dict[str, str]:
-        labels = {POOL_LABEL: self.name, KWOK_NODE_LABEL[0]: KWOK_NODE_LABEL[1]}
-        if self.has_gpus:
-            labels.update(
-                {
-                    GPU_PRODUCT_LABEL: str(self.gpu_product),
-                    GPU_MEMORY_LABEL: str(self.gpu_memory_mib),
-                    GPU_COUNT_LABEL: str(self.gpus_per_node),
-                    "nvidia.com/gpu.present": "true",
-                }
-            )
-        labels.update(self.extra_labels)
-        return labels
-
-    @property
-    def taints(self) -> list[dict[str, str]]:
-        return [dict(GPU_TAINT)] if self.has_gpus else []
-
-    @property
-    def capacity(self) -> dict[str, str]:
-        cap = {
-            "cpu": self.cpu,
-            "memory": self.memory,
-            "pods": str(self.pods),
-            "ephemeral-storage": "1Ti",
-        }
-        if self.has_gpus:
-            cap[GPU_RESOURCE] = str(self.gpus_per_node)
-        return cap
-
-    @property
-    def node_selector(self) -> dict[str, str]:
-        """What a workload puts in ``spec.nodeSelector`` to land on this pool."""
-        return {POOL_LABEL: self.name}
-
-    @property
-    def tolerations(self) -> list[dict[str, str]]:
-        """What a workload needs in ``spec.tolerations`` to land on this pool."""
-        return [{"key": t["key"], "operator": "Exists", "effect": t["effect"]} for t in self.taints]
-
-    def node_manifest(self, node: str) -> dict[str, Any]:
-        labels = {
-            "kubernetes.io/hostname": node,
-            "kubernetes.io/os": "linux",
-            "kubernetes.io/arch": "amd64",
-            **self.labels,
-        }
-        return {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": node,
-                "labels": labels,
-                "annotations": {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"},
-            },
-            "spec": {"taints": self.taints},
-            "status": {"capacity": self.capacity, "allocatable": self.capacity},
-        }
-
-
-NODE_POOLS: tuple[NodePool, ...] = (
-    NodePool(
-        name="thinker",
-        nodes=("thinker-gpu-0", "thinker-gpu-1"),
-        cpu="96",
-        memory="1Ti",
-        gpus_per_node=8,
-        gpu_product="NVIDIA-H100-80GB-HBM3",
-        gpu_memory_mib=81559,
-    ),
-    NodePool(
-        name="talker",
-        nodes=("talker-gpu-0", "talker-gpu-1"),
-        cpu="48",
-        memory="192Gi",
-        gpus_per_node=4,
-        gpu_product="NVIDIA-L4",
-        gpu_memory_mib=23034,
-    ),
-    NodePool(name="cpu", nodes=("cpu-0", "cpu-1"), cpu="32", memory="128Gi"),
-)
-POOLS: dict[str, NodePool] = {p.name: p for p in NODE_POOLS}
-
-
-def node_manifests(pools: Iterable[NodePool] = NODE_POOLS) -> list[dict[str, Any]]:
-    return [pool.node_manifest(n) for pool in pools for n in pool.nodes]
-
-
-# ---------------------------------------------------------------------------
-# Errors and small helpers
-# ---------------------------------------------------------------------------
-
-
-class ClusterError(RuntimeError):
-    """The control plane could not be started or is not healthy."""
-
-
-class CommandError(subprocess.CalledProcessError):
-    """A kubectl/helm call failed; the message carries its output."""
-
-    def __str__(self) -> str:
-        cmd = " ".join(str(a) for a in self.cmd)
-        out = (self.stderr or "").strip() or (self.output or "").strip()
-        return f"`{cmd}` exited with {self.returncode}:\n{_tail_text(out, 40)}"
-
-
-def _tail_text(text: str, lines: int) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _tail_file(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError as e:
-        return f"(no log: {e})"
-    return _tail_text(data, lines)
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+NODE_AGENT = "node-agent"
 
 
 def _log(msg: str) -> None:
     print(f"[cluster] {msg}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent dies (Linux prctl).
-
-    SIGKILL, not SIGTERM: an orphaned throwaway cluster has nothing worth saving, and
-    an apiserver that loses etcd at the same moment lingers on SIGTERM."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _pid_exe(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0", 1)[0].decode()
-    except OSError:
-        return None
-
-
-def pinned_versions() -> dict[str, str]:
-    """The versions pinned in e2e/build-binaries.sh, e.g. {"K8S_VERSION": "v1.36.3", ...}."""
-    versions = {}
-    for line in BUILD_SCRIPT.read_text().splitlines():
-        m = re.match(r'^([A-Z0-9_]+_VERSION)="([^"]+)"', line)
-        if m:
-            versions[m.group(1)] = m.group(2)
-    return versions
-
-
-def default_bin_dir() -> Path:
-    """The versioned binary directory (``$OMNI_BIN_DIR`` overrides it)."""
-    if os.environ.get("OMNI_BIN_DIR"):
-        return Path(os.environ["OMNI_BIN_DIR"])
-    out = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), "--print-dir"], capture_output=True, text=True, check=True
-    )
-    return Path(out.stdout.strip())
-
-
-def ensure_binaries(bin_dir: Path | None = None) -> Path:
-    """Build the binaries (once; cached outside the repo) unless all are present.
-
-    Only the directory that e2e/build-binaries.sh builds into is built; any other
-    ``bin_dir`` (``$OMNI_BIN_DIR``) must already hold everything."""
-    env = {k: v for k, v in os.environ.items() if k != "OMNI_BIN_DIR"}
-    script_dir = Path(subprocess.run(["bash", str(BUILD_SCRIPT), "--print-dir"], capture_output=True,
-                                     text=True, check=True, env=env).stdout.strip())
-    bin_dir = Path(bin_dir or default_bin_dir())
-    if bin_dir.resolve() != script_dir.resolve():
-        missing = [b for b in LocalCluster.BINARIES if not os.access(bin_dir / b, os.X_OK)]
-        if missing:
-            raise ClusterError(f"{bin_dir} lacks {', '.join(missing)}; build them with e2e/build-binaries.sh")
-        return bin_dir
-    if subprocess.run(["bash", str(BUILD_SCRIPT), "--check"], capture_output=True, env=env).returncode != 0:
-        _log(f"building the control-plane binaries into {bin_dir} (first run only; takes a while)")
-        try:
-            subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, env=env)
-        except subprocess.CalledProcessError as e:
-            raise ClusterError(f"e2e/build-binaries.sh failed with exit code {e.returncode} (output above)") from e
-    return bin_dir
-
-
-# ---------------------------------------------------------------------------
-# Certificates (openssl command line)
-# ---------------------------------------------------------------------------
-
-_OPENSSL_CONF = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = placeholder
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign,digitalSignature
-subjectKeyIdentifier = hash
-[server]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = serverAuth
-authorityKeyIdentifier = keyid
-subjectAltName = @alt_names
-[client]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = clientAuth
-authorityKeyIdentifier = keyid
-[alt_names]
-DNS.1 = localhost
-DNS.2 = kubernetes
-DNS.3 = kubernetes.default
-DNS.4 = kubernetes.default.svc
-DNS.5 = kubernetes.default.svc.cluster.local
-IP.1 = 127.0.0.1
-IP.2 = {service_ip}
-"""
-
-# client certificates: file stem -> (CN, O)
-_CLIENT_CERTS = {
-    "admin": ("kubernetes-admin", "system:masters"),
-    "kube-controller-manager": ("system:kube-controller-manager", None),
-    "kube-scheduler": ("system:kube-scheduler", None),
-    "kwok": ("kwok-controller", "system:masters"),
-}
-
-
-class _Pki:
-    def __init__(self, directory: Path):
-        self.dir = directory
-
-    def path(self, name: str) -> Path:
-        return self.dir / name
-
-    def complete(self) -> bool:
-        names = ["ca.crt", "ca.key", "apiserver.crt", "apiserver.key", "sa.key", "sa.pub"]
-        names += [f"{n}.{ext}" for n in _CLIENT_CERTS for ext in ("crt", "key")]
-        return all(self.path(n).exists() for n in names)
-
-    def _openssl(self, *args: str) -> None:
-        try:
-            subprocess.run(["openssl", *args], cwd=self.dir, check=True, capture_output=True, text=True)
-        except FileNotFoundError as e:
-            raise ClusterError("the `openssl` command is needed to create certificates") from e
-        except subprocess.CalledProcessError as e:
-            raise ClusterError(f"openssl {' '.join(args)} failed:\n{e.stderr}") from e
-
-    def _ec_key(self, name: str) -> None:
-        self._openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name)
-
-    def _sign(self, stem: str, subject: str, section: str) -> None:
-        self._ec_key(f"{stem}.key")
-        self._openssl("req", "-new", "-config", "openssl.cnf", "-key", f"{stem}.key", "-subj", subject,
-                      "-out", f"{stem}.csr")
-        self._openssl(
-            "x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-set_serial", "0x" + secrets.token_hex(16), "-days", "3650", "-sha256",
-            "-extfile", "openssl.cnf", "-extensions", section, "-out", f"{stem}.crt",
-        )
-        self.path(f"{stem}.csr").unlink()
-
-    def create(self) -> None:
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        os.chmod(self.dir, 0o700)
-        service_ip = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
-        self.path("openssl.cnf").write_text(_OPENSSL_CONF.format(service_ip=service_ip))
-        self._ec_key("ca.key")
-        self._openssl(
-            "req", "-new", "-x509", "-config", "openssl.cnf", "-key", "ca.key", "-subj", f"/CN={CLUSTER_NAME}-ca",
-            "-days", "3650", "-sha256", "-extensions", "ca", "-out", "ca.crt",
-        )
-        self._sign("apiserver", "/CN=kube-apiserver", "server")
-        for stem, (cn, org) in _CLIENT_CERTS.items():
-            self._sign(stem, f"/CN={cn}" + (f"/O={org}" if org else ""), "client")
-        # service-account token signing key (RS256)
-        self._openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key")
-        self._openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub")
-
-
-def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict[str, Any]:
-    def b64(p: Path) -> str:
-        return base64.b64encode(p.read_bytes()).decode()
-
-    return {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": CLUSTER_NAME, "cluster": {"server": server, "certificate-authority-data": b64(ca)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)}}],
-        "contexts": [{"name": CLUSTER_NAME, "context": {"cluster": CLUSTER_NAME, "user": user}}],
-        "current-context": CLUSTER_NAME,
-        "preferences": {},
-    }
-
-
-# ---------------------------------------------------------------------------
-# The cluster
-# ---------------------------------------------------------------------------
-
-
 class LocalCluster:
-    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on loopback."""
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok + node agent on loopback."""
 
-    COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-    BINARIES = COMPONENTS + ("kubectl", "helm")
-    KWOK_STAGES = "kwok-stages.yaml"  # kwok's default node/pod stages, written by build-binaries.sh
+    COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", NODE_AGENT)
 
     def __init__(
         self,
@@ -450,12 +81,15 @@ class LocalCluster:
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else default_bin_dir()
         self.kubeconfig = self.state_dir / "kubeconfig"
         self.log_dir = self.state_dir / "logs"
-        self.pki = _Pki(self.state_dir / "pki")
+        self.pki = Pki(self.state_dir / "pki", cluster_name=CLUSTER_NAME,
+                       service_ip=str(next(ipaddress.ip_network(SERVICE_CIDR).hosts())))
+        self.node_dir = self.state_dir / "node"  # the node agent's volumes, pod logs, hub checkpoint
         self._run_dir = self.state_dir / "run"
         self._info_file = self._run_dir / "cluster.json"
         self._procs: dict[str, subprocess.Popen] = {}
         self._args: dict[str, list[str]] = {}  # flags each component was started with
         self._info: dict[str, Any] = {}
+        self._apis: dict[str, KubeApi] = {}  # by server URL
 
     # -- public properties --------------------------------------------------
 
@@ -477,6 +111,26 @@ class LocalCluster:
     @property
     def ca_file(self) -> Path:
         return self.pki.path("ca.crt")
+
+    @property
+    def hub_url(self) -> str:
+        """The node agent's stand-in Hugging Face hub: loader pods that set no ``HF_ENDPOINT``
+        download from it; any repo it was not given serves a small placeholder checkpoint."""
+        info = self._info or self._read_info()
+        if not info.get("hub_url"):
+            raise ClusterError(f"no cluster is running from {self.state_dir}")
+        return info["hub_url"]
+
+    def pvc_host_dir(self, namespace: str, claim: str) -> Path:
+        """The directory on this machine behind a bound PersistentVolumeClaim (a node agent's PV)."""
+        status, pvc = self.api("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
+        volume = pvc.get("spec", {}).get("volumeName") if status == 200 else None
+        if not volume:
+            raise ClusterError(f"PVC {namespace}/{claim} is not bound (HTTP {status})")
+        status, pv = self.api("GET", f"/api/v1/persistentvolumes/{volume}")
+        if status != 200 or "hostPath" not in pv.get("spec", {}):
+            raise ClusterError(f"PV {volume} of PVC {namespace}/{claim} is not a hostPath volume")
+        return Path(pv["spec"]["hostPath"]["path"])
 
     def log_file(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
@@ -555,11 +209,11 @@ class LocalCluster:
         pids = self._known_pids()
         # Clients first, then the apiserver, then etcd: each exits within about a
         # second that way (an apiserver that has lost etcd lingers much longer).
-        stages = (("kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
+        stages = ((NODE_AGENT, "kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
         for stage in stages:
             running = {n: pids[n] for n in stage if n in pids}
             for pid in running.values():
-                self._signal(pid, signal.SIGTERM)
+                signal_process(pid, signal.SIGTERM)
             for sig_deadline, sig in ((5.0, signal.SIGKILL), (5.0, None)):
                 deadline = time.monotonic() + sig_deadline
                 while any(self._alive(n, p) for n, p in running.items()) and time.monotonic() < deadline:
@@ -569,7 +223,7 @@ class LocalCluster:
                     break
                 _log(f"{', '.join(still)} ignored SIGTERM; killing")
                 for pid in still.values():
-                    self._signal(pid, sig)
+                    signal_process(pid, sig)
         for proc in self._procs.values():
             try:
                 proc.wait(timeout=1)
@@ -591,7 +245,7 @@ class LocalCluster:
                 return False
         try:
             return self._get("/readyz", server=info["server"])[0] == 200
-        except (OSError, ssl.SSLError, http.client.HTTPException, ClusterError, KeyError):
+        except (*TRANSPORT_ERRORS, ClusterError, KeyError):
             return False
 
     def status(self) -> dict[str, Any]:
@@ -607,6 +261,7 @@ class LocalCluster:
             "running": self.is_running(),
             "components": comps,
             "kubeconfig": str(self.kubeconfig),
+            "hub_url": info.get("hub_url"),
             "bin_dir": str(self.bin_dir),
         }
 
@@ -660,9 +315,7 @@ class LocalCluster:
     # -- internals: processes --------------------------------------------------
 
     def _check_binaries(self) -> None:
-        missing = [b for b in self.BINARIES if not os.access(self.bin_dir / b, os.X_OK)]
-        if not (self.bin_dir / self.KWOK_STAGES).exists():
-            missing.append(self.KWOK_STAGES)
+        missing = missing_binaries(self.bin_dir)
         if missing:
             raise ClusterError(
                 f"missing in {self.bin_dir}: {', '.join(missing)} (run `bash e2e/build-binaries.sh`)"
@@ -687,8 +340,13 @@ class LocalCluster:
         return {n: p for n, p in pids.items() if n in self._procs or self._owned_pid_alive(n, p)}
 
     def _owned_pid_alive(self, name: str, pid: int) -> bool:
-        exe = _pid_exe(pid)
-        return _pid_alive(pid) and exe is not None and os.path.basename(exe) == name
+        """pid is alive and runs this component (pids get reused)."""
+        argv = pid_argv(pid)
+        if not argv or not pid_alive(pid):
+            return False
+        if name == NODE_AGENT:
+            return "e2e.node_agent" in argv
+        return os.path.basename(argv[0]) == name
 
     def _alive(self, name: str, pid: int) -> bool:
         proc = self._procs.get(name)
@@ -696,31 +354,27 @@ class LocalCluster:
             return proc.poll() is None
         return self._owned_pid_alive(name, pid)
 
-    @staticmethod
-    def _signal(pid: int, sig: int) -> None:
-        try:
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen:
         log_path = self.log_file(name)
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "ETCDCTL_API")}
+        if name == NODE_AGENT:
+            cmd = [sys.executable, "-m", "e2e.node_agent", *args]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+            env["PYTHONUNBUFFERED"] = "1"
+        else:
+            cmd = [str(self.bin_dir / name), *args]
         with open(log_path, "wb") as log:
             log.write(f"$ {name} {' '.join(args)}\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                [str(self.bin_dir / name), *args],
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.state_dir,
                 env=env,
                 start_new_session=True,  # own process group: stop() signals the whole group
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         self._procs[name] = proc
         self._args[name] = list(args)
@@ -734,7 +388,7 @@ class LocalCluster:
         proc = self._procs.get("kube-apiserver")
         if proc is None or "kube-apiserver" not in self._args:
             raise ClusterError("restart_apiserver needs the LocalCluster object that started the cluster")
-        self._signal(proc.pid, signal.SIGKILL)
+        signal_process(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         time.sleep(down_seconds)
         self._spawn("kube-apiserver", self._args["kube-apiserver"])
@@ -747,7 +401,7 @@ class LocalCluster:
         if proc is not None and proc.poll() is not None:
             raise ClusterError(
                 f"{name} exited with code {proc.returncode}; last lines of {self.log_file(name)}:\n"
-                + _tail_file(self.log_file(name))
+                + tail_file(self.log_file(name))
             )
 
     def _wait(self, what: str, component: str, check: Callable[[], bool], deadline: float) -> None:
@@ -757,12 +411,12 @@ class LocalCluster:
             try:
                 if check():
                     return
-            except (OSError, ssl.SSLError, http.client.HTTPException, ValueError, ClusterError) as e:
+            except (*TRANSPORT_ERRORS, ValueError, ClusterError) as e:
                 last = e
             if time.monotonic() > deadline:
                 raise ClusterError(
                     f"timed out waiting for {what} (last error: {last!r}); last lines of "
-                    f"{self.log_file(component)}:\n{_tail_file(self.log_file(component))}"
+                    f"{self.log_file(component)}:\n{tail_file(self.log_file(component))}"
                 )
             time.sleep(0.1)
 
@@ -772,96 +426,42 @@ class LocalCluster:
             d.mkdir(parents=True, exist_ok=True)
         if not self.pki.complete():
             self.pki.create()
-        etcd_port, etcd_peer, api_port, kcm_port, sched_port = _free_ports(5)
-        server = f"https://127.0.0.1:{api_port}"
-        self._info = {"server": server, "ports": {"etcd": etcd_port, "kube-apiserver": api_port,
-                                                  "kube-controller-manager": kcm_port, "kube-scheduler": sched_port},
+        ports = Ports(*free_ports(5))
+        server = f"https://127.0.0.1:{ports.apiserver}"
+        self._info = {"server": server, "ports": {"etcd": ports.etcd, "kube-apiserver": ports.apiserver,
+                                                  "kube-controller-manager": ports.controller_manager,
+                                                  "kube-scheduler": ports.scheduler},
                       "audit": self.audit}
         self._write_kubeconfigs(server)
-        pki = self.pki.path
 
         etcd_dir = self.state_dir / "etcd"
         shutil.rmtree(etcd_dir, ignore_errors=True)
         etcd_dir.mkdir(mode=0o700)
-        self._spawn("etcd", [
-            "--name=omni", f"--data-dir={etcd_dir}",
-            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
-            f"--initial-cluster=omni=http://127.0.0.1:{etcd_peer}",
-            "--initial-cluster-state=new",
-            "--unsafe-no-fsync",  # throwaway data: no fsync, much faster on slow disks
-            "--quota-backend-bytes=2147483648",
-            "--snapshot-count=10000",
-            "--log-level=warn",
-        ])
-        self._wait("etcd /health", "etcd", lambda: self._etcd_healthy(etcd_port), deadline)
+        self._spawn("etcd", etcd_args(etcd_dir, ports))
+        self._wait("etcd /health", "etcd", lambda: etcd_healthy(ports.etcd), deadline)
         t_etcd = time.monotonic()
 
-        self._spawn("kube-apiserver", [
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
-            f"--cert-dir={self.state_dir / 'run'}",
-            f"--tls-cert-file={pki('apiserver.crt')}", f"--tls-private-key-file={pki('apiserver.key')}",
-            f"--client-ca-file={pki('ca.crt')}",
-            "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={pki('sa.pub')}",
-            f"--service-account-signing-key-file={pki('sa.key')}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true",
-            "--profiling=false",
-            "--v=1",
-            *self._audit_args(),
-        ])
+        self._spawn("kube-apiserver", apiserver_args(self.pki, ports, self._run_dir, self._audit_policy(),
+                                                     self.audit_log))
         self._wait("kube-apiserver /readyz", "kube-apiserver", lambda: self._get("/readyz")[0] == 200, deadline)
         t_api = time.monotonic()
 
-        self._spawn("kube-controller-manager", [
-            f"--kubeconfig={self._component_kubeconfig('kube-controller-manager')}",
-            "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
-            f"--cert-dir={self.state_dir / 'run'}",
-            "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki('sa.key')}",
-            f"--root-ca-file={pki('ca.crt')}",
-            f"--cluster-signing-cert-file={pki('ca.crt')}",
-            f"--cluster-signing-key-file={pki('ca.key')}",
-            f"--cluster-name={CLUSTER_NAME}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--controllers=*",
-            # Fake nodes never fail; a long grace keeps a slow machine's hiccups from flipping them.
-            "--node-monitor-grace-period=5m",
-            "--profiling=false",
-            "--v=1",
-        ])
-        self._spawn("kube-scheduler", [
-            f"--kubeconfig={self._component_kubeconfig('kube-scheduler')}",
-            "--bind-address=127.0.0.1", f"--secure-port={sched_port}",
-            f"--cert-dir={self.state_dir / 'run'}",
-            "--leader-elect=false",
-            "--profiling=false",
-            "--v=1",
-        ])
-        self._spawn("kwok", [
-            f"--kubeconfig={self._component_kubeconfig('kwok')}",
-            f"--config={self.bin_dir / self.KWOK_STAGES}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-label-selector={KWOK_NODE_LABEL[0]}={KWOK_NODE_LABEL[1]}",
-            f"--cidr={POD_CIDR}",
-            f"--node-ip={NODE_IP}",
-            # Keep node Leases renewed: without heartbeats the node lifecycle controller marks
-            # the fake nodes NotReady (and their pods not ready) after its grace period.
-            "--node-lease-duration-seconds=40",
-        ])
+        self._spawn("kube-controller-manager", controller_manager_args(
+            self._component_kubeconfig("kube-controller-manager"), self.pki, ports, self._run_dir))
+        self._spawn("kube-scheduler", scheduler_args(self._component_kubeconfig("kube-scheduler"), ports,
+                                                     self._run_dir))
+        self._spawn("kwok", kwok_args(self._component_kubeconfig("kwok"), self._write_kwok_stages()))
+        shutil.rmtree(self.node_dir, ignore_errors=True)  # volumes and pods of an earlier cluster
+        self._spawn(NODE_AGENT, [f"--kubeconfig={self._component_kubeconfig(NODE_AGENT)}",
+                                 f"--state-dir={self.node_dir}"])
+        self._wait("the node agent", NODE_AGENT, lambda: bool(node_agent.read_info(self.node_dir)), deadline)
+        self._info["hub_url"] = node_agent.read_info(self.node_dir)["hub_url"]
         self._write_info()
         self._create_nodes()
         self._wait("kube-controller-manager /healthz", "kube-controller-manager",
-                   lambda: self._component_healthy(kcm_port), deadline)
+                   lambda: component_healthy(ports.controller_manager), deadline)
         self._wait("kube-scheduler /healthz", "kube-scheduler",
-                   lambda: self._component_healthy(sched_port), deadline)
+                   lambda: component_healthy(ports.scheduler), deadline)
         # the serviceaccount controller has run: pods can be created in "default"
         self._wait("the default service account", "kube-controller-manager",
                    lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200, deadline)
@@ -869,14 +469,18 @@ class LocalCluster:
         _log(f"etcd {t_etcd - t0:.1f}s, apiserver {t_api - t_etcd:.1f}s, "
              f"controllers+nodes {time.monotonic() - t_api:.1f}s")
 
-    def _audit_args(self) -> list[str]:
+    def _audit_policy(self) -> Path | None:
         if not self.audit:
-            return []
+            return None
         policy = self._run_dir / "audit-policy.yaml"
         policy.write_text(json.dumps(AUDIT_POLICY, indent=2))  # JSON is YAML
         self.audit_log.unlink(missing_ok=True)
-        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
-                "--audit-log-mode=blocking"]
+        return policy
+
+    def _write_kwok_stages(self) -> Path:
+        path = self._run_dir / KWOK_STAGES
+        path.write_text(derive_stages((self.bin_dir / KWOK_STAGES).read_text()))
+        return path
 
     def _write_info(self) -> None:
         self._info["pids"] = {n: p.pid for n, p in self._procs.items()}
@@ -889,11 +493,11 @@ class LocalCluster:
         return self._run_dir / f"{name}.kubeconfig"
 
     def _write_kubeconfigs(self, server: str) -> None:
-        ca = self.pki.path("ca.crt")
-        for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
-            cfg = _kubeconfig(server, ca, self.pki.path(f"{name}.crt"), self.pki.path(f"{name}.key"), name)
-            self._component_kubeconfig(name).write_text(json.dumps(cfg, indent=2))
-        admin = _kubeconfig(server, ca, self.pki.path("admin.crt"), self.pki.path("admin.key"), "admin")
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok", NODE_AGENT):
+            path = self._component_kubeconfig(name)
+            path.write_text(json.dumps(self.pki.kubeconfig(server, name), indent=2))
+            os.chmod(path, 0o600)
+        admin = self.pki.kubeconfig(server, "admin")
         tmp = self.kubeconfig.with_suffix(".tmp")
         tmp.write_text(json.dumps(admin, indent=2))
         os.chmod(tmp, 0o600)
@@ -901,62 +505,18 @@ class LocalCluster:
 
     # -- internals: HTTP ---------------------------------------------------------
 
-    def _ssl_context(self, client_cert: bool) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.pki.path("ca.crt")))
-        if client_cert:
-            ctx.load_cert_chain(str(self.pki.path("admin.crt")), str(self.pki.path("admin.key")))
-        return ctx
-
     def _request(
         self, method: str, path: str, body: Any = None, *, token: str | None = None,
         anonymous: bool = False, timeout: float = 10.0, server: str | None = None,
     ) -> tuple[int, Any]:
-        port = int((server or self.server).rsplit(":", 1)[1])
-        ctx = self._ssl_context(client_cert=not (token or anonymous))
-        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
-        headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-            headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw
+        server = server or self.server
+        if server not in self._apis:
+            self._apis[server] = KubeApi(server, self.pki.path("ca.crt"), self.pki.path("admin.crt"),
+                                         self.pki.path("admin.key"))
+        return self._apis[server].request(method, path, body, token=token, anonymous=anonymous, timeout=timeout)
 
     def _get(self, path: str, server: str | None = None) -> tuple[int, Any]:
         return self._request("GET", path, timeout=5.0, server=server)
-
-    @staticmethod
-    def _etcd_healthy(port: int) -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            conn.request("GET", "/health")
-            resp = conn.getresponse()
-            return resp.status == 200 and json.loads(resp.read()).get("health") == "true"
-        finally:
-            conn.close()
-
-    @staticmethod
-    def _component_healthy(port: int) -> bool:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE  # self-signed serving certificate of the component
-        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=2)
-        try:
-            conn.request("GET", "/healthz")
-            resp = conn.getresponse()
-            return resp.status == 200 and resp.read().strip() == b"ok"
-        finally:
-            conn.close()
 
     # -- internals: nodes -----------------------------------------------------
 
@@ -999,13 +559,7 @@ class LocalCluster:
 
 def _env_lines(c: LocalCluster) -> str:
     path = os.pathsep.join([str(c.bin_dir), os.environ.get("PATH", "")])
-    return f"export KUBECONFIG={_sh_quote(str(c.kubeconfig))}; export PATH={_sh_quote(path)}"
-
-
-def _sh_quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
+    return f"export KUBECONFIG={shlex.quote(str(c.kubeconfig))}; export PATH={shlex.quote(path)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1037,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"state dir:  {st['state_dir']}")
     print(f"server:     {st['server'] or '-'}")
     print(f"kubeconfig: {st['kubeconfig']}")
+    print(f"hub:        {st['hub_url'] or '-'}   (the node agent's stand-in Hugging Face hub)")
     for name, comp in st["components"].items():
         print(f"  {name:24} {'running' if comp['alive'] else 'stopped':8} pid={comp['pid'] or '-'}")
     print("healthy" if st["running"] else "not running")

@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from e2e.cluster import DEFAULT_STATE_DIR, POOL_LABEL, REPO_ROOT, LocalCluster
+from e2e.cluster import DEFAULT_STATE_DIR, REPO_ROOT, LocalCluster
+from e2e.nodes import POOL_LABEL
 from e2e.operator_process import OperatorProcess
 
 CHART = REPO_ROOT / "charts" / "qwen3-omni"
@@ -199,6 +200,13 @@ def summary(cluster: LocalCluster, omni: dict[str, Any], took: float) -> str:
                        f"in {s.get('podsPerReplica', 1)} pod(s){tp}")
             if s.get("vllmArgs"):
                 out.append(f"           vllm serve ... {' '.join(s['vllmArgs'])}")
+    weights = status.get("weights") or {}
+    if weights.get("source") == "Cache":
+        out += ["", f"Weights: {weights.get('phase')}, commit {(weights.get('commit') or '?')[:12]} of "
+                    f"{weights.get('repo')}@{weights.get('revision')}, {(weights.get('bytesTotal') or 0) / 1e6:.1f} MB "
+                    f"on PVC {weights.get('claimName')} (fetched once by the loader Job, mounted read-only)"]
+    elif weights:
+        out += ["", f"Weights: on your PVC {weights.get('claimName')}"]
     replicas = [f"{role} {status[role]['ready']}" for role in ("thinker", "talker", "gateway")
                 if isinstance(status.get(role), dict) and status[role].get("ready")]
     if replicas:

@@ -18,7 +18,9 @@ from typing import Iterator
 
 import pytest
 
-from e2e.cluster import ClusterError, LocalCluster, ensure_binaries
+from e2e.binaries import ensure_binaries
+from e2e.cluster import LocalCluster
+from e2e.procs import ClusterError
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ CRD_GROUPS = {"monitoring.coreos.com", "omni.qwen.ai"}
 def helm_binary() -> Path:
     """helm from the project's binary cache (the one the local control plane uses); built with
     e2e/build-binaries.sh when it is missing."""
-    from e2e.cluster import default_bin_dir, ensure_binaries
+    from e2e.binaries import default_bin_dir, ensure_binaries
 
     helm = default_bin_dir() / "helm"
     if not os.access(helm, os.X_OK):
@@ -328,13 +328,14 @@ def test_prometheus_rule_alerts():
     rule = one(render(("monitoring-values.yaml",), api_versions=(MONITORING_API,)), "PrometheusRule")
     rules = rule["spec"]["groups"][0]["rules"]
     alerts = {r["alert"]: r for r in rules if "alert" in r}
-    assert set(alerts) == {"OmniQueueBackingUp", "OmniReplicasNotReady", "OmniSizingInvalid", "OmniOperatorDown",
-                           "OmniReconcileErrors"}
+    assert set(alerts) == {"OmniQueueBackingUp", "OmniReplicasNotReady", "OmniSizingInvalid", "OmniWeightsFailed",
+                           "OmniOperatorDown", "OmniReconcileErrors"}
     q = alerts["OmniQueueBackingUp"]
     assert "omni_queue_depth" in q["expr"] and q["expr"].rstrip().endswith("> 16") and q["for"] == "5m"
     r = alerts["OmniReplicasNotReady"]["expr"]
     assert "omni_operator_desired_replicas" in r and "omni_operator_ready_replicas" in r and "!= 0" in r
     assert "omni_operator_sizing_valid" in alerts["OmniSizingInvalid"]["expr"]
+    assert alerts["OmniWeightsFailed"]["expr"].rstrip().endswith("== -1")
     assert f'job="{OPERATOR}"' in alerts["OmniOperatorDown"]["expr"]
     assert 'omni_operator_reconcile_total{' in alerts["OmniReconcileErrors"]["expr"]
     assert 'result!="ok"' in alerts["OmniReconcileErrors"]["expr"]
@@ -359,7 +360,7 @@ def test_alerts_read_only_the_leaders_series_with_leader_election():
     rule = one(render(("monitoring-values.yaml", "ha-leader-election-values.yaml"), api_versions=(MONITORING_API,)),
                "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for r in rule["spec"]["groups"][0]["rules"] if "alert" in r}
-    for name in ("OmniReplicasNotReady", "OmniSizingInvalid"):
+    for name in ("OmniReplicasNotReady", "OmniSizingInvalid", "OmniWeightsFailed"):
         assert "and on (instance) (omni_operator_leader == 1)" in alerts[name], name
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -14,17 +15,9 @@ from typing import Any
 
 import pytest
 
-from e2e.cluster import (
-    GPU_RESOURCE,
-    GPU_TAINT,
-    NODE_POOLS,
-    POD_CIDR,
-    POOL_LABEL,
-    POOLS,
-    REPO_ROOT,
-    LocalCluster,
-    pinned_versions,
-)
+from e2e.binaries import pinned_versions
+from e2e.cluster import REPO_ROOT, LocalCluster
+from e2e.nodes import GPU_RESOURCE, GPU_TAINT, NODE_POOLS, POD_CIDR, POOL_LABEL, POOLS
 
 pytestmark = pytest.mark.cluster
 
@@ -319,6 +312,7 @@ def test_start_reuses_a_running_cluster_and_cli(cluster: LocalCluster) -> None:
     again.start()  # must reuse, not restart
     assert time.monotonic() - t0 < 10
     assert again.server == cluster.server
+    assert again.hub_url == cluster.hub_url  # the node agent of the running cluster, not a new one
     assert again.is_running()
 
     cli = [sys.executable, "-m", "e2e.cluster"]
@@ -326,6 +320,7 @@ def test_start_reuses_a_running_cluster_and_cli(cluster: LocalCluster) -> None:
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "healthy" in status.stdout
+    assert re.search(r"node-agent\s+running", status.stdout), status.stdout
     env = subprocess.run([*cli, "env", "--state-dir", str(cluster.state_dir)],
                          capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert f"export KUBECONFIG={cluster.kubeconfig}" in env.stdout

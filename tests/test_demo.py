@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,10 @@ def _assert_converged(out: str) -> None:
     # Each role's pod on its own node pool.
     pods = [line.split() for line in out.split("Pods:", 1)[1].splitlines() if line.startswith("qwen3-omni-")]
     roles = {cols[1]: cols[5] for cols in pods}
-    assert roles == {"thinker": "thinker", "talker": "talker", "gateway": "cpu"}, out
+    # The weight loader ran (for real, on the cpu pool) before any GPU pod.
+    assert roles == {"thinker": "thinker", "talker": "talker", "gateway": "cpu", "weights": "cpu"}, out
+    assert {cols[1]: cols[3] for cols in pods}["weights"] == "Succeeded", out
+    assert re.search(r"Weights: Complete, commit [0-9a-f]{12}", out), out
 
 
 def test_demo_converges_and_leaves_nothing_running(tmp_path):

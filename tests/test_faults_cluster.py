@@ -69,9 +69,13 @@ def test_hub_token_is_referenced_never_read_logged_or_stored(cluster, namespace,
     assert secret_value not in json.dumps(ready)
     for obj in children(cluster, namespace, "secret").values():
         assert secret_value not in json.dumps(obj)
-    sts = kget(cluster, "statefulset", "secret-thinker", "-n", namespace)
-    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # Only the loader that fetches the weights gets the token, by reference.
+    job = kget(cluster, "job", ready["status"]["weights"]["claimName"], "-n", namespace)
+    assert secret_value not in json.dumps(job)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    sts = kget(cluster, "statefulset", "secret-thinker", "-n", namespace)
+    assert "HF_TOKEN" not in json.dumps(sts)
     assert secret_value not in operator.log_file.read_text()
     assert not [r for r in RULES if "secrets" in r["resources"]], "the operator has no reason to read Secrets"
 

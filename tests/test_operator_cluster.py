@@ -117,10 +117,11 @@ def test_omnideployment_converges_onto_the_gpu_pools(cluster, namespace, operato
     assert status["sizing"]["thinker"]["tensorParallelSize"] == 2
     assert status["sizing"]["talker"]["estimatedGB"] == 10.73
     assert {c["type"]: c["status"] for c in status["conditions"]} == \
-        {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True"}
+        {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True", "WeightsReady": "True"}
     placement = pods_by_node_pool(cluster, namespace)
+    # The weight loader runs on the CPU pool too, never on a GPU node.
     assert placement == {"omni-thinker-0": "thinker", "omni-talker-0": "talker",
-                         **{p: "cpu" for p in placement if p.startswith("omni-gateway-")}}
+                         **{p: "cpu" for p in placement if p.startswith(("omni-gateway-", "omni-weights-"))}}
     pod = kget(cluster, "pod", "omni-thinker-0", "-n", namespace)
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     sts = kget(cluster, "statefulset", "omni-thinker", "-n", namespace)
@@ -145,14 +146,14 @@ def test_update_rolls_out_and_leaves_other_fields_alone(cluster, namespace, oper
     cluster.kubectl("annotate", "statefulset", "roll-thinker", "-n", namespace, "team.example/owner=ml")
     resource = omni("roll", namespace)
     resource["spec"]["thinker"]["image"] = "registry.example/thinker:2"
-    resource["spec"]["model"]["revision"] = "abc123"
+    resource["spec"]["workload"]["maxRequestSeconds"] = 120
     apply(cluster, resource)
 
     def rolled():
         sts = kget(cluster, "statefulset", "roll-thinker", "-n", namespace)
         container = sts["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
-        return container["image"] == "registry.example/thinker:2" and env.get("OMNI_MODEL_REVISION") == "abc123" \
+        return container["image"] == "registry.example/thinker:2" and env.get("OMNI_DRAIN_SECONDS") == "120" \
             and sts
     sts = wait("thinker rolled out", rolled, operator=operator)
     assert sts["metadata"]["annotations"]["team.example/owner"] == "ml"
@@ -189,6 +190,9 @@ def test_drift_is_corrected(cluster, namespace, operator):
     (lambda r: r["spec"]["model"].update(repo=None, pvc={"claimName": "w", "path": "../../etc"}),
      "pvc.path must stay inside the volume"),
     (lambda r: r["spec"].update(replicas=9), "replicas must lie within"),
+    (lambda r: r["spec"]["model"].update(repo="acme/finetune"), "model.cache.size is required"),
+    (lambda r: r["spec"]["model"]["cache"].update(accessMode="ReadOnlyMany"), "spec.model.cache.accessMode"),
+    (lambda r: r["spec"]["model"]["cache"].update(size="a lot"), "spec.model.cache.size"),
 ])
 def test_invalid_resources_are_refused_at_admission(cluster, namespace, crd, mutate, message):
     resource = omni("bad", namespace)
@@ -393,7 +397,9 @@ def test_switching_autoscaling_mode_keeps_a_single_writer_of_replicas(cluster, n
     resource["spec"]["autoscaling"] = {"mode": "HPA"}
     apply(cluster, resource)
     wait("HPAs", lambda: len(kget(cluster, "hpa", "-n", namespace)["items"]) == 3, operator=operator)
-    sts = kget(cluster, "statefulset", "modes-thinker", "-n", namespace, "--show-managed-fields")
+    # The StatefulSet comes once the weights are cached.
+    sts = wait("the thinker StatefulSet", lambda: kget(cluster, "statefulset", "modes-thinker", "-n", namespace,
+                                                       "--show-managed-fields"), operator=operator)
     managers = {m["manager"] for m in sts["metadata"]["managedFields"]
                 if "f:replicas" in json.dumps(m.get("fieldsV1", {}).get("f:spec", {}))}
     assert "omni-operator" not in managers, "with an HPA in charge the operator must not own spec.replicas"

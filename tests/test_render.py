@@ -47,11 +47,13 @@ def test_every_example_renders_to_valid_kubernetes_objects(path):
 def test_instruct_renders_thinker_and_talker_on_their_own_pools():
     plan = plan_offline(example())
     objs = plan.objects
+    key = plan.weights.desired_key
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
     assert kinds == sorted([
         ("Service", "qwen3-omni-thinker-headless"), ("Service", "qwen3-omni-thinker"),
         ("Service", "qwen3-omni-talker-headless"), ("Service", "qwen3-omni-talker"),
         ("Service", "qwen3-omni-gateway"),
+        ("PersistentVolumeClaim", f"qwen3-omni-weights-{key}"), ("Job", f"qwen3-omni-weights-{key}"),
         ("StatefulSet", "qwen3-omni-thinker"), ("StatefulSet", "qwen3-omni-talker"),
         ("Deployment", "qwen3-omni-gateway"),
         ("PodDisruptionBudget", "qwen3-omni-thinker"), ("PodDisruptionBudget", "qwen3-omni-talker"),
@@ -82,14 +84,16 @@ def test_thinker_pod_has_shm_probes_and_the_sized_vllm_arguments():
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/health"
-    # A hub download of the weights gets an hour before the kubelet gives up.
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
+    # Loading ~70 GB from the cache volume gets 20 minutes before the kubelet gives up (no download here).
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1200
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     env = env_of(sts)
     args = json.loads(env["OMNI_VLLM_ARGS"])
     assert args == plan.sizing.thinker.vllm_args
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
-    assert env["OMNI_MODEL"] == "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+    # vLLM serves the cached copy under the repository's name.
+    assert env["OMNI_MODEL"] == "/models/model" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["OMNI_SERVED_MODEL_NAME"] == "Qwen/Qwen3-Omni-30B-A3B-Instruct"
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "metrics": METRICS_PORT}
     assert sts["spec"]["serviceName"] == "qwen3-omni-thinker-headless"
     assert pod["terminationGracePeriodSeconds"] >= 300
@@ -145,12 +149,14 @@ def test_pvc_source_mounts_read_only_and_goes_offline():
     assert env["HF_HUB_OFFLINE"] == "1"
 
 
-def test_token_secret_is_referenced_by_name_never_inlined():
+def test_token_secret_is_referenced_by_name_never_inlined_and_only_by_the_loader():
     raw = example()
     raw["spec"]["model"]["tokenSecretRef"] = {"name": "hf-token"}
     plan = plan_offline(raw)
-    for sts in by_kind(plan.objects, "StatefulSet"):
-        assert env_of(sts)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    (job,) = by_kind(plan.objects, "Job")
+    assert env_of(job)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    for sts in by_kind(plan.objects, "StatefulSet"):  # role pods never download: no token for them
+        assert "HF_TOKEN" not in env_of(sts)
 
 
 def test_api_keys_secret_is_mounted_into_the_gateway():

@@ -9,6 +9,7 @@ disagree on defaults or bounds. Cross-field rules are CEL
 
 from __future__ import annotations
 
+import json
 import re
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -72,6 +73,13 @@ DEFAULT_REPOS = {
     Variant.CAPTIONER.value: "Qwen/Qwen3-Omni-30B-A3B-Captioner",
 }
 
+# Size of each official checkpoint's files (safetensors, config, tokenizer), GB: what one cache holds.
+CHECKPOINT_GB = {
+    DEFAULT_REPOS[Variant.INSTRUCT.value]: 70.6,
+    DEFAULT_REPOS[Variant.THINKING.value]: 63.5,
+    DEFAULT_REPOS[Variant.CAPTIONER.value]: 63.5,
+}
+
 # Kubernetes name/label grammar, repeated here so admission refuses bad input early.
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # "repo-owner/repo-name" on a model hub; no shell or path metacharacters.
@@ -109,8 +117,35 @@ class PvcSource(ApiModel):
         return self
 
 
+class CacheAccessMode(str, Enum):
+    # Role pods of several nodes mount the cache at once: that needs a shared (RWX) volume.
+    READ_WRITE_MANY = "ReadWriteMany"
+    # One node only (every role pod must land on the loader's node): single-node clusters.
+    READ_WRITE_ONCE = "ReadWriteOnce"
+
+
+class WeightCache(ApiModel):
+    """The operator-owned weight cache of a hub repository: one PersistentVolumeClaim per
+    repository revision, filled once by a loader Job and mounted read-only by every role pod."""
+
+    size: str | None = Field(
+        default=None, pattern=QUANTITY, max_length=64,
+        description="Capacity of the cache volume. Defaults to the checkpoint's size plus headroom for the "
+                    "official Qwen3-Omni repositories; required for other repositories.")
+    storage_class_name: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+        description="StorageClass of the cache volume; unset uses the cluster's default class.")
+    access_mode: CacheAccessMode = Field(
+        default=CacheAccessMode.READ_WRITE_MANY,
+        description="ReadWriteMany lets role pods on many nodes share one copy; ReadWriteOnce suits one node.")
+    endpoint: str | None = Field(
+        default=None, pattern=r"^https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/-]*)?$", max_length=512,
+        description="Hub endpoint (HF_ENDPOINT) the loader downloads from, e.g. a mirror; unset uses the public hub.")
+
+
 class ModelSource(ApiModel):
-    """Where the weights come from: a hub repository id or a PVC path."""
+    """Where the weights come from: a hub repository (cached once per revision by the operator)
+    or a PVC you fill yourself."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -119,6 +154,13 @@ class ModelSource(ApiModel):
                      "set either model.repo or model.pvc, not both", reason="FieldValueInvalid"),
                 _cel("!has(self.revision) || has(self.repo)",
                      "model.revision applies to model.repo only", reason="FieldValueInvalid"),
+                _cel("!(has(self.pvc) && has(self.cache))",
+                     "model.cache applies to model.repo only (a model.pvc is yours to fill)",
+                     reason="FieldValueInvalid"),
+                _cel("!has(self.repo) || self.repo in " + json.dumps(sorted(CHECKPOINT_GB)) +
+                     " || (has(self.cache) && has(self.cache.size))",
+                     "model.cache.size is required for a repository whose checkpoint size the operator does not know",
+                     reason="FieldValueRequired"),
             ]
         }
     )
@@ -128,6 +170,7 @@ class ModelSource(ApiModel):
     revision: str | None = Field(default=None, pattern=REVISION, max_length=128,
                                  description="Commit, tag or branch of repo. Pin a commit for reproducible rollouts.")
     pvc: PvcSource | None = None
+    cache: WeightCache | None = Field(default=None, description="The weight cache of model.repo (the default source).")
     token_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding a hub token; passed to pods as HF_TOKEN, never logged.")
 
@@ -137,6 +180,11 @@ class ModelSource(ApiModel):
             raise ValueError("set either model.repo or model.pvc, not both")
         if self.revision and not self.repo:
             raise ValueError("model.revision applies to model.repo only")
+        if self.pvc and self.cache:
+            raise ValueError("model.cache applies to model.repo only (a model.pvc is yours to fill)")
+        if self.repo and self.repo not in CHECKPOINT_GB and not (self.cache and self.cache.size):
+            raise ValueError("model.cache.size is required for a repository whose checkpoint size the operator "
+                             "does not know")
         return self
 
 
@@ -455,6 +503,25 @@ class ScaleDecision(ApiModel):
     reason: str
 
 
+class WeightsStatus(ApiModel):
+    """Where the role pods' weights are, and how far the cache of the requested revision is filled."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    source: Literal["Cache", "PVC"]
+    repo: str | None = None
+    revision: str | None = Field(default=None, description="The requested revision (branch, tag or commit).")
+    commit: str | None = Field(default=None, description="The commit the cache holds, once complete.")
+    claim_name: str = Field(description="The PVC of the requested revision.")
+    serving_claim_name: str | None = Field(
+        default=None, description="The PVC the role pods mount now (an older revision's while a new one loads).")
+    phase: Literal["Pending", "Downloading", "Complete", "Failed"]
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    files_done: int | None = None
+    files_total: int | None = None
+
+
 class OmniDeploymentStatus(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -464,6 +531,7 @@ class OmniDeploymentStatus(ApiModel):
     talker: RoleStatus | None = None
     gateway: RoleStatus | None = None
     sizing: SizingStatus | None = None
+    weights: WeightsStatus | None = None
     # Scale subresource: thinker replicas and their selector.
     replicas: int | None = None
     selector: str | None = None

@@ -62,6 +62,7 @@ def register(registry: kopf.OperatorRegistry, enqueue, index: ResourceIndex | No
                 enqueue(namespace, ref["name"])
 
     for group, version, plural in (("apps", "v1", "statefulsets"), ("apps", "v1", "deployments"),
-                                   ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets")):
+                                   ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"),
+                                   ("batch", "v1", "jobs"), ("", "v1", "persistentvolumeclaims")):
         kopf.on.event(group, version, plural, labels=MANAGED, registry=registry,
                       id=f"child-{plural}")(child_changed)

@@ -29,7 +29,9 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Pod": ("/api/v1", "pods"),
     "Event": ("/api/v1", "events"),
     "Secret": ("/api/v1", "secrets"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
+    "Job": ("/apis/batch/v1", "jobs"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
@@ -38,8 +40,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "OmniDeployment": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
-BUILTIN_KINDS = {"Service", "Pod", "Event", "Secret", "StatefulSet", "Deployment", "PodDisruptionBudget",
-                 "HorizontalPodAutoscaler", "Lease"}
+BUILTIN_KINDS = {"Service", "Pod", "Event", "Secret", "PersistentVolumeClaim", "StatefulSet", "Job", "Deployment",
+                 "PodDisruptionBudget", "HorizontalPodAutoscaler", "Lease"}
 
 
 def api_version(kind: str) -> str:

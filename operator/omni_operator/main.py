@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 from . import handlers, metrics
 from .api import KIND
 from .kube import Kube, KubeError
-from .autoscaler import Autoscaler
+from .autoscaler import Autoscaler, fetch_metrics
 from .leader import LeaderElector
 from .reconcile import Reconciler, WorkQueue
 
@@ -77,12 +77,15 @@ def run_operator(args: argparse.Namespace) -> int:
         elector = LeaderElector(kube, lease_ns)
         elector.acquire()
 
-    reconciler = Reconciler(kube, image_repository=args.image_repository, image_tag=args.image_tag)
+    reconciler = Reconciler(kube, image_repository=args.image_repository, image_tag=args.image_tag,
+                            fetch=fetch_metrics)
 
     def reconcile(namespace: str, name: str) -> None:
         outcome = reconciler.reconcile(namespace, name)
         if outcome.requeue:
             queue.add(namespace, name)
+        elif outcome.requeue_after:
+            queue.add_after(namespace, name, outcome.requeue_after)
         metrics.QUEUE_DEPTH.set(queue.depth())
         if outcome.applied or outcome.pruned or outcome.error:
             log.info("%s/%s: applied %s, pruned %s%s", namespace, name, outcome.applied or "nothing",

@@ -12,12 +12,18 @@ SIZING_VALID = Gauge("omni_operator_sizing_valid", "1 when the OmniDeployment's 
 DESIRED = Gauge("omni_operator_desired_replicas", "Replicas the operator wants per role.",
                 ["namespace", "name", "role"])
 READY = Gauge("omni_operator_ready_replicas", "Ready replicas per role.", ["namespace", "name", "role"])
+WEIGHTS_READY = Gauge("omni_operator_weights_ready",
+                      "1 when a complete copy of the requested weights is cached (or on the user's PVC); "
+                      "-1 when its loader failed for good.", ["namespace", "name"])
 QUEUE_DEPTH = Gauge("omni_operator_workqueue_depth", "OmniDeployments waiting to be reconciled.")
 IS_LEADER = Gauge("omni_operator_leader", "1 while this process holds the leader Lease.")
 
 
-def record_status(namespace: str, name: str, sizing_valid: bool, roles) -> None:
+def record_status(namespace: str, name: str, sizing_valid: bool, roles, weights_ready: bool | None = None,
+                  weights_failed: bool = False) -> None:
     SIZING_VALID.labels(namespace, name).set(1 if sizing_valid else 0)
+    if weights_ready is not None:
+        WEIGHTS_READY.labels(namespace, name).set(1 if weights_ready else -1 if weights_failed else 0)
     for role, obs in roles.items():
         DESIRED.labels(namespace, name, role).set(obs.desired)
         READY.labels(namespace, name, role).set(obs.ready)

@@ -12,8 +12,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api import OmniDeploymentSpec, check_name, describe_validation_error, parse_spec
+from . import weights
 from .render import Owner, RenderInput, gpus_for, initial_replicas, render_all
 from .sizing import DeploymentSizing, size_deployment
+from .weights import LiveWeights, WeightsDecision
 
 # Offline renders have no apiserver-assigned uid; this one makes that obvious.
 OFFLINE_UID = "00000000-0000-0000-0000-000000000000"
@@ -34,6 +36,10 @@ class Plan:
     sizing: DeploymentSizing
     replicas: dict[str, int]
     objects: list[dict[str, Any]]
+    weights: WeightsDecision
+    # Live objects this plan does not render but that must not be pruned yet:
+    # an older cache still mounted, workloads held until weights are ready.
+    keep: frozenset[tuple[str, str]] = frozenset()
 
     @property
     def gpus(self) -> int:
@@ -57,7 +63,10 @@ def clamp_replicas(spec: OmniDeploymentSpec, wanted: dict[str, int] | None) -> d
 
 def make_plan(name: str, namespace: str, uid: str, raw_spec: dict[str, Any],
               replicas: dict[str, int] | None = None, *, image_repository: str | None = None,
-              image_tag: str | None = None) -> Plan:
+              image_tag: str | None = None, live_weights: LiveWeights | None = None,
+              live_roles: frozenset[tuple[str, str]] = frozenset(), generation: int | None = None) -> Plan:
+    """`live_weights`: what the cluster holds (None renders offline, as if the requested cache were
+    complete); `live_roles`: the live thinker/talker workloads, kept while the weights are not ready."""
     try:
         check_name(name)
         spec = parse_spec(raw_spec)
@@ -74,9 +83,31 @@ def make_plan(name: str, namespace: str, uid: str, raw_spec: dict[str, Any],
         extra["image_repository"] = image_repository
     if image_tag:
         extra["image_tag"] = image_tag
-    objects = render_all(RenderInput(owner=Owner(name, namespace, uid), spec=spec, sizing=sizing,
-                                     replicas=chosen, **extra))
-    return Plan(spec=spec, sizing=sizing, replicas=chosen, objects=objects)
+    if live_weights is None:
+        live_weights = offline_weights(name, spec)
+    decision = weights.decide(name, spec, live_weights, generation)
+    inp = RenderInput(owner=Owner(name, namespace, uid), spec=spec, sizing=sizing, replicas=chosen,
+                      model_mount=decision.mount, **extra)
+    cache_objects = weights.render_cache(inp, decision.desired_key) if decision.desired_key else []
+    objects = render_all(inp)
+    objects[_first_workload(objects):_first_workload(objects)] = cache_objects  # PVC and Job before the pods
+    keep = {(kind, claim) for claim in decision.keep_claims for kind in ("PersistentVolumeClaim", "Job")}
+    if decision.hold_roles:
+        keep |= live_roles
+    return Plan(spec=spec, sizing=sizing, replicas=chosen, objects=objects, weights=decision, keep=frozenset(keep))
+
+
+def _first_workload(objects: list[dict[str, Any]]) -> int:
+    return next((i for i, o in enumerate(objects) if o["kind"] not in ("Service",)), len(objects))
+
+
+def offline_weights(name: str, spec: OmniDeploymentSpec) -> LiveWeights:
+    """A complete cache of the requested revision: what the roles look like once it is filled."""
+    if spec.model.pvc:
+        return LiveWeights()
+    key = weights.cache_key(spec)
+    return LiveWeights(caches={key: weights.CacheState(key=key, claim=weights.cache_name(name, key),
+                                                       pvc_phase="Bound", job="complete")})
 
 
 def plan_offline(resource: dict[str, Any], namespace: str | None = None) -> Plan:

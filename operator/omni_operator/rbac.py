@@ -24,6 +24,11 @@ RULES: list[dict] = [
      "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"],
      "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},
+    # The weight cache of a hub repository: a PVC per revision, filled once by a loader Job.
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"],
+     "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"],
+     "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},
     # Pods are read for readiness and scraped for queue depth; never written.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

@@ -12,9 +12,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from . import metrics
+from . import metrics, weights
 from .api import KIND, AutoscalingMode
 from .kube import Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
@@ -24,8 +24,11 @@ from .status import (RoleObservation, compute_conditions, is_subset, merge_condi
 
 log = logging.getLogger(__name__)
 
-CHILD_KINDS = ("Service", "StatefulSet", "Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-               "ScaledObject")
+CHILD_KINDS = ("Service", "PersistentVolumeClaim", "Job", "StatefulSet", "Deployment", "PodDisruptionBudget",
+               "HorizontalPodAutoscaler", "ScaledObject")
+# Created once and never updated: a Job's template and most of a PVC's spec are immutable,
+# and a loader that ran must not run again because the operator's image changed.
+CREATE_ONLY_KINDS = ("Job", "PersistentVolumeClaim")
 
 
 def _now() -> str:
@@ -56,11 +59,14 @@ class Outcome:
     error: str | None = None
     skipped: str | None = None
     requeue: bool = False  # the object changed under us; reconcile it again
+    requeue_after: float | None = None  # a loader is at work: look at its progress again after this
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None):
+    def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
+                 fetch: Callable[[str, float], str | None] | None = None):
         self.kube = kube
+        self.fetch = fetch  # GET a loader's /metrics page; None: progress is not read
         self.image_repository = image_repository
         self.image_tag = image_tag
 
@@ -94,18 +100,38 @@ class Reconciler:
         plan: Plan | None = None
         sizing_error: str | None = None
         invalid_spec = False
+        live = self._live_children(namespace, name)
+        live_roles = frozenset(key for key, obj in live.items()
+                               if key[0] == "StatefulSet" and _component(obj) in ("thinker", "talker"))
         try:
             plan = make_plan(name, namespace, uid, resource.get("spec") or {}, wanted_replicas(resource),
-                             image_repository=self.image_repository, image_tag=self.image_tag)
+                             image_repository=self.image_repository, image_tag=self.image_tag,
+                             live_weights=self._observe_weights(resource, live), live_roles=live_roles,
+                             generation=meta.get("generation"))
         except PlanError as err:
             sizing_error, invalid_spec = str(err), err.invalid
 
-        live = self._live_children(namespace, name)
         if plan is not None:
+            outcome.requeue_after = plan.weights.poll_after
             outcome.error = self._apply(plan, live, uid, namespace, outcome)
             if outcome.error is None:
                 self._prune(plan, live, uid, namespace, outcome)
         self._write_status(resource, plan, live, sizing_error, invalid_spec, outcome)
+
+    def _observe_weights(self, resource: dict[str, Any], live: dict) -> weights.LiveWeights:
+        """The caches, their loaders and who mounts them: pods are read only while a loader works
+        or more than one cache exists, so a settled OmniDeployment costs no extra reads."""
+        meta = resource["metadata"]
+        recorded = (resource.get("status") or {}).get("weights")
+        pods = self.kube.list("Pod", meta["namespace"], instance_selector(meta["name"])) \
+            if weights.pods_needed(live, recorded) else []
+        observed = weights.observe(live, pods, recorded=recorded)
+        urls = weights.loaders_to_scrape(observed) if self.fetch else {}
+        if not urls:
+            return observed
+        progress = {key: p for key, url in urls.items()
+                    if (p := weights.parse_progress(self.fetch(url, 2.0))) is not None}
+        return weights.observe(live, pods, progress, recorded)
 
     def _live_children(self, namespace: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
         live = {}
@@ -121,6 +147,10 @@ class Reconciler:
         # First check every object, so that a name taken by someone else stops the whole plan
         # before anything is written (never half-applied).
         current: dict[tuple[str, str], dict[str, Any] | None] = {}
+        if plan.weights.rerun_loader:  # its PVC is gone: a new Job must fill the new one
+            for key in [("Job", o["metadata"]["name"]) for o in plan.objects if o["kind"] == "Job"]:
+                if key in live and owned_by(live[key], uid):
+                    self.kube.delete("Job", namespace, key[1], uid=live.pop(key)["metadata"].get("uid"))
         for obj in plan.objects:
             key = (obj["kind"], obj["metadata"]["name"])
             # Not labelled as ours: a same-named object may still exist and belong to someone else.
@@ -131,7 +161,7 @@ class Reconciler:
             current[key] = found
         for obj in plan.objects:
             key = (obj["kind"], obj["metadata"]["name"])
-            if current[key] is not None and is_subset(obj, current[key]):
+            if current[key] is not None and (is_subset(obj, current[key]) or key[0] in CREATE_ONLY_KINDS):
                 continue
             try:
                 live[key] = self.kube.apply(obj)
@@ -143,7 +173,7 @@ class Reconciler:
     def _prune(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> None:
         planned = {(o["kind"], o["metadata"]["name"]) for o in plan.objects}
         for key, obj in list(live.items()):
-            if key in planned or not owned_by(obj, uid):
+            if key in planned or key in plan.keep or not owned_by(obj, uid):
                 continue
             if self.kube.delete(key[0], namespace, key[1], uid=obj["metadata"].get("uid")):
                 outcome.pruned.append(f"{key[0]}/{key[1]}")
@@ -179,10 +209,14 @@ class Reconciler:
         previous = resource.get("status") or {}
         roles = self._observe(plan, live, previous)
         generation = meta.get("generation")
+        weights_decision = plan.weights if plan else None
         conditions = compute_conditions(
             generation=generation, sizing_error=sizing_error,
             sizing_reason=plan.sizing.reason if plan else "", invalid_spec=invalid_spec,
-            apply_error=outcome.error, roles=roles)
+            apply_error=outcome.error, roles=roles,
+            weights=weights_decision.condition if weights_decision else None,
+            weights_failed=bool(weights_decision and weights_decision.failed),
+            waiting_for_weights=bool(weights_decision and weights_decision.mount is None))
         status: dict[str, Any] = dict(previous)
         status["observedGeneration"] = generation
         for role in ROLES:
@@ -194,8 +228,11 @@ class Reconciler:
             status["gpus"] = gpus
             status["replicas"] = roles["thinker"].current
             status["selector"] = role_selector(meta["name"], "thinker")
+            status["weights"] = plan.weights.status.wire()
         status["conditions"] = merge_conditions(previous.get("conditions") or [], conditions, _now())
-        metrics.record_status(meta["namespace"], meta["name"], sizing_error is None, roles)
+        metrics.record_status(meta["namespace"], meta["name"], sizing_error is None, roles,
+                              weights_ready=weights_decision.condition["status"] == "True" if weights_decision else None,
+                              weights_failed=bool(weights_decision and weights_decision.failed))
 
         if _comparable(status) == _comparable(previous):
             return
@@ -211,9 +248,10 @@ class Reconciler:
             return
         outcome.status_written = True
         for cond in transitions(previous.get("conditions") or [], conditions):
-            if cond["type"] in ("Ready", "SizingValid", "Degraded"):
+            if cond["type"] in ("Ready", "SizingValid", "Degraded", weights.WEIGHTS_READY):
                 warn = (cond["type"] == "Degraded" and cond["status"] == "True") or \
-                       (cond["type"] == "SizingValid" and cond["status"] == "False")
+                       (cond["type"] == "SizingValid" and cond["status"] == "False") or \
+                       (cond["type"] == weights.WEIGHTS_READY and cond["reason"] in weights.WARNING_REASONS)
                 self.kube.create_event(meta["namespace"], resource, reason=cond["reason"],
                                        message=f"{cond['type']}={cond['status']}: {cond['message']}",
                                        type_="Warning" if warn else "Normal")
@@ -240,8 +278,9 @@ def _comparable(status: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in status.items() if v is not None}
     out["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
                          for c in status.get("conditions") or []]
-    if isinstance(out.get("sizing"), dict):
-        out["sizing"] = {k: v for k, v in out["sizing"].items() if v is not None}
+    for key in ("sizing", "weights"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if v is not None}
     return out
 
 
@@ -273,6 +312,12 @@ class WorkQueue:
                 self._dirty.add(key)
             else:
                 self._enqueue_locked(key)
+
+    def add_after(self, namespace: str, name: str, seconds: float) -> None:
+        """Reconcile again later (a loader's progress is polled this way)."""
+        timer = threading.Timer(seconds, self.add, args=(namespace, name))
+        timer.daemon = True
+        timer.start()
 
     def _enqueue_locked(self, key: tuple[str, str]) -> None:
         if key not in self._queued:
@@ -306,9 +351,7 @@ class WorkQueue:
                 failures = self._failures[key] = self._failures.get(key, 0) + 1
                 delay = min(self.MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
                 log.exception("reconcile of %s/%s failed (%d in a row); retrying in %.1fs", *key, failures, delay)
-                retry = threading.Timer(delay, self.add, args=key)
-                retry.daemon = True
-                retry.start()
+                self.add_after(*key, delay)
             finally:
                 with self._cond:
                     self._active.discard(key)

@@ -29,8 +29,8 @@ REPLICA_LABEL = "omni.qwen.ai/replica"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 RUN_AS_USER = 1000
 
-# Weight loading: a hub download of ~70 GB can take many minutes; a PVC is local.
-STARTUP_BUDGET_SECONDS = {"hub": 3600, "pvc": 1200}
+# Weight loading from a volume (the operator's cache or the user's PVC): ~70 GB at a few hundred MB/s.
+STARTUP_BUDGET_SECONDS = 1200
 STARTUP_PERIOD_SECONDS = 10
 
 
@@ -48,11 +48,22 @@ class Owner:
 
 
 @dataclass(frozen=True)
+class ModelMount:
+    """How the thinker and talker pods see the weights: env, volumes and mounts (a read-only volume)."""
+
+    env: list[dict[str, Any]]
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class RenderInput:
     owner: Owner
     spec: OmniDeploymentSpec
     sizing: DeploymentSizing
     replicas: dict[str, int]  # desired replicas per role
+    # Where the weights are; None while no complete copy exists: thinker and talker are not rendered.
+    model_mount: ModelMount | None
     image_repository: str = DEFAULT_IMAGE_REPOSITORY
     image_tag: str = __version__
     extra_labels: dict[str, str] = field(default_factory=dict)
@@ -98,7 +109,7 @@ def role_selector(name: str, role: str) -> str:
     return ",".join(f"{k}={v}" for k, v in selector_labels(name, role).items())
 
 
-def _meta(inp: RenderInput, name: str, role: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+def object_meta(inp: RenderInput, name: str, role: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
     meta_labels = common_labels(inp.owner.name, role, inp.extra_labels)
     meta_labels.update(labels or {})
     return {"name": name, "namespace": inp.owner.namespace, "labels": meta_labels,
@@ -173,13 +184,13 @@ def _probes(startup_seconds: int) -> dict[str, Any]:
     }
 
 
-def _env(pairs: dict[str, str]) -> list[dict[str, Any]]:
+def env_list(pairs: dict[str, str]) -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in pairs.items()]
 
 
 def _role_env(inp: RenderInput, role: str, **extra: str) -> list[dict[str, Any]]:
     """The environment contract every runtime container reads (see runtime/README.md)."""
-    return _env({"OMNI_ROLE": role, "OMNI_SERVED_MODEL_NAME": served_model_name(inp),
+    return env_list({"OMNI_ROLE": role, "OMNI_SERVED_MODEL_NAME": served_model_name(inp),
                  "OMNI_PORT": str(HTTP_PORT[role]), "OMNI_METRICS_PORT": str(METRICS_PORT),
                  "OMNI_DRAIN_SECONDS": str(inp.spec.workload.max_request_seconds), **extra})
 
@@ -191,39 +202,12 @@ def _pod_template(inp: RenderInput, role: str, pod_spec: dict[str, Any],
             "spec": pod_spec}
 
 
-def _downward_env() -> list[dict[str, Any]]:
+def downward_env() -> list[dict[str, Any]]:
     return [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
 
 
-def _model_env_and_volumes(spec: OmniDeploymentSpec) -> tuple[list[dict], list[dict], list[dict], int]:
-    """Where the weights are, as env, volumes, mounts and the startup budget."""
-    env: list[dict] = []
-    volumes: list[dict] = []
-    mounts: list[dict] = []
-    model = spec.model
-    if model.pvc:
-        path = "/models/" + model.pvc.path if model.pvc.path else "/models"
-        env += _env({"OMNI_MODEL": path, "HF_HUB_OFFLINE": "1"})
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": model.pvc.claim_name,
-                                                                    "readOnly": True}})
-        mounts.append({"name": "model", "mountPath": "/models", "readOnly": True})
-        budget = STARTUP_BUDGET_SECONDS["pvc"]
-    else:
-        env += _env({"OMNI_MODEL": spec.model_repo, "HF_HOME": "/cache/huggingface"})
-        if model.revision:
-            env += _env({"OMNI_MODEL_REVISION": model.revision})
-        volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": "200Gi"}})
-        mounts.append({"name": "model-cache", "mountPath": "/cache"})
-        budget = STARTUP_BUDGET_SECONDS["hub"]
-    if model.token_secret_ref:
-        # Referenced by name only: the token never passes through the operator.
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": model.token_secret_ref.name, "key": model.token_secret_ref.key}}})
-    return env, volumes, mounts, budget
-
-
-def _security_context() -> tuple[dict[str, Any], dict[str, Any]]:
+def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
     pod = {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
            "seccompProfile": {"type": "RuntimeDefault"}}
     container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
@@ -238,7 +222,7 @@ def _pod_spec(inp: RenderInput, role: str, role_spec: RoleSpec, *, gpu_resource:
               resource_defaults: dict, env: list[dict], volumes: list[dict], mounts: list[dict],
               startup_seconds: int | None, spread_labels: dict[str, str],
               shard_labels: dict[str, str] | None = None, read_only_root: bool = False) -> dict[str, Any]:
-    pod_sc, container_sc = _security_context()
+    pod_sc, container_sc = security_context()
     if read_only_root:
         container_sc = dict(container_sc, readOnlyRootFilesystem=True)
     container: dict[str, Any] = {
@@ -255,7 +239,6 @@ def _pod_spec(inp: RenderInput, role: str, role_spec: RoleSpec, *, gpu_resource:
     }
     if startup_seconds:
         container.update(_probes(startup_seconds))
-    pool = role_spec.node_pool
     pod: dict[str, Any] = {
         "containers": [container],
         "securityContext": pod_sc,
@@ -263,17 +246,25 @@ def _pod_spec(inp: RenderInput, role: str, role_spec: RoleSpec, *, gpu_resource:
         "enableServiceLinks": False,
         "volumes": volumes + [{"name": "tmp", "emptyDir": {}}],
         "affinity": _affinity(role_spec, spread_labels, shard_labels),
+        **pool_placement(role_spec, gpu_resource),
     }
+    return pod
+
+
+def pool_placement(role_spec: RoleSpec, gpu_resource: str | None) -> dict[str, Any]:
+    """nodeSelector, tolerations and classes that put a pod on a role's node pool."""
+    pool = role_spec.node_pool
+    out: dict[str, Any] = {}
     if pool.node_selector:
-        pod["nodeSelector"] = dict(sorted(pool.node_selector.items()))
+        out["nodeSelector"] = dict(sorted(pool.node_selector.items()))
     tolerations = _gpu_tolerations(role_spec, gpu_resource)
     if tolerations:
-        pod["tolerations"] = tolerations
+        out["tolerations"] = tolerations
     if pool.priority_class_name:
-        pod["priorityClassName"] = pool.priority_class_name
+        out["priorityClassName"] = pool.priority_class_name
     if pool.runtime_class_name:
-        pod["runtimeClassName"] = pool.runtime_class_name
-    return pod
+        out["runtimeClassName"] = pool.runtime_class_name
+    return out
 
 
 def _shm_volume(gpus: int) -> tuple[dict, dict]:
@@ -296,14 +287,16 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
     role_spec = spec.thinker
     sharded = sizing.pods_per_replica > 1
     gpu_resource = role_spec.gpu.resource_name
-    model_env, volumes, mounts, budget = _model_env_and_volumes(spec)
+    if inp.model_mount is None:
+        return []
+    model = inp.model_mount
     shm_volume, shm_mount = _shm_volume(sizing.gpus_per_pod)
     defaults = {"requests": {"cpu": str(max(4, 4 * sizing.gpus_per_pod)),
                              "memory": _quantity_gi(max(32, 24 * sizing.gpus_per_pod))},
                 "limits": {"memory": _quantity_gi(max(32, 24 * sizing.gpus_per_pod))}}
     base_env = [
         *_role_env(inp, "thinker", OMNI_VLLM_ARGS=json.dumps(thinker_vllm_args(inp), separators=(",", ":"))),
-        *model_env, *_downward_env(),
+        *model.env, *downward_env(),
     ]
     replicas = inp.replicas.get("thinker", 0)
     sets: list[tuple[str, int, int | None]]  # (statefulset name, pods, replica index)
@@ -318,21 +311,21 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
         env = list(base_env)
         if replica is not None:
             extra_labels[REPLICA_LABEL] = str(replica)
-            env += _env({"OMNI_NNODES": str(sizing.pods_per_replica),
+            env += env_list({"OMNI_NNODES": str(sizing.pods_per_replica),
                          "OMNI_MASTER_ADDR": f"{sts_name}-0.{n['thinker-headless']}.{inp.owner.namespace}.svc",
                          "OMNI_MASTER_PORT": str(MASTER_PORT)})
         else:
-            env += _env({"OMNI_NNODES": "1"})
+            env += env_list({"OMNI_NNODES": "1"})
         match = {**match, **extra_labels}
         pod_spec = _pod_spec(
             inp, "thinker", role_spec, gpu_resource=gpu_resource, gpus=sizing.gpus_per_pod,
-            resource_defaults=defaults, env=env, volumes=volumes + [shm_volume], mounts=mounts + [shm_mount],
-            startup_seconds=budget, spread_labels=selector_labels(name, "thinker"),
+            resource_defaults=defaults, env=env, volumes=model.volumes + [shm_volume],
+            mounts=model.mounts + [shm_mount], startup_seconds=STARTUP_BUDGET_SECONDS, spread_labels=selector_labels(name, "thinker"),
             shard_labels=match if replica is not None else None)
         objects.append(_without_replicas_if(replica is None and spec.external_autoscaler, {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
-            "metadata": _meta(inp, sts_name, "thinker", extra_labels),
+            "metadata": object_meta(inp, sts_name, "thinker", extra_labels),
             "spec": {
                 "replicas": pods,
                 "serviceName": n["thinker-headless"],
@@ -360,23 +353,23 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
     spec, name = inp.spec, inp.owner.name
     talker = spec.effective_talker
     sizing: Sizing | None = inp.sizing.talker
-    if talker is None or sizing is None:
+    if talker is None or sizing is None or inp.model_mount is None:
         return []
     n = names(name)
-    model_env, volumes, mounts, budget = _model_env_and_volumes(spec)
+    model = inp.model_mount
     env = [
         *_role_env(inp, "talker", OMNI_MAX_QUEUE=str(talker.max_queue), OMNI_MAX_INFLIGHT=str(talker.max_inflight),
                    OMNI_DEVICE="cuda"),
-        *model_env, *_downward_env(),
+        *model.env, *downward_env(),
     ]
     defaults = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
     pod_spec = _pod_spec(inp, "talker", talker, gpu_resource=talker.gpu.resource_name, gpus=sizing.gpus_per_pod,
-                         resource_defaults=defaults, env=env, volumes=volumes, mounts=mounts,
-                         startup_seconds=budget, spread_labels=selector_labels(name, "talker"))
+                         resource_defaults=defaults, env=env, volumes=model.volumes, mounts=model.mounts,
+                         startup_seconds=STARTUP_BUDGET_SECONDS, spread_labels=selector_labels(name, "talker"))
     return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _meta(inp, n["talker"], "talker"),
+        "metadata": object_meta(inp, n["talker"], "talker"),
         "spec": {
             "replicas": inp.replicas.get("talker", 0),
             "serviceName": n["talker-headless"],
@@ -409,12 +402,12 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
         mounts.append({"name": "api-keys", "mountPath": "/etc/omni/api-keys", "readOnly": True})
     defaults = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
     pod_spec = _pod_spec(inp, "gateway", gateway, gpu_resource=None, gpus=0, resource_defaults=defaults,
-                         env=[*_role_env(inp, "gateway", **values), *_downward_env()], volumes=volumes, mounts=mounts,
+                         env=[*_role_env(inp, "gateway", **values), *downward_env()], volumes=volumes, mounts=mounts,
                          startup_seconds=60, spread_labels=selector_labels(name, "gateway"), read_only_root=True)
     return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(inp, n["gateway"], "gateway"),
+        "metadata": object_meta(inp, n["gateway"], "gateway"),
         "spec": {
             "replicas": inp.replicas.get("gateway", 0),
             "selector": {"matchLabels": selector_labels(name, "gateway")},
@@ -440,7 +433,7 @@ def _service(inp: RenderInput, role: str, svc_name: str, selector: dict[str, str
         spec["publishNotReadyAddresses"] = publish_not_ready
     else:
         spec["type"] = "ClusterIP"
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(inp, svc_name, role), "spec": spec}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": object_meta(inp, svc_name, role), "spec": spec}
 
 
 def render_services(inp: RenderInput) -> list[dict[str, Any]]:
@@ -470,7 +463,7 @@ def render_pdbs(inp: RenderInput) -> list[dict[str, Any]]:
     return [{
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _meta(inp, names(inp.owner.name)[role], role),
+        "metadata": object_meta(inp, names(inp.owner.name)[role], role),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(inp.owner.name, role)},
@@ -505,7 +498,7 @@ def render_autoscalers(inp: RenderInput) -> list[dict[str, Any]]:
     targets = scaling.target_queue_depth.model_dump()
     objects = []
     for role, ref, role_spec in _scaled_roles(inp):
-        meta = _meta(inp, names(inp.owner.name)[role], role)
+        meta = object_meta(inp, names(inp.owner.name)[role], role)
         if scaling.mode == "HPA":
             objects.append({
                 "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta,

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 READY, PROGRESSING, DEGRADED, SIZING_VALID = "Ready", "Progressing", "Degraded", "SizingValid"
-CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SIZING_VALID)
+WEIGHTS_READY = "WeightsReady"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SIZING_VALID, WEIGHTS_READY)
 
 
 # ----------------------------------------------------------------------------- drift
@@ -98,8 +99,11 @@ def condition(type_: str, status: bool | str, reason: str, message: str, generat
 
 def compute_conditions(*, generation: int | None, sizing_error: str | None, sizing_reason: str,
                        invalid_spec: bool, apply_error: str | None,
-                       roles: dict[str, RoleObservation]) -> list[dict[str, Any]]:
-    """The four conditions from what the reconcile saw."""
+                       roles: dict[str, RoleObservation], weights: dict[str, Any] | None = None,
+                       weights_failed: bool = False, waiting_for_weights: bool = False) -> list[dict[str, Any]]:
+    """The conditions from what the reconcile saw. `weights`: the WeightsReady condition;
+    `waiting_for_weights`: no complete copy exists, so thinker and talker are not running yet."""
+    weights_message = (weights or {}).get("message", "")
     not_ready = [f"{role} {o.ready}/{o.desired} ready" for role, o in roles.items() if o.ready < o.desired]
     rolling = [role for role, o in roles.items() if not o.up_to_date]
     all_ready = not not_ready and bool(roles)
@@ -116,26 +120,33 @@ def compute_conditions(*, generation: int | None, sizing_error: str | None, sizi
                              generation)
     elif apply_error:
         degraded = condition(DEGRADED, True, "ApplyFailed", apply_error, generation)
+    elif weights_failed:
+        degraded = condition(DEGRADED, True, "WeightsFailed", weights_message, generation)
     else:
         degraded = condition(DEGRADED, False, "AsExpected", "", generation)
 
     if sizing_error:
         progressing = condition(PROGRESSING, False, "SizingInvalid", "nothing is rolled out until the spec is fixed",
                                 generation)
+    elif weights is not None and weights["status"] != "True" and not weights_failed:
+        progressing = condition(PROGRESSING, True, "LoadingWeights", weights_message, generation)
     elif rolling or not_ready:
         progressing = condition(PROGRESSING, True, "RollingOut",
                                 "waiting for " + ", ".join(not_ready or [f"{r} rollout" for r in rolling]), generation)
     else:
         progressing = condition(PROGRESSING, False, "Complete", "all roles are rolled out", generation)
 
-    if all_ready:
+    if waiting_for_weights and not sizing_error:
+        ready = condition(READY, False, "WaitingForWeights",
+                          "thinker and talker start once the weights are cached: " + weights_message, generation)
+    elif all_ready:
         ready = condition(READY, True, "AllReplicasReady",
                           ", ".join(f"{r} {o.ready}/{o.desired}" for r, o in roles.items()), generation)
     elif not roles:
         ready = condition(READY, False, "NoReplicas", "nothing is deployed yet", generation)
     else:
         ready = condition(READY, False, "ReplicasNotReady", ", ".join(not_ready), generation)
-    return [ready, progressing, degraded, sizing]
+    return [ready, progressing, degraded, sizing] + ([weights] if weights else [])
 
 
 def merge_conditions(previous: list[dict[str, Any]], new: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:

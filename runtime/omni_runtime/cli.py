@@ -5,6 +5,7 @@
     omni-runtime gateway
     omni-runtime print-vllm-command      (what the thinker would run, for debugging)
     omni-runtime make-tiny-model DIR     (tiny random-weight checkpoint for CPU dev/tests)
+    omni-runtime fetch-weights           (copy the model repository onto the weights volume: the loader Job)
 
 Configuration comes from OMNI_* environment variables (see runtime/README.md).
 """
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen3-Omni checkpoint")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
+    sub.add_parser("fetch-weights", help="copy OMNI_MODEL at OMNI_MODEL_REVISION from the hub into OMNI_WEIGHTS_DIR/model")
     parser.add_argument("--log-level", default=os.environ.get("OMNI_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
 
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             argv_, facts = launcher.build_vllm_command()
             print(json.dumps({"argv": argv_, **facts}, indent=2))
             return 0
+        if role == "fetch-weights":
+            from . import weights_loader
+
+            return weights_loader.run()
         if role == "make-tiny-model":
             from .tiny import build_tiny_model
 

@@ -5,6 +5,10 @@ Multi-node replicas use vLLM's own multiprocessing multi-node mode (no Ray): eve
 of a replica runs `vllm serve` with `--nnodes/--node-rank/--master-addr/--master-port`
 and `--distributed-executor-backend mp`; ranks > 0 add `--headless` (no API server).
 The node rank is the StatefulSet ordinal, the `-N` suffix of POD_NAME.
+
+The metrics port also serves `GET /v1/omni/mm-states/<rid>`: the multimodal states the
+omni_runtime vLLM plugin (vllm_plugin.py) exported for the request sent with
+`X-Request-Id: <rid>`, as payload v1's `mm` object.
 """
 
 from __future__ import annotations
@@ -73,6 +77,22 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return None
 
 
+def mm_states_config(environ: dict) -> dict:
+    """OMNI_MM_STATES_*: where the plugin writes, how long and how much the launcher keeps."""
+    from . import mm_store
+
+    directory = env.env_str("OMNI_MM_STATES_DIR", None, environ)
+    ttl = env.env_float("OMNI_MM_STATES_TTL_SECONDS", mm_store.DEFAULT_TTL_SECONDS, environ)
+    if ttl <= 0:
+        raise LauncherError(f"OMNI_MM_STATES_TTL_SECONDS={ttl} must be > 0")
+    export = env.env_str("OMNI_MM_STATES_EXPORT", "1", environ)
+    if export not in ("0", "1"):
+        raise LauncherError(f"OMNI_MM_STATES_EXPORT={export!r} must be 1 (export multimodal states) or 0")
+    return {"dir": directory or mm_store.default_dir(), "owned": directory is None, "ttl": ttl,
+            "max_bytes": env.env_int("OMNI_MM_STATES_MAX_BYTES", mm_store.DEFAULT_MAX_BYTES, environ, minimum=1),
+            "export": export == "1"}
+
+
 def build_vllm_command(environ: dict | None = None, vllm_bin: str = "vllm") -> tuple[list[str], dict]:
     """Pure: environment -> (argv, facts). Raises LauncherError with a clear message."""
     environ = dict(os.environ) if environ is None else environ
@@ -111,7 +131,12 @@ def build_vllm_command(environ: dict | None = None, vllm_bin: str = "vllm") -> t
 
 # -- supervisor -------------------------------------------------------------------------
 
-async def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+# vLLM's API server answers /metrics slowly while it streams tokens on a busy CPU; a
+# timed-out scrape would leave the queue gauges at their previous value.
+SCRAPE_TIMEOUT = 8.0
+
+
+async def _http_get(url: str, timeout: float = SCRAPE_TIMEOUT) -> tuple[int, str]:
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
@@ -119,14 +144,49 @@ async def _http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
             return r.status, await r.text()
 
 
-async def supervise(argv: list[str], facts: dict, cfg: dict) -> int:
+def vllm_load(values: dict[str, float]) -> tuple[float, float]:
+    """(waiting, running) from vLLM's parsed /metrics."""
+    return values.get("vllm:num_requests_waiting", 0.0), values.get("vllm:num_requests_running", 0.0)
+
+
+def mm_states_routes(app, store) -> None:
+    """GET /v1/omni/mm-states/<rid> on the metrics app (contract: 200 the `mm` object, 404
+    while unknown; a 404 with "final": true says the states will never come, and why)."""
+    from aiohttp import web
+
+    async def handler(request):
+        rid = request.match_info["rid"]
+        try:
+            obj = await asyncio.get_running_loop().run_in_executor(None, store.take, rid)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if obj is None:
+            return web.json_response({"error": f"no multimodal states for {rid}: not captured yet, already fetched, "
+                                               "expired, or a prompt without audio/image/video"}, status=404)
+        if "error" in obj:
+            return web.json_response({"error": f"multimodal states for {rid} are not available: {obj['error']}",
+                                      "final": True}, status=404)
+        return web.json_response(obj)
+
+    app.router.add_get("/v1/omni/mm-states/{rid}", handler)
+
+
+async def supervise(argv: list[str], facts: dict, cfg: dict, mm: dict | None = None) -> int:
     from aiohttp import web
 
     from .metrics import ThinkerMetrics, metrics_app, parse_prometheus_text
+    from .mm_store import MMStatesStore
 
     metrics = ThinkerMetrics()
+    mm = mm or mm_states_config({})
+    store = MMStatesStore(mm["dir"], mm["ttl"], mm["max_bytes"])
     log.info("starting: %s", " ".join(argv))
-    proc = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+    # The plugin in vLLM's engine process writes the states where the store reads them;
+    # without OMNI_MM_STATES_DIR it stays inert.
+    child_env = {k: v for k, v in os.environ.items() if k != "OMNI_MM_STATES_DIR"}
+    if mm["export"]:
+        child_env["OMNI_MM_STATES_DIR"] = str(store.dir)
+    proc = await asyncio.create_subprocess_exec(*argv, start_new_session=True, env=child_env)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,8 +200,7 @@ async def supervise(argv: list[str], facts: dict, cfg: dict) -> int:
                 try:
                     status, text = await _http_get(engine + "/metrics")
                     values = parse_prometheus_text(text) if status == 200 else {}
-                    state["waiting"] = values.get("vllm:num_requests_waiting", 0.0)
-                    state["running"] = values.get("vllm:num_requests_running", 0.0)
+                    state["waiting"], state["running"] = vllm_load(values)
                     metrics.scrape_ok.set(1 if status == 200 else 0)
                     hs, _ = await _http_get(engine + "/health")
                     state["ready"] = hs == 200
@@ -153,6 +212,7 @@ async def supervise(argv: list[str], facts: dict, cfg: dict) -> int:
             metrics.queue_depth.set(state["waiting"])
             metrics.running.set(state["running"])
             metrics.ready.set(1 if state["ready"] and not stop.is_set() else 0)
+            await asyncio.get_running_loop().run_in_executor(None, store.sweep)
             await asyncio.sleep(0.5 if stop.is_set() else 2.0)
 
     runners = []
@@ -163,7 +223,9 @@ async def supervise(argv: list[str], facts: dict, cfg: dict) -> int:
         await web.TCPSite(runner, "0.0.0.0", port, reuse_address=True).start()
         runners.append(runner)
 
-    await start_site(metrics_app(metrics), cfg["metrics_port"])
+    app = metrics_app(metrics)
+    mm_states_routes(app, store)
+    await start_site(app, cfg["metrics_port"])
     if facts["headless"]:
         # Headless ranks have no vLLM API server: answer the pod's probes here. Ready
         # while the worker lives and the replica's leader answers /health.
@@ -201,10 +263,17 @@ async def supervise(argv: list[str], facts: dict, cfg: dict) -> int:
         if not facts["headless"]:
             # The pod left the Service endpoints when it began terminating; let the
             # requests vLLM already holds finish.
+            # Ask vLLM afresh each time: the periodic scrape can predate requests that
+            # arrived just before SIGTERM. An unanswered scrape counts as busy.
             while time.monotonic() < deadline and not waiter.done():
-                await asyncio.sleep(0.5)
-                if state["waiting"] + state["running"] == 0:
+                try:
+                    status, text = await _http_get(engine + "/metrics")
+                    busy = status != 200 or sum(vllm_load(parse_prometheus_text(text))) > 0
+                except Exception:  # noqa: BLE001 - engine not answering
+                    busy = True
+                if not busy:
                     break
+                await asyncio.sleep(0.5)
         if not waiter.done():
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -219,10 +288,18 @@ async def supervise(argv: list[str], facts: dict, cfg: dict) -> int:
                 except ProcessLookupError:
                     pass
                 await waiter
+    # vLLM's API server stops its engine processes on the way out; any still in its
+    # process group now are stragglers.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     scraper.cancel()
     stopper.cancel()
     for r in runners:
         await r.cleanup()
+    if mm["owned"]:
+        store.remove_all()
     return code
 
 
@@ -230,4 +307,4 @@ def run(environ=None) -> int:
     environ = dict(os.environ) if environ is None else environ
     argv, facts = build_vllm_command(environ)
     cfg = env.common("thinker", environ)
-    return asyncio.run(supervise(argv, facts, cfg))
+    return asyncio.run(supervise(argv, facts, cfg, mm_states_config(environ)))

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFA_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+PAYLOAD_BUCKETS = (1e3, 4e3, 16e3, 64e3, 256e3, 1e6, 4e6, 16e6, 64e6)
 
 
 class RoleMetrics:
@@ -66,6 +67,12 @@ class GatewayMetrics(RoleMetrics):
         self.waiting_requests = Gauge("omni_gateway_waiting_requests",
                                       "Requests held because no replica of the role is reachable (scale-from-zero signal)",
                                       ["role"], registry=r)
+        self.mm_states_bytes = Counter("omni_gateway_mm_states_bytes",
+                                       "Bytes of multimodal thinker states fetched for speech requests (JSON)",
+                                       registry=r)
+        self.talker_payload_bytes = Histogram("omni_gateway_talker_payload_bytes",
+                                              "Size of the payloads posted to talkers (JSON)",
+                                              buckets=PAYLOAD_BUCKETS, registry=r)
         for role in ("thinker", "talker"):
             self.waiting_requests.labels(role).set(0)
             self.upstream_errors.labels(role)

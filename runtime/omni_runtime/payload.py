@@ -10,7 +10,7 @@ JSON object, `Content-Type: application/json`:
                                                #   applied, ending with "<|im_start|>assistant\n"
       "response_ids": [int, ...],              # the ids the thinker generated (may end with <|im_end|>)
       "mm": null | {                           # only when the prompt has audio/image/video tokens
-        "layer": 18,                           # thinker layer the states come from (accept_hidden_layer)
+        "layer": 24,                           # talker_config.accept_hidden_layer (24 in the real checkpoint)
         "dtype": "bfloat16",                   # bfloat16 | float16 | float32, little-endian
         "shape": [n_mm_tokens, thinker_hidden],
         "data": "<base64>",                    # rows in the order the mm tokens appear in prompt_ids
@@ -175,19 +175,24 @@ def _parse_mm(m: Any) -> MMStates:
                     grids("video_grid_thw"), [float(x) for x in spg])
 
 
-def encode_states(tensor, layer: int, dtype: str = "bfloat16", **meta) -> dict:
-    """The `mm` object for a [n, hidden] torch tensor (little-endian)."""
+def states_bytes(tensor, dtype: str = "bfloat16") -> bytes:
+    """The rows of a [n, hidden] torch tensor as `mm.data` holds them before base64
+    (little-endian `dtype`)."""
     import torch
 
     if dtype not in DTYPE_SIZES:
         raise ValueError(dtype)
     t = tensor.detach().to("cpu")
     if dtype == "bfloat16":
-        raw = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
-    elif dtype == "float16":
-        raw = t.to(torch.float16).numpy().astype("<f2").tobytes()
-    else:
-        raw = t.to(torch.float32).numpy().astype("<f4").tobytes()
-    out = {"layer": layer, "dtype": dtype, "shape": list(t.shape), "data": base64.b64encode(raw).decode("ascii")}
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().astype("<i2").tobytes()
+    if dtype == "float16":
+        return t.to(torch.float16).numpy().astype("<f2").tobytes()
+    return t.to(torch.float32).numpy().astype("<f4").tobytes()
+
+
+def encode_states(tensor, layer: int, dtype: str = "bfloat16", **meta) -> dict:
+    """The `mm` object for a [n, hidden] torch tensor (little-endian)."""
+    raw = states_bytes(tensor, dtype)
+    out = {"layer": layer, "dtype": dtype, "shape": list(tensor.shape), "data": base64.b64encode(raw).decode("ascii")}
     out.update({k: v for k, v in meta.items() if v})
     return out

@@ -1,21 +1,28 @@
 """`omni-runtime thinker --engine transformers`: an OpenAI-compatible server around the
 transformers Qwen3-Omni thinker, for CPU tests and development (production uses vLLM).
 
-Beyond the OpenAI surface it speaks the two extensions the gateway uses for speech:
+Inputs: text, `input_audio` (wav) and `audio_url` data: URLs of WAV audio. `image_url`,
+`video_url` and http(s) audio URLs are answered with a 400 that says so (vLLM takes them).
+
+Beyond the OpenAI surface it speaks what the gateway uses for speech:
   * `"return_token_ids": true` -> `prompt_token_ids` and `choices[i].token_ids`
     (the same fields vLLM returns for this flag);
-  * `"omni_return_mm_states": true` -> `omni_mm_states`: the thinker's layer
-    `accept_hidden_layer` states at the multimodal positions of the prompt, as the
-    `mm` object of the talker payload (absent for text-only prompts).
+  * header `X-Request-Id: <rid>` -> the response id is `chatcmpl-<rid>` (as in vLLM) and,
+    when the prompt has multimodal tokens, the thinker's layer-`accept_hidden_layer`
+    states at those positions are published before generation starts, on the metrics
+    port: `GET /v1/omni/mm-states/<rid>` answers payload v1's `mm` object once, then 404;
+    unfetched states expire after OMNI_MM_STATES_TTL_SECONDS, oldest first beyond
+    OMNI_MM_STATES_MAX_BYTES (OMNI_MM_STATES_EXPORT=0 turns publishing off). Store,
+    settings and endpoint are the vLLM launcher's (mm_store.py, launcher.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -23,8 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from . import env
+from . import env, mm_store
+from .launcher import mm_states_config, mm_states_routes
+from .media import WAV_TYPES, MediaError, b64decode, decode_data_url, url_of
 from .metrics import ThinkerMetrics, metrics_app
+from .mm_capture import RID
 from .server import EngineService, json_error, serve
 
 log = logging.getLogger("omni.thinker")
@@ -40,6 +50,23 @@ def feat_output_length(n_frames: int, n_window: int = 50) -> int:
     rem = n_frames % chunk
     feat = (rem - 1) // 2 + 1
     return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (n_frames // chunk) * 13
+
+
+def wav_of_part(part: dict, kind: str) -> bytes:
+    """The WAV bytes of an `input_audio` (format wav) or `audio_url` (data:audio/wav URL) part."""
+    if kind == "input_audio":
+        spec = part.get("input_audio") or {}
+        if spec.get("format", "wav") != "wav":
+            raise MediaError("this engine reads wav audio only")
+        return b64decode(spec.get("data"))
+    url = url_of(part, kind)
+    if url[:5].lower() != "data:":
+        raise MediaError("the transformers engine fetches no URLs; send data:audio/wav;base64,<data> "
+                         "(http(s) audio URLs need the vLLM engine)")
+    media_type, (raw,) = decode_data_url(url, "audio")
+    if media_type not in WAV_TYPES:
+        raise MediaError(f"this engine reads WAV audio only (data:audio/wav;base64,...), not {media_type}")
+    return raw
 
 
 class ThinkerEngine:
@@ -88,26 +115,23 @@ class ThinkerEngine:
             parts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
+                where = f"messages[{i}].content[{j}]"
                 if kind == "text":
                     parts.append({"type": "text", "text": str(part.get("text", ""))})
-                elif kind == "input_audio":
-                    spec = part.get("input_audio") or {}
-                    if spec.get("format", "wav") != "wav":
-                        raise BadRequest(f"messages[{i}].content[{j}]: this engine reads wav audio only")
+                elif kind in ("input_audio", "audio_url"):
                     try:
-                        raw = base64.b64decode(spec.get("data", ""), validate=True)
-                        wav, rate = decode_wav(raw)
-                    except (binascii.Error, ValueError) as exc:
-                        raise BadRequest(f"messages[{i}].content[{j}]: bad audio: {exc}") from None
+                        wav, rate = decode_wav(wav_of_part(part, kind))
+                    except (MediaError, ValueError) as exc:
+                        raise BadRequest(f"{where}: {kind}: {exc}") from None
                     if self.features is None:
                         raise BadRequest("this checkpoint has no audio feature extractor")
                     audios.append(resample_linear(wav, rate, self.features.sampling_rate))
                     parts.append({"type": "audio"})
                 elif kind in ("image_url", "video_url"):
-                    raise BadRequest(f"messages[{i}].content[{j}]: {kind} input is not supported by the transformers "
-                                     "engine (use the vLLM engine); audio and text are")
+                    raise BadRequest(f"{where}: {kind} input is not supported by the transformers engine (the vLLM "
+                                     "engine takes it); this engine reads text, input_audio and audio_url (WAV)")
                 else:
-                    raise BadRequest(f"messages[{i}].content[{j}]: unknown content part type {kind!r}")
+                    raise BadRequest(f"{where}: unknown content part type {kind!r}")
             hf_messages.append({"role": msg["role"], "content": parts})
         ids = self.tokenizer.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"]
@@ -135,7 +159,30 @@ class ThinkerEngine:
         return {"ids": ids, "inputs": inputs, "audio_feature_lengths": audio_lengths}
 
     # -- generation (runs on a worker thread) -----------------------------------------
-    def generate(self, prep: dict, params: dict, on_tokens, want_states: bool) -> dict:
+    def mm_states(self, prep: dict, ids) -> tuple[dict, bytes] | None:
+        """(header, raw rows) of payload v1's `mm` for the prompt: its layer
+        `accept_hidden_layer` states at the multimodal positions, in prompt order; None
+        for a prompt without multimodal tokens."""
+        positions = [i for i, t in enumerate(prep["ids"]) if t in self.mm_ids]
+        if not positions:
+            return None
+        from .payload import states_bytes
+
+        torch = self.torch
+        fwd = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
+                         **prep["inputs"])
+        states = fwd.hidden_states[self.accept_layer][0, positions]
+        dtype = "bfloat16" if self.model.dtype == torch.bfloat16 else "float32"
+        header = {"layer": self.accept_layer, "dtype": dtype, "shape": list(states.shape)}
+        if prep["audio_feature_lengths"]:
+            header["audio_feature_lengths"] = prep["audio_feature_lengths"]
+        return header, states_bytes(states, dtype)
+
+    def generate(self, prep: dict, params: dict, on_tokens, want_states: bool, on_states=None) -> dict:
+        """Generate, streaming token ids to `on_tokens`. With `on_states` (or `want_states`)
+        the multimodal states are computed first (a prefill of their own, so they are out
+        before the answer) and handed to `on_states(header, raw)` (or returned as
+        `mm_states`, the inline `mm` object)."""
         torch = self.torch
         from transformers.generation.streamers import BaseStreamer
 
@@ -158,22 +205,20 @@ class ThinkerEngine:
             gen.update(do_sample=True, temperature=params["temperature"], top_p=params["top_p"])
         else:
             gen.update(do_sample=False)
+        result = {}
         with self.lock, torch.inference_mode():
+            if want_states or on_states is not None:
+                mm = self.mm_states(prep, ids)
+                if mm is not None:
+                    if on_states is not None:
+                        on_states(*mm)
+                    if want_states:
+                        result["mm_states"] = {**mm[0], "data": base64.b64encode(mm[1]).decode("ascii")}
             if params.get("seed") is not None:
                 torch.manual_seed(params["seed"])
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=Streamer(),
                                       **prep["inputs"], **gen)
-            result = {"token_ids": out[0, ids.shape[1]:].tolist()}
-            positions = [i for i, t in enumerate(prep["ids"]) if t in self.mm_ids]
-            if want_states and positions:
-                fwd = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
-                                 **prep["inputs"])
-                states = fwd.hidden_states[self.accept_layer][0, positions]
-                from .payload import encode_states
-
-                dtype = "bfloat16" if self.model.dtype == torch.bfloat16 else "float32"
-                result["mm_states"] = encode_states(states, self.accept_layer, dtype,
-                                                    audio_feature_lengths=prep["audio_feature_lengths"])
+            result["token_ids"] = out[0, ids.shape[1]:].tolist()
         return result
 
 
@@ -206,6 +251,8 @@ class ThinkerService(EngineService):
         self.engine: ThinkerEngine | None = None
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="thinker")
         self.name = cfg["served_model_name"] or cfg["model"]
+        mm = cfg["mm_states"]  # the same OMNI_MM_STATES_* settings as the vLLM launcher
+        self.states_store = mm_store.MMStatesStore(mm["dir"], mm["ttl"], mm["max_bytes"])
 
     def make_engine(self) -> ThinkerEngine:
         return ThinkerEngine(self.cfg["model"], self.cfg["revision"], self.cfg["device"], self.cfg["dtype"])
@@ -243,10 +290,17 @@ class ThinkerService(EngineService):
             prep = self.engine.prepare(body.get("messages"))
         except BadRequest as exc:
             return json_error(400, str(exc))
+        external = request.headers.get("X-Request-Id")
+        if external is not None and not RID.match(external):
+            return json_error(400, "X-Request-Id must match [A-Za-z0-9-]{1,64} (it names the request's "
+                                   "multimodal states)")
         stream = bool(body.get("stream"))
         want_ids = bool(body.get("return_token_ids"))
-        want_states = bool(body.get("omni_return_mm_states"))
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        rid = f"chatcmpl-{external or uuid.uuid4().hex[:24]}"
+        publish = None
+        if external is not None and self.cfg["mm_states"]["export"]:
+            def publish(header: dict, raw: bytes):  # on the worker thread, before generation starts
+                mm_store.write_atomic(self.states_store.dir, external, mm_store.encode_file(header, raw))
         created = int(time.time())
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -260,7 +314,7 @@ class ThinkerService(EngineService):
         def work():
             loop.call_soon_threadsafe(q.put_nowait, ("start", None))
             try:
-                res = self.engine.generate(prep, params, on_tokens, want_states)
+                res = self.engine.generate(prep, params, on_tokens, False, publish)
                 loop.call_soon_threadsafe(q.put_nowait, ("done", res))
             except BaseException as exc:  # noqa: BLE001
                 loop.call_soon_threadsafe(q.put_nowait, ("error", exc))
@@ -313,10 +367,7 @@ class ThinkerService(EngineService):
                     usage = {"prompt_tokens": len(prep["ids"]), "completion_tokens": len(ids),
                              "total_tokens": len(prep["ids"]) + len(ids)}
                     if stream:
-                        extra = {"usage": usage}
-                        if want_states and item.get("mm_states"):
-                            extra["omni_mm_states"] = item["mm_states"]
-                        await resp.write(chunk({}, finish=finish, extra=extra))
+                        await resp.write(chunk({}, finish=finish, extra={"usage": usage}))
                         await resp.write(b"data: [DONE]\n\n")
                         await resp.write_eof()
                         return resp
@@ -328,8 +379,6 @@ class ThinkerService(EngineService):
                     if want_ids:
                         out["prompt_token_ids"] = prep["ids"]
                         out["choices"][0]["token_ids"] = ids
-                    if want_states and item.get("mm_states"):
-                        out["omni_mm_states"] = item["mm_states"]
                     return web.json_response(out)
             return resp
         finally:
@@ -345,6 +394,18 @@ class ThinkerService(EngineService):
 
     async def drain(self):
         await self.start_draining()
+        if self.cfg["mm_states"]["owned"]:  # a directory named by OMNI_MM_STATES_DIR is not ours to delete
+            self.states_store.remove_all()
+
+    async def sweep_mm_states(self, every: float = 5.0):
+        while True:
+            try:
+                dropped = self.states_store.sweep()
+                if dropped:
+                    log.info("dropped %d unfetched multimodal states (TTL or size bound)", len(dropped))
+            except OSError as exc:
+                log.warning("sweeping %s failed: %s", self.states_store.dir, exc)
+            await asyncio.sleep(every)
 
     def app(self):
         app = web.Application(client_max_size=self.cfg["max_request_bytes"])
@@ -354,20 +415,27 @@ class ThinkerService(EngineService):
         app.router.add_post("/tokenize", self.tokenize)
         return app
 
+    def metrics_app(self):
+        app = metrics_app(self.metrics)
+        mm_states_routes(app, self.states_store)  # the same endpoint the vLLM launcher serves
+        return app
+
 
 def config_from_env(environ=None) -> dict:
     cfg = env.common("thinker", environ)
     cfg.update(device=env.env_str("OMNI_DEVICE", "cpu", environ), dtype=env.env_str("OMNI_DTYPE", None, environ),
                max_request_bytes=env.env_int("OMNI_MAX_REQUEST_BYTES", 64 << 20, environ, minimum=1024),
-               host=env.env_str("OMNI_HOST", "0.0.0.0", environ))
+               host=env.env_str("OMNI_HOST", "0.0.0.0", environ),
+               mm_states=mm_states_config(os.environ if environ is None else environ))
     return cfg
 
 
 async def amain(cfg: dict) -> int:
     svc = ThinkerService(cfg)
-    sites = [(svc.app(), cfg["host"], cfg["port"]), (metrics_app(svc.metrics), cfg["host"], cfg["metrics_port"])]
+    sites = [(svc.app(), cfg["host"], cfg["port"]), (svc.metrics_app(), cfg["host"], cfg["metrics_port"])]
 
     async def started():
         asyncio.ensure_future(svc.load(svc.make_engine))
+        asyncio.ensure_future(svc.sweep_mm_states())
 
     return await serve(sites, svc.drain, started)

@@ -1,8 +1,15 @@
 """A tiny random-weight Qwen3-Omni checkpoint for CPU tests and local development.
 
-Everything is built locally (config, weights, tokenizer, feature extractor): nothing
-is downloaded. The layout matches a real checkpoint directory, so the thinker and
-talker load it through the same code paths as `Qwen/Qwen3-Omni-30B-A3B-Instruct`.
+Everything is built locally (config, weights, tokenizer, feature extractor, image
+processor config): nothing is downloaded. The layout matches a real checkpoint
+directory, so transformers (thinker, talker) and vLLM (thinker) load it through the
+same code paths as `Qwen/Qwen3-Omni-30B-A3B-Instruct`.
+
+What vLLM needs beyond what transformers accepts: a thinker head_dim >= 32 (vLLM's CPU
+attention kernel refuses smaller heads; mrope_section then sums to head_dim / 2), the
+image processor fields in preprocessor_config.json, the multimodal special tokens named
+in tokenizer_config.json, the vision `image_size`/`apply_vit_abs_pos_embed`, an explicit
+`tie_word_embeddings`, and `mrope_interleaved`.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ CHAT_TEMPLATE = (
     "{%- if part['type'] == 'text' %}{{- part['text'] }}"
     "{%- elif part['type'] in ('audio', 'input_audio') %}{{- '<|audio_start|><|audio_pad|><|audio_end|>' }}"
     "{%- elif part['type'] in ('image', 'image_url') %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] in ('video', 'video_url') %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- endif %}{%- endfor %}{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- endfor %}"
@@ -66,11 +74,13 @@ def build_config():
 
     ids = token_ids()
     thinker_text = dict(
-        vocab_size=TEXT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
-        num_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+        vocab_size=TEXT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, moe_intermediate_size=16,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False,
+        # transformers always interleaves the M-RoPE sections for this model; vLLM does so only
+        # when `mrope_interleaved` says so (the real checkpoint sets both keys).
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": [2, 1, 1], "interleaved": True},
+                         "mrope_section": [8, 4, 4], "interleaved": True, "mrope_interleaved": True},
     )
     audio = dict(
         num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
@@ -81,6 +91,8 @@ def build_config():
         depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
         patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
         deepstack_visual_indexes=[0],
+        image_size=8 * 16,  # sqrt(num_position_embeddings) * patch_size
+        apply_vit_abs_pos_embed=True,
     )
     thinker = dict(
         text_config=thinker_text, audio_config=audio, vision_config=vision,
@@ -104,7 +116,9 @@ def build_config():
     )
     talker = dict(
         text_config=talker_text, code_predictor_config=predictor, num_code_groups=4,
-        thinker_hidden_size=32, accept_hidden_layer=1,
+        # Like the real checkpoint (24 of 48, deepstack after layers 0-2), the accepted layer
+        # comes after the deepstack layer (0 here) and before the last one.
+        thinker_hidden_size=32, accept_hidden_layer=2,
         codec_eos_token_id=CODEC_EOS, codec_nothink_id=CODEC_NOTHINK,
         codec_think_bos_id=CODEC_THINK_BOS, codec_think_eos_id=CODEC_THINK_EOS,
         codec_pad_id=CODEC_PAD, codec_bos_id=CODEC_BOS,
@@ -161,9 +175,28 @@ def build_tokenizer():
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t), i)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE, extra_special_tokens=dict(MM_SPECIAL_TOKENS),
     )
     return fast
+
+
+# The attribute names Qwen3OmniMoeProcessor reads from the tokenizer.
+MM_SPECIAL_TOKENS = {
+    "image_token": "<|image_pad|>", "audio_token": "<|audio_pad|>", "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+    "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+}
+
+# Qwen2-VL image processor settings matching the tiny vision tower (patch 16, merge 2);
+# real checkpoints keep them in the same preprocessor_config.json as the audio features.
+IMAGE_PROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3OmniMoeProcessor",
+    "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+    "min_pixels": 32 * 32, "max_pixels": 256 * 256,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+    "rescale_factor": 1 / 255, "resample": 3,
+}
 
 
 def build_feature_extractor():
@@ -193,6 +226,13 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
             last.bias.zero_()
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
+    # Newer transformers write the named tokens as top-level keys; the release vLLM pins
+    # reads them from `extra_special_tokens`. Both are kept.
+    tcfg = out / "tokenizer_config.json"
+    tcfg.write_text(json.dumps({**json.loads(tcfg.read_text()), "extra_special_tokens": dict(MM_SPECIAL_TOKENS)},
+                               indent=2))
     build_feature_extractor().save_pretrained(out)
+    pre = out / "preprocessor_config.json"
+    pre.write_text(json.dumps({**json.loads(pre.read_text()), **IMAGE_PROCESSOR}, indent=2))
     (out / "omni_tiny.json").write_text(json.dumps({"tiny": True, "seed": seed}))
     return out

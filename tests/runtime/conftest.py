@@ -35,7 +35,7 @@ def tiny_model(tmp_path_factory) -> Path:
 class Proc:
     """One `omni-runtime <role>` process with its ports and log."""
 
-    def __init__(self, role: str, env: dict, log: Path, args=()):
+    def __init__(self, role: str, env: dict, log: Path, args=(), python: str | None = None):
         self.role = role
         self.port = int(env["OMNI_PORT"])
         self.metrics_port = int(env["OMNI_METRICS_PORT"])
@@ -43,7 +43,7 @@ class Proc:
         full_env = {**os.environ, **env, "OMNI_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": "1", "OMNI_LOG_LEVEL": "INFO"}
         self._fh = open(log, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", "omni_runtime.cli", role, *args], env=full_env,
+        self.popen = subprocess.Popen([python or sys.executable, "-m", "omni_runtime.cli", role, *args], env=full_env,
                                       stdout=self._fh, stderr=subprocess.STDOUT)
 
     @property
@@ -124,3 +124,22 @@ def module_spawn(tmp_path_factory):
     yield _spawn
     for p in procs:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_venv() -> Path:
+    """vLLM's CPU build (`make setup-vllm`, which `make test` runs): fail, never skip."""
+    from .vllm_procs import find_vllm_venv
+
+    return find_vllm_venv()
+
+
+@pytest.fixture(scope="session")
+def vllm_thinkers(tmp_path_factory, tiny_model, vllm_venv):
+    """Real `omni-runtime thinker --engine vllm` launchers over `vllm serve` of the tiny model,
+    shared by the session (each takes 1-3 minutes to start on 2 cores)."""
+    from .vllm_procs import VllmPool
+
+    pool = VllmPool(tmp_path_factory.mktemp("vllm"), tiny_model, vllm_venv)
+    yield pool
+    pool.stop_all()

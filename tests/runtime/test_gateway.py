@@ -30,7 +30,7 @@ def stack(tiny_model, module_spawn, tmp_path_factory):
         **common, "OMNI_ROLE": "gateway",
         "OMNI_THINKER_SERVICE": f"127.0.0.1:{dead}|{free_port()},127.0.0.1:{thinker.port}|{thinker.metrics_port}",
         "OMNI_TALKER_SERVICE": f"localhost:{talker.port}|{talker.metrics_port}",
-        "OMNI_API_KEYS_FILE": str(keys), "OMNI_MAX_REQUEST_BYTES": "200000",
+        "OMNI_API_KEYS_FILE": str(keys), "OMNI_MAX_REQUEST_BYTES": "200000", "OMNI_MAX_MEDIA_BYTES": "60000",
         "OMNI_TALKER_GENERATION": json.dumps({"max_codes": 24, "min_codes": 24, "seed": 5}),
     })
     for p in (thinker, talker, gateway):
@@ -132,6 +132,11 @@ def test_audio_input_carries_thinker_states_to_talker(stack):
     (user([{"type": "input_audio", "input_audio": {"data": b64(b"just bytes"), "format": "wav"}}]), "not a WAV"),
     (user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]), "not valid base64"),
     (user([{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]), "http(s) or data: URL"),
+    (user([{"type": "video_url", "video_url": {"url": "file:///etc/passwd"}}]), "http(s) or data: URL"),
+    (user([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,!!"}}]), "not valid base64"),
+    (user([{"type": "audio_url", "audio_url": {"url": "data:image/png;base64," + b64(b"x")}}]), "data:audio/<type>"),
+    (user([{"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64(sine_wav(2.0))}}]),
+     "more than the 60000 allowed per media item"),
     ({**_audio_request("hi"), "audio": {"voice": "Ethan", "format": "mp3"}}, "unsupported output audio format"),
     ({"model": "m", "messages": []}, "non-empty list"),
     ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "not a chat role"),
@@ -193,3 +198,32 @@ def test_speech_request_is_held_while_no_talker_is_reachable(stack, spawn):
     assert events[-1] == "[DONE]" and "no talker replica became available" in events[-2]["error"]["message"]
     assert gauges() == {"thinker": 0.0, "talker": 0.0}
     assert gw.metrics()["omni_gateway_upstream_scrape_errors_total"] >= 1  # the talker's metrics port is dead too
+
+
+def test_audio_url_reaches_the_thinker_and_adds_audio_tokens(stack):
+    """An audio_url data: URL passes the gateway and the transformers thinker reads it: the
+    prompt grows by the AuT tokens of the clip (7 for 0.5 s)."""
+    text = {"type": "text", "text": "What is this sound?"}
+    audio = {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64(sine_wav(0.5))}}
+    sizes = []
+    for content in ([text], [audio, text]):
+        status, _, body, _ = chat(stack, user(content))
+        assert status == 200, body[:300]
+        sizes.append(json.loads(body)["usage"]["prompt_tokens"])
+    assert sizes[1] - sizes[0] == 2 + 7  # <|audio_start|><|audio_end|> and the 7 audio pads
+
+
+@pytest.mark.parametrize("part, needle", [
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(b"\0\0\0\x18ftypmp42")}},
+     "video_url input is not supported by the transformers engine"),
+    ({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+     "image_url input is not supported by the transformers engine"),
+    ({"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}, "fetches no URLs"),
+    ({"type": "audio_url", "audio_url": {"url": "data:audio/mpeg;base64," + b64(b"ID3...")}}, "WAV audio only"),
+])
+def test_media_the_transformers_engine_cannot_read_is_a_clear_400(stack, part, needle):
+    """Valid for the gateway (vLLM takes it), so it is forwarded; the dev engine says why not."""
+    for body in (user([part]), _audio_request([part])):
+        status, _, raw, _ = chat(stack, body)
+        assert status == 400, raw[:300]
+        assert needle in json.loads(raw)["error"]["message"]

@@ -17,7 +17,8 @@ import aiohttp
 import pytest
 
 from omni_runtime import env
-from omni_runtime.gateway import Endpoint, Pool, config_from_env, endpoint_load, parse_service_list, rank_endpoints
+from omni_runtime.gateway.config import config_from_env
+from omni_runtime.gateway.pools import Endpoint, Pool, endpoint_load, parse_service_list, rank_endpoints
 
 from .conftest import free_port
 

@@ -1,22 +1,18 @@
-"""The vLLM launcher: command construction (pure) and supervision of a stand-in vllm."""
+"""The vLLM launcher's pure parts: command construction, configuration errors, metrics
+parsing. Supervision of a real `vllm serve` (readiness, queue depth, drain) is in
+test_vllm_thinker.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
-import urllib.request
 
 import pytest
 
-from omni_runtime.launcher import build_vllm_command, node_rank_from_pod_name, parse_vllm_args
+from omni_runtime.launcher import build_vllm_command, node_rank_from_pod_name, parse_vllm_args, vllm_load
 from omni_runtime.metrics import parse_prometheus_text
-
-from .conftest import free_port
 
 pytestmark = pytest.mark.runtime
 
@@ -127,63 +123,4 @@ vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="qwen3-omni"} 7.0
 def test_parse_vllm_metrics():
     m = parse_prometheus_text(VLLM_EXPOSITION)
     assert m["vllm:num_requests_waiting"] == 3.0 and m["vllm:num_requests_running"] == 2.0
-
-
-FAKE_VLLM = textwrap.dedent('''\
-    #!{python}
-    # Stand-in for `vllm serve`: /health, /metrics with queue gauges, exits on SIGTERM.
-    import json, signal, sys, time
-    from aiohttp import web
-    args = sys.argv[1:]
-    open({argv_file!r}, "w").write(json.dumps(args))
-    port = int(args[args.index("--port") + 1])
-    state = {{"waiting": 3}}
-    async def health(_):
-        return web.Response(text="")
-    async def metrics(_):
-        return web.Response(text=f"vllm:num_requests_waiting{{{{engine=\\"0\\"}}}} {{state['waiting']}}\\n"
-                                 "vllm:num_requests_running{{engine=\\"0\\"}} 2\\n")
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    web.run_app(app, host="127.0.0.1", port=port, print=None)
-''')
-
-
-def test_supervisor_republishes_queue_metrics_and_drains(tmp_path):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    argv_file = tmp_path / "argv.json"
-    fake = bindir / "vllm"
-    fake.write_text(FAKE_VLLM.format(python=sys.executable, argv_file=str(argv_file)))
-    fake.chmod(0o755)
-    port, mport = free_port(), free_port()
-    env = {**os.environ, **BASE, "PATH": f"{bindir}:{os.environ['PATH']}", "OMNI_PORT": str(port),
-           "OMNI_METRICS_PORT": str(mport), "OMNI_VLLM_ARGS": json.dumps(SIZING_ARGS), "OMNI_DRAIN_SECONDS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.cli", "thinker"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        m = {}
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=1) as r:
-                    text = r.read().decode()
-                m = parse_prometheus_text(text)
-                if m.get("omni_queue_depth") == 3.0:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        assert m.get("omni_queue_depth") == 3.0 and m.get("omni_requests_running") == 2.0, m
-        assert 'omni_queue_depth{role="thinker"} 3.0' in text
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            assert r.status == 200  # vLLM's own /health is the readiness endpoint
-        assert json.loads(argv_file.read_text())[:2] == ["serve", "/models/qwen3-omni"]
-        proc.send_signal(signal.SIGTERM)
-        # the stand-in never empties its queue: the drain gives up after OMNI_DRAIN_SECONDS
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert vllm_load(m) == (3.0, 2.0) and vllm_load({}) == (0.0, 0.0)

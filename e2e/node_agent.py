@@ -1,0 +1,98 @@
+"""What a real node would do for the local control plane, where kwok plays the kubelet.
+
+    python -m e2e.node_agent --kubeconfig KUBECONFIG --state-dir DIR
+
+LocalCluster starts and stops it with its other components (log: ``<logs>/node-agent.log``).
+About every half second it
+- provisions a hostPath PersistentVolume for each pending claim (e2e/volumes.py),
+- runs the operator's weight-loader pods for real and reports their exit (e2e/kubelet.py),
+and for its whole life serves a stand-in Hugging Face hub (e2e/hub.py) whose default repo is a
+small placeholder checkpoint: loader pods that name no ``HF_ENDPOINT`` download from it, as
+from a node-level hub mirror (the real hub is unreachable here).
+
+In DIR: ``volumes/`` (one directory per PV), ``pods/<uid>/`` (logs, emptyDirs),
+``hub-default/`` and ``agent.json`` ({"pid", "hub_url"}, written once it serves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from e2e.hub import HubStandIn, write_placeholder_checkpoint
+from e2e.kubeapi import TRANSPORT_ERRORS, KubeApi
+from e2e.kubelet import LoaderKubelet
+from e2e.volumes import HostPathProvisioner
+
+INFO_FILE = "agent.json"
+POLL_SECONDS = 0.5
+
+log = logging.getLogger("node-agent")
+
+
+def read_info(state_dir: Path) -> dict:
+    """What a running agent wrote to its state dir ({} before it serves)."""
+    try:
+        return json.loads((state_dir / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_info(state_dir: Path, info: dict) -> None:
+    tmp = state_dir / f".{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(state_dir / INFO_FILE)
+
+
+def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    hub = HubStandIn()
+    hub.set_default(write_placeholder_checkpoint(state_dir / "hub-default"))
+    hub.start()
+    provisioner = HostPathProvisioner(api, state_dir / "volumes")
+    kubelet = LoaderKubelet(api, state_dir / "pods", python=python, hub_url=hub.url)
+    _write_info(state_dir, {"pid": os.getpid(), "hub_url": hub.url})
+    log.info("serving; stand-in hub at %s", hub.url)
+    try:
+        while not stop.is_set():
+            for part in (provisioner, kubelet):
+                try:
+                    part.sync()
+                except TRANSPORT_ERRORS as e:  # the apiserver restarts in some tests: retry next pass
+                    log.debug("%s: apiserver unreachable: %s", type(part).__name__, e)
+                except Exception:  # noqa: BLE001 - one bad object must not stop the node
+                    log.exception("%s failed", type(part).__name__)
+            stop.wait(POLL_SECONDS)
+    finally:
+        kubelet.stop()
+        hub.stop()
+        (state_dir / INFO_FILE).unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2e.node_agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs omni_runtime")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.Formatter.converter = time.gmtime
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run(KubeApi.from_kubeconfig(args.kubeconfig), args.state_dir.resolve(), args.python, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

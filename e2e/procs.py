@@ -1,0 +1,93 @@
+"""Local processes of the control plane: liveness by pid, signals, ports, log tails.
+
+Only the standard library; Linux (/proc, prctl).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be started or is not healthy."""
+
+
+class CommandError(subprocess.CalledProcessError):
+    """A kubectl/helm call failed; the message carries its output."""
+
+    def __str__(self) -> str:
+        cmd = " ".join(str(a) for a in self.cmd)
+        out = (self.stderr or "").strip() or (self.output or "").strip()
+        return f"`{cmd}` exited with {self.returncode}:\n{tail_text(out, 40)}"
+
+
+def tail_text(text: str, lines: int) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def tail_file(path: Path, lines: int = 40) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"(no log: {e})"
+    return tail_text(data, lines)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the parent dies (Linux prctl).
+
+    SIGKILL, not SIGTERM: an orphaned throwaway cluster has nothing worth saving, and
+    an apiserver that loses etcd at the same moment lingers on SIGTERM."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def pid_argv(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return None
+
+
+def signal_process(pid: int, sig: int) -> None:
+    """Signal the process group when pid leads one (our components do), else the process."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

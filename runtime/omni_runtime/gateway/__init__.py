@@ -1,0 +1,26 @@
+"""The OpenAI-compatible front door (`omni-runtime gateway`).
+
+    POST /v1/chat/completions   text: proxied to the least-loaded thinker (stream or not)
+                                modalities containing "audio": thinker (text + token ids) ->
+                                multimodal states for media input -> talker payload ->
+                                least-loaded talker; text first, then audio, as OpenAI-style
+                                `audio` deltas
+    GET  /v1/models
+    GET  /health                200 serving, 503 draining
+
+Modules, one concern each:
+    config      OMNI_* variables -> the config dict
+    validation  what a chat request may contain (content parts, media URLs, audio options); pure
+    auth        API keys
+    pools       endpoints of a role, their load, the order to try them in
+    upstream    calling a role: failover, holding while no replica is reachable, load scraping
+    sse         OpenAI stream framing and reading a thinker's stream; pure
+    mm_states   fetching a request's multimodal thinker states for the talker
+    speech      the speech pipeline (thinker -> states -> talker -> audio to the client)
+    app         the aiohttp application, request accounting, the text proxy, amain
+"""
+
+from .app import Gateway, amain
+from .config import config_from_env
+
+__all__ = ["Gateway", "amain", "config_from_env"]

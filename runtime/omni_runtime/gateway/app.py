@@ -1,0 +1,160 @@
+"""The gateway's aiohttp application: authentication, request accounting (queue gauges,
+latency, status codes), the text proxy to the thinkers, and the process entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from ..metrics import GatewayMetrics, metrics_app
+from ..server import json_error, serve
+from .auth import ApiKeys
+from .speech import Speech
+from .upstream import ClientGone, UpstreamUnavailable, Upstreams
+from .validation import BadRequest, validate_chat
+
+log = logging.getLogger("omni.gateway")
+
+
+class Gateway:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.metrics = GatewayMetrics()
+        self.upstreams = Upstreams(cfg, self.metrics)
+        self.speech = Speech(self.upstreams, cfg, self.metrics)
+        self.keys = ApiKeys(cfg["api_keys_file"])
+        self.waiting = 0
+        self.running = 0
+        self.draining = False
+
+    def _update(self):
+        self.metrics.queue_depth.set(self.waiting)
+        self.metrics.running.set(self.running)
+        self.metrics.ready.set(0 if self.draining else 1)
+        self.metrics.draining.set(1 if self.draining else 0)
+
+    async def start(self):
+        await self.upstreams.start()
+        self._update()
+
+    async def drain(self):
+        self.draining = self.upstreams.draining = True
+        self._update()
+        deadline = time.monotonic() + self.cfg["drain_seconds"]
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # let the last responses flush before the listeners close
+        await self.upstreams.close()
+
+    @web.middleware
+    async def middleware(self, request, handler):
+        if request.path == "/health":
+            return await handler(request)
+        if not self.keys.check(request.headers.get("Authorization")):
+            self.metrics.count(401)
+            return json_error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+        if self.draining:
+            self.metrics.count(503)
+            return json_error(503, "gateway is draining", "unavailable", headers={"Retry-After": "1"})
+        return await handler(request)
+
+    async def health(self, _request):
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ok", "running": self.running})
+
+    async def models(self, _request):
+        try:
+            async with self.upstreams.call("GET", self.upstreams.thinkers, "/v1/models", hold=False) as (_ep, resp):
+                body = await resp.read()
+                return web.Response(body=body, status=resp.status, content_type="application/json")
+        except UpstreamUnavailable:
+            name = self.cfg["served_model_name"] or self.cfg["model"]
+            return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "omni"}]})
+
+    async def chat(self, request: web.Request):
+        arrived = time.monotonic()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.metrics.count(413)
+            return json_error(413, f"request body exceeds {self.cfg['max_request_bytes']} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.metrics.count(400)
+            return json_error(400, "request body is not valid JSON")
+        try:
+            opts = validate_chat(body, self.cfg["max_media_bytes"])
+        except BadRequest as exc:
+            self.metrics.count(400)
+            return json_error(400, str(exc))
+        mode = "audio" if opts.audio_out else "text"
+        self.running += 1
+        self.waiting += 1
+        self._update()
+        marks = {"first": None, "waiting": True}
+
+        def first_byte():
+            if marks["waiting"]:
+                marks["waiting"] = False
+                self.waiting -= 1
+                self._update()
+            if marks["first"] is None:
+                marks["first"] = time.monotonic()
+                self.metrics.ttfb.labels(mode).observe(marks["first"] - arrived)
+
+        status = 500
+        try:
+            if opts.audio_out:
+                resp = await self.speech.respond(request, body, opts, first_byte)
+            else:
+                resp = await self._chat_text(request, body, opts.stream, first_byte)
+            status = resp.status
+            return resp
+        except UpstreamUnavailable as exc:
+            status = exc.status
+            return json_error(exc.status, str(exc), "unavailable", headers={"Retry-After": "1"})
+        except ClientGone:
+            status = 499  # client closed the connection while its request was held
+            log.info("client left while its request was held")
+            return web.Response(status=499)
+        finally:
+            if marks["waiting"]:
+                self.waiting -= 1
+            self.running -= 1
+            self._update()
+            self.metrics.count(status)
+            self.metrics.latency.labels("chat", mode).observe(time.monotonic() - arrived)
+
+    async def _chat_text(self, request, body, stream: bool, first_byte):
+        async with self.upstreams.call("POST", self.upstreams.thinkers, "/v1/chat/completions", request,
+                                       json=body) as (_ep, up):
+            first_byte()
+            if not stream or up.status != 200:
+                data = await up.read()
+                return web.Response(body=data, status=up.status, content_type=up.content_type or "application/json")
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg["max_request_bytes"], middlewares=[self.middleware])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+
+async def amain(cfg: dict) -> int:
+    gw = Gateway(cfg)
+    await gw.start()
+    sites = [(gw.app(), cfg["host"], cfg["port"]), (metrics_app(gw.metrics), cfg["host"], cfg["metrics_port"])]
+    return await serve(sites, gw.drain)

@@ -1,0 +1,106 @@
+"""Multimodal states export: the pure bookkeeping of the vLLM plugin and the launcher's store
+(real files in a temporary directory). The export itself runs over real vLLM in
+test_vllm_thinker.py."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+
+import pytest
+import torch
+
+from omni_runtime.launcher import LauncherError, mm_states_config
+from omni_runtime.mm_capture import (Capture, StatesCache, external_request_id, mm_positions, prefix_key,
+                                     step_rows)
+from omni_runtime.mm_store import Entry, MMStatesStore, decode_file, encode_file, sweep_plan, write_atomic
+
+pytestmark = pytest.mark.runtime
+
+
+@pytest.mark.parametrize("vllm_id, rid", [
+    ("chatcmpl-abc-123-0f3a9c1e", "abc-123"),
+    ("chatcmpl-req-deadbeef-12345678", "req-deadbeef"),  # a hex-looking tail of the rid survives
+    ("1_chatcmpl-x-0a1b2c3d", "x"),                       # parallel sampling child
+    ("chatcmpl-no-suffix", "no-suffix"),                   # request id randomization turned off
+])
+def test_external_request_id(vllm_id, rid):
+    assert external_request_id(vllm_id) == rid
+
+
+def test_step_rows_maps_batch_rows_to_prompt_positions():
+    # request 0: prefill of positions 0..9, mm at 2,3,4; request 1: decode (1 token at 40);
+    # request 2: second prefill chunk 8..15 of a prompt with mm at 5..12.
+    positions = {0: [2, 3, 4], 1: [1, 2], 2: list(range(5, 13))}
+    out = step_rows([0, 40, 8], [10, 1, 8], positions.get)
+    assert out == [(0, [2, 3, 4], [2, 3, 4]), (2, [11, 12, 13, 14, 15], [8, 9, 10, 11, 12])]
+    assert step_rows([0], [4], lambda i: None) == []
+
+
+def test_capture_fills_across_chunks_and_recomputation():
+    cap = Capture("r", [3, 4, 7], "k")
+    cap.add([3, 4], [torch.tensor([1.0]), torch.tensor([2.0])])
+    assert not cap.complete and cap.missing_before(5) == [] and cap.missing_before(8) == [7]
+    cap.add([3], [torch.tensor([9.0])])  # recomputed after a preemption: replaced, not appended
+    cap.add([7], [torch.tensor([3.0])])
+    assert cap.complete and cap.assemble().tolist() == [[9.0], [2.0], [3.0]]
+
+
+def test_prefix_key_depends_on_tokens_up_to_the_last_mm_position_and_the_media():
+    ids = [1, 2, 9, 9, 3, 4]
+    pos = mm_positions(ids, {9})
+    assert pos == [2, 3]
+    k = prefix_key(ids, pos, ["audio-hash-a"])
+    assert k == prefix_key(ids[:4] + [7, 7, 7], pos, ["audio-hash-a"])  # what follows does not matter
+    assert k != prefix_key(ids, pos, ["audio-hash-b"])
+    assert k != prefix_key([5] + ids[1:], pos, ["audio-hash-a"])
+
+
+def test_states_cache_is_bounded_least_recently_used_first():
+    c = StatesCache(max_bytes=100)
+    c.put("a", "A", {}, 40)
+    c.put("b", "B", {}, 40)
+    assert c.get("a")[0] == "A"  # a is now the most recent
+    c.put("c", "C", {}, 40)
+    assert c.get("b") is None and c.get("a") is not None and c.get("c") is not None and c.bytes == 80
+    c.put("huge", "H", {}, 101)
+    assert c.get("huge") is None and len(c) == 2
+
+
+def test_sweep_plan_drops_expired_then_oldest_over_budget():
+    now = 1000.0
+    entries = [Entry("old", now - 200, 10), Entry("a", now - 50, 40), Entry("b", now - 40, 40), Entry("c", now - 1, 40)]
+    assert sweep_plan(entries, now, ttl=120, max_bytes=1000) == ["old"]
+    assert sweep_plan(entries, now, ttl=120, max_bytes=80) == ["old", "a"]
+    assert sweep_plan(entries, now, ttl=10, max_bytes=1000) == ["old", "a", "b"]
+
+
+def test_store_serves_once_keeps_errors_and_expires(tmp_path):
+    store = MMStatesStore(tmp_path / "mm", ttl=60, max_bytes=1 << 20)
+    raw = torch.arange(6, dtype=torch.float32).numpy().tobytes()
+    write_atomic(store.dir, "r1", encode_file({"layer": 24, "dtype": "float32", "shape": [2, 3]}, raw))
+    assert decode_file((store.dir / "r1.oms").read_bytes()) == ({"layer": 24, "dtype": "float32", "shape": [2, 3]}, raw)
+    obj = store.take("r1")
+    assert obj["layer"] == 24 and obj["shape"] == [2, 3] and base64.b64decode(obj["data"]) == raw
+    assert store.take("r1") is None  # fetched once
+    write_atomic(store.dir, "r2", encode_file({"error": "prefix cache"}))
+    assert store.take("r2") == {"error": "prefix cache"} and store.take("r2") == {"error": "prefix cache"}
+    with pytest.raises(ValueError):
+        store.take("../etc/passwd")
+    old = time.time() - 3600
+    os.utime(store.dir / "r2.oms", (old, old))
+    assert store.sweep() == ["r2.oms"] and store.take("r2") is None
+    assert not list(store.dir.glob(".*.tmp"))  # the rename left no temporary behind
+
+
+def test_mm_states_config():
+    cfg = mm_states_config({})
+    assert cfg["owned"] and cfg["export"] and cfg["ttl"] == 120 and cfg["max_bytes"] == 1 << 30
+    cfg = mm_states_config({"OMNI_MM_STATES_DIR": "/x", "OMNI_MM_STATES_TTL_SECONDS": "5",
+                            "OMNI_MM_STATES_MAX_BYTES": "1000", "OMNI_MM_STATES_EXPORT": "0"})
+    assert cfg == {"dir": "/x", "owned": False, "ttl": 5.0, "max_bytes": 1000, "export": False}
+    for bad in ({"OMNI_MM_STATES_TTL_SECONDS": "0"}, {"OMNI_MM_STATES_MAX_BYTES": "lots"},
+                {"OMNI_MM_STATES_EXPORT": "maybe"}):
+        with pytest.raises((LauncherError, ValueError)):
+            mm_states_config(bad)
