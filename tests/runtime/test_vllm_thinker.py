@@ -342,7 +342,7 @@ def test_gateway_routes_around_a_busy_vllm_thinker(thinker, vllm_thinkers, tiny_
     name (vLLM refuses any other), so each thinker's own vLLM metrics tell which served."""
     other = vllm_thinkers.get("drain-timeout", eager=True, drain_seconds=2, max_model_len=4096)
     a, b = thinker, other
-    gw = spawn("gateway", {"OMNI_MODEL": str(tiny_model), "OMNI_SCRAPE_SECONDS": "0.1",
+    gw = spawn("gateway", {"OMNI_MODEL": str(tiny_model), "OMNI_SCRAPE_SECONDS": "2",
                            "OMNI_THINKER_SERVICE": f"127.0.0.1:{a.port}|{a.metrics_port},"
                                                    f"127.0.0.1:{b.port}|{b.metrics_port}"}).wait_ready()
 
@@ -386,25 +386,45 @@ def test_gateway_routes_around_a_busy_vllm_thinker(thinker, vllm_thinkers, tiny_
             for _ in range(n)]
         for t in threads:
             t.start()
-        # the launcher republishes vLLM's gauges every 2 s; the gateway scrapes the launcher
+        # the launcher republishes vLLM's gauges every 2 s (slower when 2 cores are busy);
+        # the gateway scrapes the launcher
         seen = []
-        until(lambda: seen.append(load(p)) or seen[-1] >= 3, 15,
+        until(lambda: seen.append(load(p)) or seen[-1] >= 2, 30,
               lambda: f"the thinker on port {p.port} to report its load (saw {seen}, {len(results)} done)")
         return threads, results
 
+    # Scrape every 2 s (so a scrape may take 2 s): with both cores busy running vLLM, the
+    # launchers' metrics can take longer than the 0.5 s a 0.1 s interval allows, and a failed
+    # scrape falls back to the gateway's own in-flight count, which knows nothing of the load
+    # sent directly. A good scrape is trusted for 6 s.
+    settle = 2.5  # one full scrape interval after the launcher shows what the test set up
     until(lambda: load(a) == 0 and load(b) == 0, 15, "both thinkers idle")
-    time.sleep(0.3)
+    time.sleep(settle)
     # both idle: the configured order decides
     assert through_gateway(2) == (2, 0)
 
-    for busy, idle_share in ((a, (0, 3)), (b, (3, 0))):
+    for busy, idle, idle_share in ((a, b, (0, 3)), (b, a, (3, 0))):
+        until(lambda: load(idle) == 0, 15, "the other thinker idle")
         threads, results = keep_busy(busy)
-        time.sleep(0.3)  # a few gateway scrapes
-        assert through_gateway(3) == idle_share
-        assert load(busy) >= 1, "the busy thinker finished before the check; the test proved nothing"
-        for t in threads:
-            t.join(120)
+        try:
+            time.sleep(settle)
+            assert through_gateway(3) == idle_share
+            assert load(busy) >= 1, "the busy thinker finished before the check; the test proved nothing"
+        finally:
+            for t in threads:  # never leave long requests behind for the next test
+                t.join(120)
         assert [r["usage"]["completion_tokens"] for r in results] == [900] * 4
+
+
+async def _until_running(load: asyncio.Future, samples: list, timeout: float = 180) -> None:
+    """Until vLLM reports a running request; fails (never hangs) if the load ends or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not any(e.get("vllm:num_requests_running", 0) >= 1 for _, e in samples):
+        if load.done():
+            load.result()  # raises what went wrong
+            raise AssertionError("the requests finished before vLLM reported one running")
+        assert time.monotonic() < deadline, f"vLLM reported no running request within {timeout:.0f}s"
+        await asyncio.sleep(0.1)
 
 
 def test_sigterm_drains_real_requests_in_flight(vllm_thinkers):
@@ -416,8 +436,7 @@ def test_sigterm_drains_real_requests_in_flight(vllm_thinkers):
 
     async def scenario():
         load = asyncio.ensure_future(_load(p, 4, LONG, samples))
-        while not any(e.get("vllm:num_requests_running", 0) >= 1 for _, e in samples):
-            await asyncio.sleep(0.1)
+        await _until_running(load, samples)
         p.terminate()
         t0 = time.monotonic()
         results = await load
@@ -440,8 +459,7 @@ def test_drain_gives_up_after_drain_seconds(vllm_thinkers):
 
     async def scenario():
         load = asyncio.ensure_future(_load(p, 1, 4000, samples, stop_after=60))
-        while not any(e.get("vllm:num_requests_running", 0) >= 1 for _, e in samples):
-            await asyncio.sleep(0.1)
+        await _until_running(load, samples)
         t0 = time.monotonic()
         p.terminate()
         try:
