@@ -64,6 +64,9 @@ class GatewayMetrics(RoleMetrics):
         self.scrape_errors = Counter("omni_gateway_upstream_scrape_errors",
                                      "Failed scrapes of an upstream's /metrics (routing then uses own in-flight counts)",
                                      ["role"], registry=r)
+        self.upstream_load = Gauge("omni_gateway_upstream_load",
+                                   "Waiting + running requests an upstream reported at this gateway's last good "
+                                   "scrape: what routing ranks endpoints by", ["role", "endpoint"], registry=r)
         self.waiting_requests = Gauge("omni_gateway_waiting_requests",
                                       "Requests held because no replica of the role is reachable (scale-from-zero signal)",
                                       ["role"], registry=r)

@@ -125,6 +125,7 @@ class Upstreams:
         ep.scrape_ok = True
         ep.scraped = values.get(QUEUE_METRIC, 0.0) + values.get(RUNNING_METRIC, 0.0)
         ep.scraped_at = sent
+        self.metrics.upstream_load.labels(pool.role, f"{ep.host}:{ep.port}").set(ep.scraped)
 
     # -- upstream call: least-loaded endpoint, failover, and holding while none is reachable --
 
