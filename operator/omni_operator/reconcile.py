@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from . import metrics, weights
@@ -131,7 +131,7 @@ class Reconciler:
             return observed
         progress = {key: p for key, url in urls.items()
                     if (p := weights.parse_progress(self.fetch(url, 2.0))) is not None}
-        return weights.observe(live, pods, progress, recorded)
+        return replace(observed, progress=progress)
 
     def _live_children(self, namespace: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
         live = {}
