@@ -323,7 +323,8 @@ class TalkerSpec(RoleSpec):
 
     gpu: TalkerGpuType = Field(default_factory=TalkerGpuType)
     max_queue: int = Field(default=16, ge=1, le=10000, description="Requests a talker pod queues before answering 429.")
-    max_inflight: int = Field(default=2, ge=1, le=256, description="Concurrent syntheses per talker pod.")
+    max_inflight: int = Field(default=16, ge=1, le=256, description=(
+        "Syntheses one talker pod decodes together (its batch size); more wait in its queue."))
 
 
 class GatewaySpec(RoleSpec):

@@ -48,6 +48,13 @@ class TalkerMetrics(RoleMetrics):
                              "Synthesis wall time divided by the duration of the audio produced (<1 is faster than real time)",
                              buckets=RTF_BUCKETS, registry=r)
         self.audio_seconds = Counter("omni_talker_audio_seconds", "Seconds of audio produced", registry=r)
+        self.batch_size = Gauge("omni_talker_batch_size", "Syntheses stepped together in the latest decode step",
+                                registry=r)
+        self.batch_rows = Histogram("omni_talker_decode_batch_rows", "Syntheses per decode step",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.waiting_for_text = Gauge("omni_talker_waiting_for_text",
+                                      "Running syntheses paused until the thinker's next text token arrives",
+                                      registry=r)
 
 
 class GatewayMetrics(RoleMetrics):
@@ -74,7 +81,7 @@ class GatewayMetrics(RoleMetrics):
                                        "Bytes of multimodal thinker states fetched for speech requests (JSON)",
                                        registry=r)
         self.talker_payload_bytes = Histogram("omni_gateway_talker_payload_bytes",
-                                              "Size of the payloads posted to talkers (JSON)",
+                                              "Size of the payloads posted to talkers (JSON; the head line of a streamed hand-off)",
                                               buckets=PAYLOAD_BUCKETS, registry=r)
         for role in ("thinker", "talker"):
             self.waiting_requests.labels(role).set(0)

@@ -1,31 +1,30 @@
-"""Talker + code2wav inference for one pod: token ids (+ multimodal thinker states) in,
-PCM chunks out, as the codec produces them.
+"""Talker + code2wav for one pod: the model, and the pure steps of speaking one or many
+requests (prefill, one batched decode step, the residual code groups, PCM from codes).
+The loop that drives these steps for every active request at once is talker_batch.py.
 
 The talker input is built exactly as Qwen3-Omni builds it inside one process
 (user turns: thinker embeddings through `text_projection`, multimodal positions:
 layer-`accept_hidden_layer` states through `hidden_projection`; assistant turn:
 text embeddings plus the codec control tokens and the speaker), but the thinker
-side arrives as a payload instead of living in the same process.
+side arrives as a payload instead of living in the same process. The assistant text
+after its first token is fed one token per codec step (`tts_eos` after the last,
+`tts_pad` once it is over), so decoding can start before the thinker has finished.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
 
 from .payload import PayloadError, TalkerRequest
 from .weights import load_module, load_prefixed, resolve_model_dir
 
 log = logging.getLogger("omni.talker")
 
-
-class Cancelled(Exception):
-    pass
+TEXT_ROWS_KEPT = 16384  # projected text embeddings memoized per token id (a few MB on the real model)
 
 
 @dataclass
@@ -36,12 +35,13 @@ class ChunkPolicy:
 
 
 @dataclass
-class SynthesisStats:
-    codes: int = 0
-    samples: int = 0
-    started: float = 0.0
-    first_audio: float | None = None
-    finished: float = 0.0
+class Prefilled:
+    """One request after its prefill: what its first decode step needs."""
+    hidden: object      # [1, 1, D] last-layer state of the last position (feeds the code predictor)
+    logits: object      # [1, V] float32 logits of the first codec token
+    kv: list            # per layer (keys, values), [1, heads, length, head_dim]
+    length: int
+    rope_delta: int     # 3D RoPE offset: position of the next token = length + rope_delta
 
 
 class TalkerEngine:
@@ -87,8 +87,11 @@ class TalkerEngine:
         thinker_eos = getattr(self.config, "im_end_token_id", None)
         self.thinker_eos = {thinker_eos} if thinker_eos is not None else set()
         self.load_seconds = time.monotonic() - t0
-        self._slot_lock = threading.Lock()
-        self._free_slots: list = []
+        self.text_vocab = int(self.thinker_embed.shape[0])
+        self.code_groups = int(tc.num_code_groups)
+        self.codec_eos = int(tc.codec_eos_token_id)
+        self._text_rows: OrderedDict[int, object] = OrderedDict()
+        self._text_lock = threading.Lock()
         log.info("talker loaded from %s in %.1fs on %s (%s)", model_dir, self.load_seconds, self.device, dtype)
 
     # -- description ----------------------------------------------------------------
@@ -103,32 +106,73 @@ class TalkerEngine:
         }
 
     # -- input construction ---------------------------------------------------------
-    def build_inputs(self, req: TalkerRequest) -> dict:
+    def prompt_tail(self, prompt: list[int]) -> list[int]:
+        """What the prompt already holds of the assistant turn after '<|im_start|>assistant\\n'
+        (usually nothing): the talker speaks it before the response."""
+        return prompt[self._assistant_start(prompt) + 3:]
+
+    def spoken_tail(self, req: TalkerRequest) -> list[int]:
+        """The assistant text the talker speaks: the prompt's tail, then the response up to
+        the thinker's first <|im_end|>."""
+        return self.prompt_tail(req.prompt_ids) + self.cut_at_end(req.response_ids)
+
+    def cut_at_end(self, ids: list[int]) -> list[int]:
+        for i, tok in enumerate(ids):
+            if tok in self.thinker_eos:
+                return list(ids[:i])
+        return list(ids)
+
+    def _assistant_start(self, prompt: list[int]) -> int:
+        cfg = self.config
+        start = None
+        for i in range(len(prompt) - 1):
+            if prompt[i] == cfg.im_start_token_id and prompt[i + 1] == cfg.assistant_token_id:
+                start = i
+        if start is None:
+            raise PayloadError("prompt_ids has no '<|im_start|>assistant' turn (apply the chat template with a generation prompt)")
+        return start
+
+    def text_row(self, token_id: int):
+        """The talker-side embedding of one text token ([D]), projected one row at a time so
+        the value never depends on which other tokens were projected with it."""
+        with self._text_lock:
+            row = self._text_rows.get(token_id)
+            if row is not None:
+                self._text_rows.move_to_end(token_id)
+                return row
+        if not 0 <= token_id < self.thinker_embed.shape[0]:
+            raise PayloadError(f"token id {token_id} out of range for a vocabulary of {self.thinker_embed.shape[0]}")
+        with self.torch.inference_mode():
+            row = self.talker.text_projection(self.thinker_embed[token_id:token_id + 1].to(self.dtype))[0]
+        with self._text_lock:
+            self._text_rows[token_id] = row
+            if len(self._text_rows) > TEXT_ROWS_KEPT:
+                self._text_rows.popitem(last=False)
+        return row
+
+    def trailing_row(self, token_id: int | None, ended: bool):
+        """What step k adds to the codec embedding: text token k+1 of the spoken tail, `tts_eos`
+        right after the last one (`ended`, token None), `tts_pad` from then on."""
+        if token_id is not None:
+            return self.text_row(token_id)
+        return self.text_row(self.config.tts_eos_token_id if ended else self.config.tts_pad_token_id)
+
+    def prefill_inputs(self, req: TalkerRequest, tail: list[int]) -> dict:
+        """The talker's prefill for `req`: the prompt plus the first token of the spoken `tail`
+        (the rest of the tail is fed step by step)."""
         torch = self.torch
         cfg, tc = self.config, self.tc
         speaker_id = self.speakers.get(req.speaker.lower())
         if speaker_id is None:
             raise PayloadError(f"unknown speaker {req.speaker!r}; known: {', '.join(sorted(self.speakers))}")
-        vocab = self.thinker_embed.shape[0]
-        if max(req.prompt_ids) >= vocab or max(req.response_ids) >= vocab:
-            raise PayloadError(f"token id out of range for a vocabulary of {vocab}")
-        # The spoken text ends at the thinker's first <|im_end|>; the talker gets an explicit
-        # tts_eos after the last text token instead of the end-of-turn token itself.
-        response = list(req.response_ids)
-        for i, tok in enumerate(response):
-            if tok in self.thinker_eos:
-                response = response[:i]
-                break
-        if not response:
+        if not tail:
             raise PayloadError("response_ids has no text before the end-of-turn token")
         prompt = req.prompt_ids
+        vocab = self.thinker_embed.shape[0]
+        if max(prompt) >= vocab or max(tail) >= vocab:
+            raise PayloadError(f"token id out of range for a vocabulary of {vocab}")
+        assistant_start = self._assistant_start(prompt)
         n_prompt = len(prompt)
-        assistant_start = None
-        for i in range(n_prompt - 1):
-            if prompt[i] == cfg.im_start_token_id and prompt[i + 1] == cfg.assistant_token_id:
-                assistant_start = i
-        if assistant_start is None:
-            raise PayloadError("prompt_ids has no '<|im_start|>assistant' turn (apply the chat template with a generation prompt)")
 
         mm_positions = [i for i, t in enumerate(prompt) if t in self.mm_ids]
         n_states = req.mm.shape[0] if req.mm else 0
@@ -142,8 +186,8 @@ class TalkerEngine:
             raise PayloadError(f"mm states come from layer {req.mm.layer}, this talker accepts layer {tc.accept_hidden_layer}")
 
         dev, dt = self.device, self.dtype
-        seq = torch.tensor(prompt + response, dtype=torch.long, device=dev)
-        embeds = self.thinker_embed[seq]  # [L, H_thinker], layer-0 states of every position
+        seq = torch.tensor(prompt[:assistant_start + 3] + tail[:1], dtype=torch.long, device=dev)
+        embeds = self.thinker_embed[seq]  # layer-0 states of every position
 
         # user turns: every position whose enclosing <|im_start|> is followed by the user role token
         user_pos, role, cur = [], None, None
@@ -169,9 +213,9 @@ class TalkerEngine:
             user_embeds[cols] = proj_h(states[rows])
         user_ids = seq[user_idx]
 
-        special = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=dev)
-        tts_bos, tts_eos, tts_pad = proj_t(self.thinker_embed[special].to(dt)).chunk(3, dim=0)  # [1, D] each
-        assistant = proj_t(embeds[assistant_start:].to(dt))  # <|im_start|> assistant \n r0 r1 ...
+        special = torch.tensor([cfg.tts_bos_token_id, cfg.tts_pad_token_id], device=dev)
+        tts_bos, tts_pad = proj_t(self.thinker_embed[special].to(dt)).chunk(2, dim=0)  # [1, D] each
+        assistant = proj_t(embeds[assistant_start:].to(dt))  # <|im_start|> assistant \\n t0
         text_part = torch.cat((assistant[:3], tts_pad.expand(4, -1), tts_bos, assistant[3:4]), dim=0)
         codec_tokens = torch.tensor(
             [tc.codec_nothink_id, tc.codec_think_bos_id, tc.codec_think_eos_id, speaker_id, tc.codec_pad_id, tc.codec_bos_id],
@@ -183,18 +227,11 @@ class TalkerEngine:
         )
         n_asst = min(text_part.shape[0], codec_part.shape[0])
         assistant_embeds = text_part[:n_asst] + codec_part[:n_asst]
-        trailing = torch.cat((assistant[4:], tts_eos), dim=0)
         assistant_ids = torch.full((n_asst,), cfg.tts_pad_token_id, dtype=torch.long, device=dev)
 
         inputs_embeds = torch.cat((user_embeds, assistant_embeds), dim=0).unsqueeze(0)
         talker_ids = torch.cat((user_ids, assistant_ids), dim=0).unsqueeze(0)
-        kwargs = dict(
-            inputs_embeds=inputs_embeds,
-            trailing_text_hidden=trailing.unsqueeze(0),
-            tts_pad_embed=tts_pad.unsqueeze(0),
-            talker_input_ids=talker_ids,
-            attention_mask=torch.ones_like(talker_ids),
-        )
+        kwargs = dict(inputs_embeds=inputs_embeds, talker_input_ids=talker_ids, attention_mask=torch.ones_like(talker_ids))
         if req.mm:
             if req.mm.audio_feature_lengths:
                 kwargs["audio_feature_lengths"] = torch.tensor(req.mm.audio_feature_lengths, device=dev)
@@ -206,97 +243,89 @@ class TalkerEngine:
                 kwargs["video_second_per_grid"] = torch.tensor(req.mm.video_second_per_grid, device=dev)
         return kwargs
 
-    # -- generation -----------------------------------------------------------------
-    def _slot(self):
-        """A shallow copy of the talker: shares every weight, owns its per-request state
-        (3D RoPE deltas, the code tap below), so concurrent syntheses do not interfere."""
-        with self._slot_lock:
-            if self._free_slots:
-                return self._free_slots.pop()
-        return copy.copy(self.talker)
-
-    def _release(self, slot):
-        slot.__dict__.pop("forward", None)
-        with self._slot_lock:
-            self._free_slots.append(slot)
-
-    def synthesize(self, req: TalkerRequest, emit: Callable[[bytes], None], cancelled: Callable[[], bool]) -> SynthesisStats:
-        """Run one synthesis on the calling thread; `emit` receives PCM16 little-endian
-        chunks as code2wav produces them. Raises Cancelled if `cancelled()` turns true."""
+    def build_inputs(self, req: TalkerRequest) -> dict:
+        """Everything transformers' `talker.generate` takes for a finished answer: the prefill
+        plus `trailing_text_hidden` and `tts_pad_embed` (what the decode loop feeds step by step)."""
         torch = self.torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        tail = self.spoken_tail(req)
+        kwargs = self.prefill_inputs(req, tail)
+        rows = [self.text_row(t) for t in tail[1:]] + [self.trailing_row(None, True)]
+        kwargs["trailing_text_hidden"] = torch.stack(rows).unsqueeze(0)
+        kwargs["tts_pad_embed"] = self.trailing_row(None, False).view(1, 1, -1)
+        return kwargs
 
-        stats = SynthesisStats(started=time.monotonic())
-        with torch.inference_mode():
-            kwargs = self.build_inputs(req)
-            g = req.generation
-            seed = g.get("seed")
-            generator_state = None
-            if seed is not None:
-                generator_state = torch.random.get_rng_state()
-                torch.manual_seed(seed)
-            codes: list = []
-            decoded_upto = 0
-            next_at = self.chunks.first
+    # -- the steps of decoding ------------------------------------------------------
+    def prefill(self, kwargs: dict) -> Prefilled:
+        """Run one request's prefill (batch of one) with a fresh cache."""
+        from transformers import DynamicCache
 
-            def flush(final: bool = False):
-                nonlocal decoded_upto, next_at
-                n = len(codes)
-                if n == decoded_upto or (not final and n < next_at):
-                    return
-                ctx = min(self.chunks.left_context, decoded_upto)
-                block = torch.stack(codes[decoded_upto - ctx: n], dim=-1).unsqueeze(0)  # [1, groups, T]
-                wav = self.code2wav(block.to(self.device))[0, 0, ctx * self.upsample:]
-                pcm = (wav.float().clamp(-1, 1) * 32767.0).round().to(torch.int16).cpu().numpy().astype("<i2").tobytes()
-                decoded_upto = n
-                next_at = n + self.chunks.every
-                if pcm:
-                    if stats.first_audio is None:
-                        stats.first_audio = time.monotonic()
-                    stats.samples += len(pcm) // 2
-                    emit(pcm)
+        cache = DynamicCache()
+        out = self.talker(**kwargs, cache=cache, use_cache=True, output_hidden_states=True)
+        # forward() keeps the 3D RoPE offset on the module; read it before anything else runs
+        delta = self.talker.rope_deltas
+        rope_delta = int(delta.reshape(-1)[0]) if delta is not None else 0
+        length = kwargs["inputs_embeds"].shape[1]
+        hidden = out.hidden_states[0][-1][:, -1:]  # the last layer's output (already normed)
+        return Prefilled(hidden=hidden, logits=out.logits[:, -1, :].float(), kv=kv_layers(cache),
+                         length=length, rope_delta=rope_delta)
 
-            slot = self._slot()
-            original_forward = type(slot).forward.__get__(slot)
+    def decode(self, embeds, cache, attention_mask, positions):
+        """One decode step for a batch: embeds [B, 1, D] -> (hidden [B, 1, D], logits [B, V] float32)."""
+        out = self.talker.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                                cache=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        return hidden, self.talker.codec_head(hidden)[:, -1, :].float()
 
-            @functools.wraps(original_forward)
-            def tapped_forward(*args, **kwargs):
-                rc = kwargs.get("residual_codes")
-                if rc is not None:
-                    codes.append(rc[0].detach())
-                    stats.codes += 1
-                    flush()
-                if cancelled():
-                    raise Cancelled()
-                return original_forward(*args, **kwargs)
+    def residual_codes(self, hidden, first, pick):
+        """The code predictor for a batch: the last talker states [B, 1, D] and the sampled first
+        code groups [B] give the other groups. `pick(step, logits [B, V] float32)` chooses one code
+        per row. Returns (codes [B, groups], the summed codec embedding [B, 1, D] of the next step)."""
+        from transformers import DynamicCache
 
-            class Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kw):
-                    return torch.full((input_ids.shape[0],), cancelled(), dtype=torch.bool, device=input_ids.device)
+        torch = self.torch
+        cp = self.talker.code_predictor
+        first_embed = self.talker.get_input_embeddings()(first.view(-1, 1))  # [B, 1, D]
+        cache = DynamicCache()
+        embeds = torch.cat((hidden, first_embed), dim=1)
+        hiddens = [first_embed]
+        codes = [first.view(-1)]
+        for step in range(self.code_groups - 1):
+            out = cp.model(inputs_embeds=embeds, cache=cache, use_cache=True)
+            logits = cp.lm_head[step](out.last_hidden_state)[:, -1, :].float()
+            code = pick(step, logits)
+            codes.append(code)
+            embeds = cp.get_input_embeddings()[step](code.view(-1, 1))
+            hiddens.append(embeds)
+        return torch.stack(codes, dim=1), torch.cat(hiddens, dim=1).sum(1, keepdim=True)
 
-            slot.forward = tapped_forward
-            try:
-                slot.generate(
-                    **kwargs,
-                    max_new_tokens=g.get("max_codes", 4096),
-                    min_new_tokens=g.get("min_codes", 0),
-                    do_sample=g.get("do_sample", True),
-                    top_k=g.get("top_k", 50),
-                    top_p=g.get("top_p", 1.0),
-                    temperature=g.get("temperature", 0.9),
-                    repetition_penalty=g.get("repetition_penalty", 1.05),
-                    eos_token_id=self.tc.codec_eos_token_id,
-                    suppress_tokens=self.suppress,
-                    output_hidden_states=True,
-                    return_dict_in_generate=True,
-                    stopping_criteria=StoppingCriteriaList([Stop()]),
-                )
-                if cancelled():
-                    raise Cancelled()
-                flush(final=True)
-            finally:
-                self._release(slot)
-                if generator_state is not None:
-                    torch.random.set_rng_state(generator_state)
-        stats.finished = time.monotonic()
-        return stats
+    def pcm(self, spans: list[tuple[list, int, int]]) -> list[bytes]:
+        """PCM16 little-endian of codes[start:end] for each (codes, start, end), with up to
+        `left_context` earlier codes re-decoded for continuity and cut off again. Spans of the
+        same shape are decoded together."""
+        torch = self.torch
+        out: list[bytes] = [b""] * len(spans)
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, (_codes, start, end) in enumerate(spans):
+            shapes.setdefault((min(self.chunks.left_context, start), end - start), []).append(i)
+        for (ctx, _n), rows in shapes.items():
+            blocks = [torch.stack(spans[i][0][spans[i][1] - ctx:spans[i][2]], dim=-1) for i in rows]
+            wav = self.code2wav(torch.stack(blocks).to(self.device))[:, 0, ctx * self.upsample:]
+            pcm = (wav.float().clamp(-1, 1) * 32767.0).round().to(torch.int16).cpu().numpy().astype("<i2")
+            for j, i in enumerate(rows):
+                out[i] = pcm[j].tobytes()
+        return out
+
+
+def kv_layers(cache) -> list:
+    """(keys, values) per layer of a transformers DynamicCache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_of(kv: list):
+    """A DynamicCache holding the given (keys, values) per layer."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache

@@ -7,6 +7,8 @@ Inputs: text, `input_audio` (wav) and `audio_url` data: URLs of WAV audio. `imag
 Beyond the OpenAI surface it speaks what the gateway uses for speech:
   * `"return_token_ids": true` -> `prompt_token_ids` and `choices[i].token_ids`
     (the same fields vLLM returns for this flag);
+  * vLLM's sampling extensions `ignore_eos` (do not stop at EOS) and `min_tokens` (no EOS
+    before that many tokens), with vLLM's checks;
   * header `X-Request-Id: <rid>` -> the response id is `chatcmpl-<rid>` (as in vLLM) and,
     when the prompt has multimodal tokens, the thinker's layer-`accept_hidden_layer`
     states at those positions are published before generation starts, on the metrics
@@ -200,7 +202,12 @@ class ThinkerEngine:
                 pass
 
         ids = torch.tensor([prep["ids"]], device=self.device)
-        gen = dict(max_new_tokens=params["max_tokens"], eos_token_id=self.eos, pad_token_id=self.eos)
+        # ignore_eos: no stop token at all (the answer runs to max_tokens, EOS may appear in it);
+        # min_tokens: EOS is masked until that many tokens are out
+        gen = dict(max_new_tokens=params["max_tokens"], pad_token_id=self.eos,
+                   eos_token_id=None if params.get("ignore_eos") else self.eos)
+        if params.get("min_tokens") and not params.get("ignore_eos"):
+            gen["min_new_tokens"] = params["min_tokens"]
         if params["temperature"] > 0:
             gen.update(do_sample=True, temperature=params["temperature"], top_p=params["top_p"])
         else:
@@ -234,13 +241,27 @@ def _params(body: dict) -> dict:
         return typ(v)
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return {
+    params = {
         "max_tokens": num("max_tokens", 64, 1, 8192, int) if max_tokens is None else
         num("max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", 64, 1, 8192, int),
         "temperature": num("temperature", 0.0, 0.0, 2.0),
         "top_p": num("top_p", 1.0, 0.0, 1.0),
         "seed": body.get("seed") if isinstance(body.get("seed"), int) else None,
     }
+    # vLLM's sampling extensions, same names and checks (benchmarks ask for long answers)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("ignore_eos must be a boolean")
+    min_tokens = body.get("min_tokens", 0)
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int):
+        raise BadRequest("min_tokens must be an integer")
+    if min_tokens < 0:
+        raise BadRequest(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
+    if min_tokens > params["max_tokens"]:
+        raise BadRequest(f"min_tokens must be less than or equal to max_tokens={params['max_tokens']}, "
+                         f"got {min_tokens}.")
+    params.update(ignore_eos=ignore_eos, min_tokens=min_tokens)
+    return params
 
 
 class ThinkerService(EngineService):
@@ -363,7 +384,8 @@ class ThinkerService(EngineService):
                     break
                 elif kind == "done":
                     ids = item["token_ids"]
-                    finish = "stop" if ids and ids[-1] == self.engine.eos else "length"
+                    stopped = ids and ids[-1] == self.engine.eos and not params["ignore_eos"]
+                    finish = "stop" if stopped else "length"
                     usage = {"prompt_tokens": len(prep["ids"]), "completion_tokens": len(ids),
                              "total_tokens": len(prep["ids"]) + len(ids)}
                     if stream:

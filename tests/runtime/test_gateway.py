@@ -33,9 +33,16 @@ def stack(tiny_model, module_spawn, tmp_path_factory):
         "OMNI_API_KEYS_FILE": str(keys), "OMNI_MAX_REQUEST_BYTES": "200000", "OMNI_MAX_MEDIA_BYTES": "60000",
         "OMNI_TALKER_GENERATION": json.dumps({"max_codes": 24, "min_codes": 24, "seed": 5}),
     })
-    for p in (thinker, talker, gateway):
+    # the same stack, speaking whole answers (the path without the streaming hand-off)
+    whole = module_spawn("gateway", {
+        **common, "OMNI_ROLE": "gateway", "OMNI_SPEECH_STREAMING": "0",
+        "OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
+        "OMNI_TALKER_SERVICE": f"localhost:{talker.port}|{talker.metrics_port}",
+        "OMNI_TALKER_GENERATION": json.dumps({"max_codes": 24, "min_codes": 24, "seed": 5}),
+    })
+    for p in (thinker, talker, gateway, whole):
         p.wait_ready()
-    return {"thinker": thinker, "talker": talker, "gateway": gateway}
+    return {"thinker": thinker, "talker": talker, "gateway": gateway, "whole": whole}
 
 
 def chat(stack, body, headers=AUTH):
@@ -113,6 +120,40 @@ def test_audio_stream_text_then_audio(stack):
     assert len(pcm) % 2 == 0 and len(pcm) // 2 > 0.8 * 24 * 1920
     final = events[-1]["choices"][0]
     assert final["finish_reason"] in ("stop", "length") and final["delta"]["audio"]["sample_rate"] == 24000
+
+
+def _speech_events(raw: bytes) -> tuple[list[str], str, bytes]:
+    """(kinds in order, transcript, pcm) of a streamed speech answer."""
+    kinds, text, pcm = [], "", b""
+    for e in sse_events(raw):
+        if e == "[DONE]":
+            continue
+        audio = e["choices"][0]["delta"].get("audio") or {}
+        if audio.get("transcript"):
+            kinds.append("text")
+            text += audio["transcript"]
+        if audio.get("data"):
+            kinds.append("audio")
+            pcm += base64.b64decode(audio["data"])
+    return kinds, text, pcm
+
+
+def test_streamed_hand_off_speaks_before_the_answer_ends_and_sounds_the_same(stack):
+    """A long answer: with the hand-off, audio starts while the transcript is still coming;
+    the audio equals what the whole-answer path makes of the same answer and seed."""
+    body = {**_audio_request("Tell me a long story.", stream=True), "max_tokens": 160, "ignore_eos": True,
+            "temperature": 0}
+    answers = {}
+    for name in ("gateway", "whole"):
+        status, _, raw, _ = run(post_stream(stack[name].url + "/v1/chat/completions", body, headers=AUTH))
+        assert status == 200, raw[:300]
+        answers[name] = _speech_events(raw)
+    kinds, text, pcm = answers["gateway"]
+    whole_kinds, whole_text, whole_pcm = answers["whole"]
+    assert text == whole_text and len(text) > 0
+    assert pcm == whole_pcm and len(pcm) > 0
+    assert kinds.index("audio") < len(kinds) - 1 - kinds[::-1].index("text"), "audio must start mid-answer"
+    assert whole_kinds.index("audio") > len(whole_kinds) - 1 - whole_kinds[::-1].index("text")
 
 
 def test_audio_input_carries_thinker_states_to_talker(stack):

@@ -58,10 +58,11 @@ class TalkerTap:
 
     async def _forward(self, request):
         raw = await request.read()
-        self.payloads.append(raw)
+        # a streamed hand-off (ndjson): its head line is the payload with the ids known by then
+        self.payloads.append(raw.split(b"\n", 1)[0] + b"\n" if request.content_type == "application/x-ndjson" else raw)
         async with aiohttp.ClientSession() as s:
             async with s.post(self.target + "/v1/talker/synthesize", data=raw,
-                              headers={"Content-Type": "application/json"}) as up:
+                              headers={"Content-Type": request.content_type}) as up:
                 resp = web.StreamResponse(status=up.status, headers={
                     k: v for k, v in up.headers.items() if k.startswith("X-Omni-") or k == "Content-Type"})
                 await resp.prepare(request)

@@ -158,3 +158,82 @@ def test_sigterm_drains_in_flight_and_refuses_new(tiny_model, spawn):
     assert samples > 0.8 * 150 * 1920, "the in-flight stream must complete"
     assert talker.popen.wait(timeout=30) == 0
     assert "SIGTERM: draining" in talker.log_text()
+
+
+def _ndjson_body(head: dict, ids: list[int], end: bool = True, pause: float = 0.0, hold=None):
+    """The streaming hand-off's body: the head, one line per id (`pause` apart), the end line.
+    `hold` (an asyncio.Event) is awaited before the body ends."""
+
+    async def body():
+        yield (json.dumps(head) + "\n").encode()
+        for tok in ids:
+            await asyncio.sleep(pause)
+            yield (json.dumps({"ids": [tok]}) + "\n").encode()
+        if hold is not None:
+            await hold.wait()
+        if end:
+            yield b'{"end": true}\n'
+
+    return body()
+
+
+async def _post_ndjson(url, body):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async with s.post(url, data=body, headers={"Content-Type": "application/x-ndjson"}) as r:
+            return r.status, await r.read()
+
+
+def test_streamed_text_gives_the_same_audio_as_the_whole_payload(shared_talker, tiny_model):
+    url = shared_talker.url + "/v1/talker/synthesize"
+    whole = text_payload(tiny_model, codes=30, fmt="pcm", response_ids=list(range(40, 60)))
+    status, _, expected, _ = run(post_stream(url, whole))
+    assert status == 200 and expected
+    head = {**whole, "response_ids": whole["response_ids"][:1]}
+    status, got = run(_post_ndjson(url, _ndjson_body(head, whole["response_ids"][1:], pause=0.03)))
+    assert status == 200
+    assert got == expected, "a seeded synthesis must not depend on how its text arrived"
+
+
+def test_text_stream_that_ends_without_end_line(shared_talker, tiny_model):
+    url = shared_talker.url + "/v1/talker/synthesize"
+    # before any audio: a clear 400
+    head = text_payload(tiny_model, codes=30, fmt="pcm", response_ids=[40])
+    status, raw = run(_post_ndjson(url, _ndjson_body(head, [41, 42], end=False)))
+    assert status == 400 and b"without" in raw
+
+    # after audio started: the connection is cut, so the answer cannot pass for a finished one
+    async def cut():
+        hold = asyncio.Event()
+        body = _ndjson_body({**head, "response_ids": list(range(40, 52))}, [], end=False, hold=hold)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            async with s.post(url, data=body, headers={"Content-Type": "application/x-ndjson"}) as r:
+                assert r.status == 200
+                first = await r.content.readany()
+                assert first, "audio starts before the text is complete"
+                hold.set()
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+
+    run(cut())
+    assert run(_post_ndjson(url, _ndjson_body(head, [], end=True)))[0] == 200, "the talker keeps serving"
+
+
+def test_concurrent_syntheses_share_decode_steps(tiny_model, spawn):
+    talker = spawn("talker", talker_env(tiny_model, OMNI_MAX_INFLIGHT=4, OMNI_MAX_QUEUE=4)).wait_ready()
+    url = talker.url + "/v1/talker/synthesize"
+
+    async def four():
+        return await asyncio.gather(*(post_stream(url, text_payload(tiny_model, codes=60, fmt="pcm",
+                                                                    generation={"max_codes": 60, "min_codes": 60,
+                                                                                "seed": i}))
+                                      for i in range(4)))
+
+    results = run(four())
+    assert all(r[0] == 200 and r[2] for r in results)
+    text = talker.metrics_text()
+    count = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith("omni_talker_decode_batch_rows_count")))
+    up_to_two = float(next(line.split()[-1] for line in text.splitlines()
+                           if line.startswith('omni_talker_decode_batch_rows_bucket{le="2.0"}')))
+    assert count - up_to_two > 20, "most steps must have carried more than two syntheses"
+    assert "omni_talker_batch_size" in text and "omni_talker_waiting_for_text" in text

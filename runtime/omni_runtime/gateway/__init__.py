@@ -3,8 +3,8 @@
     POST /v1/chat/completions   text: proxied to the least-loaded thinker (stream or not)
                                 modalities containing "audio": thinker (text + token ids) ->
                                 multimodal states for media input -> talker payload ->
-                                least-loaded talker; text first, then audio, as OpenAI-style
-                                `audio` deltas
+                                least-loaded talker, opened while the thinker still writes;
+                                transcript and audio as OpenAI-style `audio` deltas
     GET  /v1/models
     GET  /health                200 serving, 503 draining
 
@@ -17,6 +17,8 @@ Modules, one concern each:
     sse         OpenAI stream framing and reading a thinker's stream; pure
     mm_states   fetching a request's multimodal thinker states for the talker
     speech      the speech pipeline (thinker -> states -> talker -> audio to the client)
+    handoff     the streamed talker request body: payload head line, then ids as they come
+    speech_client  the client's side of a speech request: SSE deltas or one JSON answer
     app         the aiohttp application, request accounting, the text proxy, amain
 """
 

@@ -34,6 +34,7 @@ def config_from_env(environ=None) -> dict:
         upstream_metrics_port=env.env_int("OMNI_UPSTREAM_METRICS_PORT", 9400, environ, minimum=0),
         upstream_wait=_non_negative("OMNI_UPSTREAM_WAIT_SECONDS", 120.0, environ),
         mm_states_wait=_non_negative("OMNI_MM_STATES_WAIT_SECONDS", 10.0, environ),
+        speech_streaming=_switch("OMNI_SPEECH_STREAMING", True, environ),
     )
     if cfg["upstream_metrics_port"] > 65535:
         raise env.ConfigError(f"OMNI_UPSTREAM_METRICS_PORT={cfg['upstream_metrics_port']} is not a port number")
@@ -52,3 +53,15 @@ def _non_negative(name: str, default: float, environ) -> float:
     if not value >= 0:  # also refuses nan
         raise env.ConfigError(f"{name}={value:g} must be >= 0")
     return value
+
+
+def _switch(name: str, default: bool, environ) -> bool:
+    raw = env.env_str(name, None, environ)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise env.ConfigError(f"{name}={raw!r} must be 1/true/on or 0/false/off")

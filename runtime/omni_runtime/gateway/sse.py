@@ -44,10 +44,14 @@ class ThinkerReply:
     finish: str | None = None
     usage: dict | None = None
     tokens_seen: bool = False  # a generated token arrived: the prompt's prefill is done
+    error: str | None = None   # an `error` event (vLLM sends one when generation fails mid-stream)
 
     def feed(self, obj: dict) -> str:
         """Take one chunk; returns its text delta ('' when none)."""
         self.model = obj.get("model", self.model)
+        if obj.get("error"):
+            err = obj["error"]
+            self.error = str(err.get("message", err) if isinstance(err, dict) else err)
         if obj.get("prompt_token_ids") is not None:
             self.prompt_ids = obj["prompt_token_ids"]
         if obj.get("usage"):
@@ -65,3 +69,8 @@ class ThinkerReply:
                 self.finish = ch["finish_reason"]
         self.text += text
         return text
+
+    @property
+    def complete(self) -> bool:
+        """The answer ended as answers do: a finish reason and no error event."""
+        return self.finish is not None and self.error is None

@@ -136,6 +136,8 @@ class Upstreams:
             yield taken
 
     async def connect(self, method, pool: Pool, path: str, request, hold: bool, kw: dict) -> Taken:
+        """`kw` goes to aiohttp's request; its `data` may be a zero-argument callable that
+        makes the body, called once per attempt."""
         if not pool.targets:
             raise UpstreamUnavailable(503, f"no {pool.role} service is configured "
                                            f"(OMNI_{pool.role.upper()}_SERVICE is empty)")
@@ -193,7 +195,7 @@ class Upstreams:
         for ep in (await pool.candidates())[: self.cfg["max_attempts"]]:
             token = ep.acquire()
             try:
-                resp = await self.session.request(method, ep.url + path, **kw)
+                resp = await self.session.request(method, ep.url + path, **_fresh(kw))
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 ep.release(token)
                 ep.down_until = time.monotonic() + DOWN_FOR
@@ -219,3 +221,11 @@ class Upstreams:
                 continue
             return Taken(ep, resp, token)
         return why
+
+
+def _fresh(kw: dict) -> dict:
+    """The request arguments of one attempt: a callable `data` makes a new body each time
+    (a streamed body is consumed by the attempt that sends it)."""
+    if callable(kw.get("data")):
+        return {**kw, "data": kw["data"]()}
+    return kw

@@ -1,0 +1,86 @@
+"""Batched sampling with per-row settings: the same arithmetic as transformers' logits
+processors, draws confined to what top-k/top-p allow, and per-request random streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from omni_runtime.payload import PayloadError
+from omni_runtime.talker_sampling import Sampling, choose, process_first
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.runtime
+
+V = 64
+EOS = 60
+
+
+def logits(rows=3, seed=0):
+    return torch.randn((rows, V), generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_history_processors_equal_transformers():
+    from transformers.generation.logits_process import (
+        MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor, SuppressTokensLogitsProcessor)
+
+    scores = logits()
+    rows = [Sampling(repetition_penalty=1.3, min_codes=5), Sampling(repetition_penalty=1.0),
+            Sampling(repetition_penalty=0.8, min_codes=2)]
+    histories = [[1, 2, 2, 7], [3], [4, 5]]
+    suppress = [61, 62, 63]
+    seen = torch.zeros((3, V), dtype=torch.bool)
+    for i, h in enumerate(histories):
+        seen[i, h] = True
+    mine = process_first(torch, scores, rows, seen, [len(h) for h in histories], EOS, torch.tensor(suppress))
+    for i, (row, h) in enumerate(zip(rows, histories)):
+        ref = scores[i:i + 1]
+        ids = torch.tensor([h])
+        if row.repetition_penalty != 1.0:
+            ref = RepetitionPenaltyLogitsProcessor(row.repetition_penalty)(ids, ref)
+        if row.min_codes:
+            ref = MinNewTokensLengthLogitsProcessor(0, row.min_codes, EOS)(ids, ref)
+        ref = SuppressTokensLogitsProcessor(suppress)(ids, ref)
+        assert torch.equal(mine[i:i + 1], ref), i
+    assert mine[0, EOS] == -float("inf") and mine[1, EOS] != -float("inf") and mine[2, EOS] != -float("inf")
+
+
+def test_draws_stay_inside_top_k_and_top_p_and_greedy_rows_take_the_argmax():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits()
+    rows = [Sampling(top_k=3, temperature=1.0), Sampling(top_k=0, top_p=0.5, temperature=0.7),
+            Sampling(do_sample=False)]
+    allowed = [
+        set(torch.nonzero(TopKLogitsWarper(3)(None, scores[0:1])[0] > -float("inf")).view(-1).tolist()),
+        set(torch.nonzero(TopPLogitsWarper(0.5)(None, scores[1:2] / 0.7)[0] > -float("inf")).view(-1).tolist()),
+    ]
+    drawn = [set(), set()]
+    for _ in range(300):
+        picked = choose(torch, scores, rows).tolist()
+        drawn[0].add(picked[0])
+        drawn[1].add(picked[1])
+        assert picked[2] == int(scores[2].argmax())
+    assert drawn[0] == allowed[0], "every top-3 code is drawn, nothing else"
+    assert drawn[1] <= allowed[1] and len(drawn[1]) >= 1
+
+
+def test_a_seed_fixes_the_draws_whatever_else_is_in_the_batch():
+    scores = logits(rows=4, seed=1)
+    alone = Sampling.of({"seed": 42})
+    together = [Sampling.of({"seed": 42}), Sampling.of({"seed": 1}), Sampling.of({}), Sampling.of({"do_sample": False})]
+    first = [int(choose(torch, scores[0:1], [alone])[0]) for _ in range(50)]
+    batched = [int(choose(torch, scores, together)[0]) for _ in range(50)]
+    assert first == batched
+    assert len(set(first)) > 1, "the stream advances between draws"
+
+
+@pytest.mark.parametrize("gen, needle", [
+    ({"temperature": 0.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"max_codes": 0}, "max_codes"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"),
+    ({"top_k": -2}, "top_k"),
+])
+def test_bad_settings_are_payload_errors(gen, needle):
+    with pytest.raises(PayloadError, match=needle):
+        Sampling.of(gen)
