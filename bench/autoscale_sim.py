@@ -5,8 +5,21 @@ Model, one step per second: requests arrive at rate ``rate(t)`` and each takes
 ``service_seconds``; a ready replica runs up to ``concurrency`` requests at
 once, the rest wait. New replicas become ready ``load_seconds`` after they are
 asked for (weight loading), or never when the pool has no room
-(``capacity``). Removed replicas leave at once. Deterministic for a given
-trace (noise comes from a seeded generator).
+(``capacity``). Removed replicas leave at once. While no replica is ready the
+gateway holds the requests (its ``omni_gateway_waiting_requests``). Each pod
+reports its waiting and running requests and a counter of the requests it
+finished, as the runtime pods do. Deterministic for a given trace (noise comes
+from a seeded generator).
+
+Simplified against a cluster: metrics are exact and instantaneous (no scrape
+lag), requests are spread evenly over the ready pods, a removed replica's
+requests go back to the queue at once, and the baselines see the same
+per-pod metric the operator does (HPA/KEDA would read it through a metrics
+adapter or Prometheus, one more scrape interval late). The baselines follow the
+HPA's defaults (10 % tolerance, immediate scale-up of at most double, 300 s
+scale-down stabilisation); the KEDA-style one is that algorithm polled every
+30 s, KEDA's default, and like the HPA it keeps one replica (KEDA could also
+idle at zero with minReplicaCount 0).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ class Run:
     replicas: list[int] = field(default_factory=list)  # asked-for replicas per second
     ready: list[int] = field(default_factory=list)
     needed: list[int] = field(default_factory=list)
+    allowed: list[int] = field(default_factory=list)  # needed, capped by what pool, budget and max allow
     waiting: list[float] = field(default_factory=list)
     decisions: list[tuple[int, int, str]] = field(default_factory=list)  # (t, replicas, reason)
 
@@ -90,11 +104,19 @@ class HpaStylePolicy:
         return Decision(desired=desired, reason="hpa-style", recommendation=raw, load=avg * len(loads))
 
 
-def simulate(trace: Trace, model: Model, policy_fn, start_replicas: int = 1, seed: int = 7) -> Run:
+def allowed_replicas(trace: Trace, max_replicas: int) -> int:
+    """The most replicas the pool, the GPU budget and maxReplicas let run."""
+    budget = trace.gpu_budget // trace.gpus_per_replica if trace.gpu_budget is not None else max_replicas
+    return min(max_replicas, trace.capacity, budget)
+
+
+def simulate(trace: Trace, model: Model, policy_fn, start_replicas: int = 1, seed: int = 7,
+             max_replicas: int = 10) -> Run:
     rng = random.Random(seed)
     run = Run()
     replicas = start_replicas
     ready_at: list[float] = [0.0] * start_replicas  # when each replica becomes ready
+    finished: list[float] = [0.0] * start_replicas  # each replica's completion counter
     waiting = 0.0
     running: list[float] = []  # remaining service time of running requests
     carry = 0.0
@@ -108,7 +130,11 @@ def simulate(trace: Trace, model: Model, policy_fn, start_replicas: int = 1, see
         schedulable = min(replicas, trace.capacity)
         ready = sum(1 for i, r in enumerate(ready_at) if i < schedulable and r <= t)
         slots = ready * model.concurrency
+        done = sum(1 for r in running if r <= 1)
         running = [r - 1 for r in running if r > 1]
+        for k in range(done):  # completions spread over the ready pods
+            if ready:
+                finished[k % ready] += 1
         while waiting >= 1 and len(running) < slots:
             waiting -= 1
             running.append(model.service_seconds * rng.uniform(0.8, 1.2))
@@ -117,8 +143,8 @@ def simulate(trace: Trace, model: Model, policy_fn, start_replicas: int = 1, see
             running = running[:slots]
         per_pod_wait = waiting / ready if ready else 0.0
         per_pod_run = len(running) / ready if ready else 0.0
-        loads = [PodLoad(f"p{i}", per_pod_wait, per_pod_run) for i in range(ready)]
-        gateway_waiting = waiting if replicas == 0 and (
+        loads = [PodLoad(f"p{i}", per_pod_wait, per_pod_run, finished[i]) for i in range(ready)]
+        gateway_waiting = waiting if ready == 0 and (
             trace.gateway_waiting_from is not None and t >= trace.gateway_waiting_from) else 0.0
         state = RoleState(current=replicas, ready=ready, unschedulable=max(0, replicas - trace.capacity),
                           gpus_per_replica=trace.gpus_per_replica, gpu_budget=trace.gpu_budget,
@@ -127,13 +153,16 @@ def simulate(trace: Trace, model: Model, policy_fn, start_replicas: int = 1, see
         if decision is not None and decision.desired != replicas:
             if decision.desired > replicas:
                 ready_at += [t + model.load_seconds] * (decision.desired - replicas)
+                finished += [0.0] * (decision.desired - replicas)
             else:
                 ready_at = ready_at[:decision.desired]
+                finished = finished[:decision.desired]
             replicas = decision.desired
             run.decisions.append((step, replicas, decision.reason))
         run.replicas.append(replicas)
         run.ready.append(ready)
         run.needed.append(needed_replicas(rate, model))
+        run.allowed.append(min(run.needed[-1], allowed_replicas(trace, max_replicas)))
         run.waiting.append(waiting)
     return run
 
@@ -175,7 +204,31 @@ def zero_and_back(seconds: int = 1800) -> Trace:
     return Trace("zero-and-back", lambda t: 0.0 if 60 <= t < 1200 else 0.5, seconds, gateway_waiting_from=1200)
 
 
-ALL_TRACES = (step, ramp, burst, sawtooth_noise, pool_exhausted, budget_exhausted, zero_and_back)
+def diurnal(seconds: int = 7200, low: float = 0.4, high: float = 4.5, seed: int = 11) -> Trace:
+    """A day compressed to two hours: a smooth daily curve, minute-scale drift and per-second noise."""
+    rng = random.Random(seed)
+    drift = [rng.gauss(0, 0.12) for _ in range(seconds // 60 + 2)]
+    noise = [rng.uniform(-0.2, 0.2) for _ in range(seconds)]
+
+    def rate(t: float) -> float:
+        day = 0.5 - 0.5 * math.cos(2 * math.pi * t / seconds)
+        minute = drift[int(t) // 60] + (drift[int(t) // 60 + 1] - drift[int(t) // 60]) * ((t % 60) / 60)
+        return max(0.0, (low + (high - low) * day) * (1 + minute + noise[int(t) % seconds]))
+
+    return Trace("diurnal", rate, seconds)
+
+
+def spikes(seconds: int = 2400, base: float = 1.5, peak: float = 6.0, seed: int = 5) -> Trace:
+    """A steady base with spikes of 3-8 s at random times (a retry storm, a batch job's fan-out)."""
+    rng = random.Random(seed)
+    starts, t = [], 60
+    while t < seconds:
+        t += rng.randint(45, 240)
+        starts.append((t, rng.randint(3, 8)))
+    return Trace("spikes", lambda x: peak if any(a <= x < a + n for a, n in starts) else base, seconds)
+
+
+ALL_TRACES = (step, ramp, burst, sawtooth_noise, diurnal, spikes, pool_exhausted, budget_exhausted, zero_and_back)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -192,7 +245,9 @@ def over_provisioned(run: Run) -> float:
 
 
 def under_provisioned(run: Run) -> float:
-    return float(sum(max(0, n - r) for r, n in zip(run.ready, run.needed)))
+    """Replica-seconds short of the need, counting only what the pool, the GPU budget and
+    maxReplicas allow (replicas past the budget are not a way to serve better)."""
+    return float(sum(max(0, n - r) for r, n in zip(run.ready, run.allowed)))
 
 
 def stuck_pending(run: Run, trace: Trace) -> float:

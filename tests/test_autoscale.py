@@ -5,11 +5,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.autoscale_sim import (HpaStylePolicy, Model, OurPolicy, budget_exhausted, burst, direction_changes,
-                                 over_provisioned, ramp, reach_after, pool_exhausted, sawtooth_noise, simulate, step,
-                                 stuck_pending, zero_and_back)
-from omni_operator.autoscale import (History, PodLoad, Policy, RoleState, decide, parse_gateway_waiting,
+import math
+
+from bench.autoscale_sim import (HpaStylePolicy, Model, OurPolicy, Trace, budget_exhausted, burst, direction_changes,
+                                 over_provisioned, ramp, reach_after, pool_exhausted, sawtooth_noise, simulate, spikes,
+                                 step, stuck_pending, zero_and_back)
+from omni_operator.autoscale import (History, PodLoad, Policy, RoleState, decide, from_flow, parse_gateway_waiting,
                                      parse_pod_metrics)
+from omni_operator.load_flow import Flow, FlowHistory
 
 POLICY = Policy(target_per_replica=4, min_replicas=1, max_replicas=10, scale_up_window=15, scale_down_window=300,
                 max_step=2)
@@ -175,3 +178,86 @@ def test_metrics_pages_are_parsed():
     assert parse_pod_metrics("p", page, "talker") == PodLoad("p", 3.0, 2.0)
     assert parse_pod_metrics("p", page, "thinker") is None
     assert parse_gateway_waiting(page) == {"thinker": 4.0}
+
+
+# ----------------------------------------------------------------------------- the flow behind the queue
+
+
+def test_flow_estimates_rate_and_service_time_from_the_pods_counters():
+    """A steady 2 req/s of 8 s requests: the estimate finds both from waiting/running gauges and
+    the completion counters alone."""
+    policy_run = OurPolicy(POLICY)
+    simulate(Trace("flat", lambda t: 2.0, 900), MODEL, policy_run)
+    flow = policy_run.history.flow
+    assert abs(flow.service_seconds - MODEL.service_seconds) < 0.1 * MODEL.service_seconds
+    recent = [rate for t, rate in flow.rates if t >= 600]
+    assert recent and all(abs(rate - 2.0) < 0.4 for rate in recent)
+
+
+def test_a_restarted_pod_or_missing_counters_do_not_invent_arrivals():
+    history = FlowHistory(rate_window=10, sustain_window=10)
+    for t in range(0, 60, 5):  # 1 req/s finished by one pod, 4 running throughout
+        assert history.observe(float(t), [("a", 0.0, 4.0, float(t))], 0.0) is None or t >= 10
+    flow = history.observe(60.0, [("a", 0.0, 4.0, 0.0)], 0.0)  # the pod restarted: its counter is back to 0
+    assert flow is not None and flow.arrival_rate <= 1.0
+    assert history.observe(65.0, [("a", 0.0, 4.0, None)], 0.0) is None, "without counters: the queue rule"
+
+
+def test_a_backlog_that_the_replicas_starting_will_clear_asks_for_nothing_more():
+    flow = Flow(arrival_rate=0.5, sustained_rate=0.5, trend=0.0, service_seconds=8.0, concurrency=8.0, backlog=45)
+    # one replica runs 8 at a time, 1 req/s: the 45 waiting clear in 90 s at 0.5 req/s coming in
+    assert from_flow(flow, current=1, policy=POLICY).up == 1
+    # the same backlog with arrivals at 1.2 req/s never clears on one replica: add what clears it in time
+    busy = Flow(arrival_rate=1.2, sustained_rate=1.2, trend=0.0, service_seconds=8.0, concurrency=8.0, backlog=45)
+    need = from_flow(busy, current=1, policy=POLICY)
+    assert need.up == math.ceil((1.2 + 45 / POLICY.drain_seconds) * 8 / 4) and "clear within" in need.why
+    # counted with replicas already starting, it clears: nothing more
+    assert from_flow(busy, current=need.up, policy=POLICY).up == math.ceil(1.2 * 8 / 4)
+
+
+def test_a_rising_rate_is_projected_over_a_replicas_startup():
+    flat = Flow(arrival_rate=2.0, sustained_rate=2.0, trend=0.0, service_seconds=8.0, concurrency=8.0, backlog=0)
+    rising = Flow(arrival_rate=2.0, sustained_rate=2.0, trend=0.01, service_seconds=8.0, concurrency=8.0, backlog=0)
+    assert from_flow(flat, 4, POLICY).up == 4
+    assert from_flow(rising, 4, POLICY).up == math.ceil((2.0 + 0.01 * POLICY.startup_seconds) * 8 / 4)
+
+
+def test_zero_and_back_does_not_ask_for_the_maximum_for_the_cold_start_backlog():
+    policy = Policy(target_per_replica=4, min_replicas=0, max_replicas=10, scale_down_window=120, scale_to_zero=True)
+    run = simulate(zero_and_back(), MODEL, OurPolicy(policy))
+    assert max(run.replicas[1200:]) <= 3, "0.5 req/s needs 1 replica; the held backlog clears on it"
+
+
+def test_spikes_of_a_few_seconds_do_not_start_replicas_that_arrive_too_late():
+    ours = simulate(spikes(), MODEL, OurPolicy(POLICY))
+    hpa = simulate(spikes(), MODEL, HpaStylePolicy(POLICY))
+    assert max(ours.replicas) < max(hpa.replicas)
+    assert over_provisioned(ours) < 0.5 * over_provisioned(hpa)
+
+
+def test_the_benchmark_meets_its_goal_on_every_trace_sum():
+    from bench.autoscale_bench import replay, totals
+
+    ours, best, _ = totals(replay(Model()))
+    assert ours["over"] <= 0.7 * best["over"]
+    assert ours["under"] <= 1.0 * best["under"]
+    assert ours["over_budget"] == 0 and ours["flaps"] <= best["flaps"]
+
+
+def test_startup_time_is_read_from_the_pods():
+    from omni_operator.autoscaler import startup_seconds
+
+    def pod(created, ready):
+        return {"metadata": {"creationTimestamp": created},
+                "status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": ready}]}}
+
+    pods = [pod("2026-01-01T00:00:00Z", "2026-01-01T00:02:00Z"), pod("2026-01-01T00:00:00Z", "2026-01-01T00:01:30Z"),
+            pod("2026-01-01T00:00:00Z", "2026-01-01T00:01:40Z")]
+    assert startup_seconds(pods) == 100
+    assert startup_seconds([{"metadata": {}, "status": {}}]) is None
+
+
+def test_completion_counters_are_parsed():
+    page = ('omni_queue_depth{role="thinker"} 1.0\nomni_requests_running{role="thinker"} 2.0\n'
+            '# TYPE omni_requests_finished counter\nomni_requests_finished_total{role="thinker"} 42.0\n')
+    assert parse_pod_metrics("p", page, "thinker") == PodLoad("p", 1.0, 2.0, 42.0)

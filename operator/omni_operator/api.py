@@ -502,6 +502,10 @@ class ScaleDecision(ApiModel):
     from_replicas: int
     to_replicas: int
     reason: str
+    arrival_rate: float | None = Field(default=None, description=(
+        "Requests per second arriving when it was decided (from the pods' counters), if known."))
+    service_seconds: float | None = Field(default=None, description=(
+        "Seconds one request spends in service, learned from the pods' counters, if known."))
 
 
 class WeightsStatus(ApiModel):

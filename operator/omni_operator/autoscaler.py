@@ -9,7 +9,10 @@ operator's one field manager.
 
 from __future__ import annotations
 
+import calendar
+import dataclasses
 import logging
+import statistics
 import threading
 import time
 import urllib.request
@@ -71,14 +74,38 @@ def _operator_scaled(resource: dict[str, Any]) -> bool:
     return mode == AutoscalingMode.OPERATOR.value and not resource["metadata"].get("deletionTimestamp")
 
 
-def policy_for(spec: OmniDeploymentSpec, role: str) -> Policy:
+def _timestamp(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+
+
+def startup_seconds(pods: list[dict[str, Any]]) -> float | None:
+    """How long the role's ready pods took from creation to Ready (the median): what a new
+    replica costs in time before it serves. None when no pod tells."""
+    took = []
+    for pod in pods:
+        created = _timestamp(pod["metadata"].get("creationTimestamp"))
+        ready = next((c for c in (pod.get("status") or {}).get("conditions", [])
+                      if c.get("type") == "Ready" and c.get("status") == "True"), None)
+        became = _timestamp(ready.get("lastTransitionTime")) if ready else None
+        if created is not None and became is not None and became >= created:
+            took.append(became - created)
+    return statistics.median(took) if took else None
+
+
+def policy_for(spec: OmniDeploymentSpec, role: str, startup: float | None = None) -> Policy:
     scaling = spec.autoscaling
     role_spec = {"thinker": spec.thinker, "talker": spec.effective_talker, "gateway": spec.gateway}[role]
-    return Policy(target_per_replica=getattr(scaling.target_queue_depth, role),
-                  min_replicas=role_spec.min_replicas, max_replicas=role_spec.max_replicas,
-                  scale_up_window=scaling.scale_up_stabilization_seconds,
-                  scale_down_window=scaling.scale_down_stabilization_seconds,
-                  max_step=scaling.max_step, scale_to_zero=scaling.scale_to_zero)
+    policy = Policy(target_per_replica=getattr(scaling.target_queue_depth, role),
+                    min_replicas=role_spec.min_replicas, max_replicas=role_spec.max_replicas,
+                    scale_up_window=scaling.scale_up_stabilization_seconds,
+                    scale_down_window=scaling.scale_down_stabilization_seconds,
+                    max_step=scaling.max_step, scale_to_zero=scaling.scale_to_zero)
+    return policy if startup is None else dataclasses.replace(policy, startup_seconds=startup)
 
 
 class Autoscaler:
@@ -186,7 +213,8 @@ class Autoscaler:
                 gpu_budget=spec.autoscaling.gpu_budget if role != "gateway" else None,
                 gateway_waiting=gateway_waiting.get(role, 0.0))
             history = self.histories.setdefault((ns, name, role), History())
-            decision = decide(now, loads, state, policy_for(spec, role), history)
+            startup = startup_seconds([p for p in by_role[role] if _pod_ready(p)])
+            decision = decide(now, loads, state, policy_for(spec, role, startup), history)
             if decision.changed(state.current):
                 decisions[role] = decision
             self._report_blocked(resource, role, decision)
@@ -232,8 +260,11 @@ class Autoscaler:
         for role, d in decisions.items():
             before = (status.get(role) or {}).get("desiredReplicas", 0)
             patch[role] = {"desiredReplicas": d.desired}
-            history.append({"time": stamp, "role": role, "fromReplicas": before, "toReplicas": d.desired,
-                            "reason": d.reason[:512]})
+            record = {"time": stamp, "role": role, "fromReplicas": before, "toReplicas": d.desired,
+                      "reason": d.reason[:512]}
+            if d.arrival_rate is not None:
+                record.update(arrivalRate=round(d.arrival_rate, 3), serviceSeconds=round(d.service_seconds, 2))
+            history.append(record)
         patch["lastScaleDecisions"] = history[-MAX_DECISIONS_KEPT:]
         try:
             # The status carries the decision; the resourceVersion makes a concurrent writer lose, not us.

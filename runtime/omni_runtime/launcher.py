@@ -149,6 +149,11 @@ def vllm_load(values: dict[str, float]) -> tuple[float, float]:
     return values.get("vllm:num_requests_waiting", 0.0), values.get("vllm:num_requests_running", 0.0)
 
 
+def vllm_finished(values: dict[str, float]) -> float | None:
+    """Requests vLLM finished (all reasons summed), when its /metrics has the counter."""
+    return values.get("vllm:request_success_total")
+
+
 def mm_states_routes(app, store) -> None:
     """GET /v1/omni/mm-states/<rid> on the metrics app (contract: 200 the `mm` object, 404
     while unknown; a 404 with "final": true says the states will never come, and why)."""
@@ -201,6 +206,8 @@ async def supervise(argv: list[str], facts: dict, cfg: dict, mm: dict | None = N
                     status, text = await _http_get(engine + "/metrics")
                     values = parse_prometheus_text(text) if status == 200 else {}
                     state["waiting"], state["running"] = vllm_load(values)
+                    if (finished := vllm_finished(values)) is not None:
+                        metrics.finished_to(finished)
                     metrics.scrape_ok.set(1 if status == 200 else 0)
                     hs, _ = await _http_get(engine + "/health")
                     state["ready"] = hs == 200

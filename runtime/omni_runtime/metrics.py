@@ -29,9 +29,22 @@ class RoleMetrics:
         self.draining = Gauge("omni_draining", "1 after SIGTERM while in-flight work drains", ["role"],
                               registry=r).labels(role)
         self.requests = Counter("omni_requests", "Finished requests by HTTP status code", ["role", "code"], registry=r)
+        # with the two gauges above, what the operator's autoscaler derives arrival rate and
+        # service time from
+        self.finished = Counter("omni_requests_finished", "Requests that left service (ran, then ended in any way)",
+                                ["role"], registry=r).labels(role)
+        self._engine_finished = 0.0
 
     def count(self, code: int) -> None:
         self.requests.labels(self.role, str(code)).inc()
+
+    def finished_to(self, total: float) -> None:
+        """Follow an engine's own completion counter: add what it grew by since the last call
+        (a restarted engine starts over from zero)."""
+        if total < self._engine_finished:
+            self._engine_finished = 0.0
+        self.finished.inc(total - self._engine_finished)
+        self._engine_finished = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

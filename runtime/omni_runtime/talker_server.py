@@ -185,6 +185,7 @@ class TalkerService(EngineService):
                 return await self._run(request, req, feed, arrived)
             finally:
                 self.running -= 1
+                self.metrics.finished.inc()
                 self._update()
                 self.sem.release()
         finally:

@@ -406,6 +406,7 @@ class ThinkerService(EngineService):
         finally:
             if started["flag"]:
                 self.running -= 1
+                self.metrics.finished.inc()
             else:
                 self.waiting -= 1
             self._update()

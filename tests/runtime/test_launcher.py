@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from omni_runtime.launcher import build_vllm_command, node_rank_from_pod_name, parse_vllm_args, vllm_load
+from omni_runtime.launcher import (build_vllm_command, node_rank_from_pod_name, parse_vllm_args, vllm_finished,
+                                   vllm_load)
 from omni_runtime.metrics import parse_prometheus_text
 
 pytestmark = pytest.mark.runtime
@@ -116,6 +117,8 @@ VLLM_EXPOSITION = """# HELP vllm:num_requests_waiting Number of requests waiting
 vllm:num_requests_waiting{engine="0",model_name="qwen3-omni"} 3.0
 vllm:num_requests_running{engine="0",model_name="qwen3-omni"} 2.0
 vllm:kv_cache_usage_perc{engine="0",model_name="qwen3-omni"} 0.25
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="qwen3-omni"} 5.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="qwen3-omni"} 2.0
 vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="qwen3-omni"} 7.0
 """
 
@@ -124,3 +127,13 @@ def test_parse_vllm_metrics():
     m = parse_prometheus_text(VLLM_EXPOSITION)
     assert m["vllm:num_requests_waiting"] == 3.0 and m["vllm:num_requests_running"] == 2.0
     assert vllm_load(m) == (3.0, 2.0) and vllm_load({}) == (0.0, 0.0)
+    assert vllm_finished(m) == 7.0 and vllm_finished({}) is None
+
+
+def test_finished_counter_follows_the_engine_across_a_restart():
+    from omni_runtime.metrics import ThinkerMetrics
+
+    metrics = ThinkerMetrics()
+    for total in (3.0, 7.0, 2.0, 5.0):  # vLLM restarted after 7
+        metrics.finished_to(total)
+    assert parse_prometheus_text(metrics.render().decode())["omni_requests_finished_total"] == 12.0

@@ -127,6 +127,7 @@ class Gateway:
             if marks["waiting"]:
                 self.waiting -= 1
             self.running -= 1
+            self.metrics.finished.inc()
             self._update()
             self.metrics.count(status)
             self.metrics.latency.labels("chat", mode).observe(time.monotonic() - arrived)
