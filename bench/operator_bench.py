@@ -24,15 +24,9 @@ the default is a temporary one, deleted at the end.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
-import math
 import os
-import re
 import shlex
 import shutil
-import socket
-import ssl
 import sys
 import tempfile
 import threading
@@ -40,18 +34,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from bench import direct_apply
+from bench.operator_bench_cluster import (CHILD_PATHS, OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, Api, AuditLog,
+                                          ConvergenceWatch, Interval, ProcSample, Snapshot, WorkloadActivity,
+                                          apiserver_reads, log_errors, operator_account, percentile, wait_until)
 from e2e.cluster import LocalCluster
 from e2e.operator_process import OperatorProcess, install_crd
-from omni_operator import rbac
 from omni_operator.api import GROUP, KIND, PLURAL, VERSION
 from omni_operator.main import RESYNC_SECONDS
 from omni_operator.plan import plan_offline
-from omni_operator.render import MANAGER
 
-OPERATOR_NAMESPACE = "omni-bench-system"
-OPERATOR_ACCOUNT = "omni-operator"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 
 # Small on purpose: one thinker replica and one gateway pod, no talker. Most thinker pods of
@@ -70,50 +64,12 @@ SPEC: dict[str, Any] = {
 SPEC_SUMMARY = ("variant Thinking, 15 s video, thinker 1 replica, gateway minReplicas 1 (no talker), "
                 "weights on a user PVC")
 
-# kind -> watch path under /namespaces/<ns>; the children are the operator's, by label.
-CHILD_PATHS = {
-    "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets",
-    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
-    "Service": "/api/v1/namespaces/{ns}/services",
-    "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
-}
-OMNI_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}"
-INSTANCE_LABEL = "app.kubernetes.io/instance"
-MANAGED_QUERY = f"&labelSelector=app.kubernetes.io/managed-by%3D{MANAGER}"
 KILL_AFTER_CHILDREN = 5
 QUIET_SECONDS = RESYNC_SECONDS + 5  # always holds one resync of every object
 SETTLE_SECONDS = 10.0  # no workload change and no operator write for this long: settled
 
 
 # ----------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class ProcSample:
-    """A process's resident memory and CPU seconds so far, from /proc."""
-
-    rss_mib: float
-    cpu_s: float
-
-    @classmethod
-    def of(cls, pid: int) -> "ProcSample":
-        status = Path(f"/proc/{pid}/status").read_text()
-        rss_kib = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-        return cls(rss_kib / 1024, (utime + stime) / os.sysconf("SC_CLK_TCK"))
-
-
-@dataclass
-class Interval:
-    """What happened between two snapshots."""
-
-    seconds: float
-    operator_cpu_s: float
-    operator_rss_mib: float  # at the end
-    machine_busy: float  # share of all cores busy, 0..1
-    reconciles: int
-    reconcile_s: float  # summed over reconciles
 
 
 @dataclass
@@ -126,6 +82,16 @@ class BurstResult:
     until_done: Interval  # from the start of the apply to the last object done
     until_settled: Interval  # from the start of the apply until the operator stopped writing
     writes: Counter[str]  # operator API writes in that interval
+    reads: Counter[str] = field(default_factory=Counter)  # operator GET/LIST requests in that interval
+
+
+@dataclass
+class DirectResult:
+    """The same children and statuses written by a plain client, no operator (bench/direct_apply.py)."""
+    count: int
+    p50_s: float
+    p99_s: float
+    max_s: float
 
 
 @dataclass
@@ -135,6 +101,7 @@ class QuietResult:
     writes: Counter[str]
     reads: Counter[str]  # the apiserver's GET/LIST requests from all clients, by resource
     workload_changes: int  # watch events of the operator's StatefulSets and Deployments
+    operator_reads: Counter[str] = field(default_factory=Counter)  # the operator's own GET/LIST (audit log)
 
 
 @dataclass
@@ -158,284 +125,11 @@ class BenchResult:
     children_per_object: int
     first_object_s: float = 0.0  # latency of the first object after the operator started (not in the bursts)
     bursts: list[BurstResult] = field(default_factory=list)
+    direct: DirectResult | None = None
     quiet: QuietResult | None = None
     restart: RestartResult | None = None
     failed_reconciles: int = 0
     log_errors: int = 0
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent not idle since boot (/proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def operator_reconciles(op: OperatorProcess) -> tuple[int, float]:
-    """(reconciles, seconds spent in them) from the operator's /metrics."""
-    text = op.metrics()
-    count = sum(float(v) for v in re.findall(r"^omni_operator_reconcile_total\{[^}]*\} (\S+)$", text, re.M))
-    seconds = re.search(r"^omni_operator_reconcile_duration_seconds_sum (\S+)$", text, re.M)
-    return int(count), float(seconds.group(1)) if seconds else 0.0
-
-
-def apiserver_reads(cluster: LocalCluster) -> Counter[str]:
-    """'VERB resource' -> requests served so far, GET and LIST only (all clients)."""
-    status, text = cluster.api("GET", "/metrics")
-    if status != 200:
-        raise RuntimeError(f"apiserver /metrics: HTTP {status}")
-    counts: Counter[str] = Counter()
-    for labels, value in re.findall(r"^apiserver_request_total\{([^}]*)\} (\S+)$", text, re.M):
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if fields.get("verb") in ("GET", "LIST") and fields.get("resource"):
-            sub = f"/{fields['subresource']}" if fields.get("subresource") else ""
-            counts[f"{fields['verb']} {fields['resource']}{sub}"] += int(float(value))
-    return counts
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    at: float
-    operator: ProcSample
-    machine_busy_s: float
-    reconciles: int
-    reconcile_s: float
-
-    @classmethod
-    def take(cls, op: OperatorProcess) -> "Snapshot":
-        reconciles, reconcile_s = operator_reconciles(op)
-        return cls(time.monotonic(), ProcSample.of(op.proc.pid), machine_busy_seconds(), reconciles, reconcile_s)
-
-    def until(self, later: "Snapshot") -> Interval:
-        seconds = later.at - self.at
-        return Interval(seconds=seconds, operator_cpu_s=later.operator.cpu_s - self.operator.cpu_s,
-                        operator_rss_mib=later.operator.rss_mib,
-                        machine_busy=(later.machine_busy_s - self.machine_busy_s) / (seconds * (os.cpu_count() or 1)),
-                        reconciles=later.reconciles - self.reconciles, reconcile_s=later.reconcile_s - self.reconcile_s)
-
-
-class AuditLog:
-    """The operator's write requests in the apiserver's audit log, read by byte offset."""
-
-    def __init__(self, path: Path, user: str):
-        self.path = path
-        self.user = user
-
-    def mark(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
-
-    def writes_since(self, offset: int, where: Callable[[dict], bool] = lambda e: True) -> Counter[str]:
-        """'verb resource[/subresource]' -> count; failed requests get their HTTP code appended."""
-        counts: Counter[str] = Counter()
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            for line in f:
-                event = json.loads(line)
-                if event.get("user", {}).get("username") != self.user or not where(event):
-                    continue
-                ref = event.get("objectRef", {})
-                resource = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-                code = event.get("responseStatus", {}).get("code", 0)
-                counts[f"{event['verb']} {resource}" + (f" ({code})" if code >= 400 else "")] += 1
-        return counts
-
-
-class Api:
-    """Raw HTTPS to the apiserver with the admin certificate."""
-
-    def __init__(self, cluster: LocalCluster):
-        self.port = int(cluster.server.rsplit(":", 1)[1])
-        self.ctx = ssl.create_default_context(cafile=str(cluster.ca_file))
-        self.ctx.load_cert_chain(str(cluster.pki.path("admin.crt")), str(cluster.pki.path("admin.key")))
-
-    def watch(self, path: str, query: str = "") -> tuple[http.client.HTTPSConnection, Iterator[dict]]:
-        """A watch that is registered when this returns, and its events."""
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx)
-        conn.request("GET", f"{path}?watch=1&timeoutSeconds=1800{query}", headers={"Accept": "application/json"})
-        resp = conn.getresponse()  # the headers come once the watch is registered
-        if resp.status != 200:
-            raise RuntimeError(f"watch {path}: HTTP {resp.status} {resp.read()[:300]!r}")
-        return conn, (json.loads(line) for line in resp if line.strip())
-
-
-class Watches:
-    """Watch streams read on daemon threads: `on_event(kind, event, received)` under `lock`;
-    an error before stop() is kept in `error` and `lock` is notified."""
-
-    def __init__(self, api: Api, paths: dict[str, str], on_event: Callable[[str, dict, float], None],
-                 lock: threading.Condition):
-        self.lock = lock
-        self.error: Exception | None = None
-        self._on_event = on_event
-        self._stopped = False
-        self._conns: list[http.client.HTTPSConnection] = []
-        for kind, path in paths.items():
-            query = "" if kind == KIND else MANAGED_QUERY
-            conn, events = api.watch(path, query)
-            self._conns.append(conn)
-            threading.Thread(target=self._follow, args=(kind, events), daemon=True, name=f"watch-{kind}").start()
-
-    def _follow(self, kind: str, events: Iterator[dict]) -> None:
-        try:
-            for event in events:
-                with self.lock:
-                    self._on_event(kind, event, time.monotonic())
-        except Exception as err:  # noqa: BLE001 - a closed connection, unless it happened before stop()
-            with self.lock:
-                if not self._stopped:
-                    self.error = err
-                    self.lock.notify_all()
-
-    def stop(self) -> None:
-        with self.lock:
-            self._stopped = True
-        for conn in self._conns:
-            if conn.sock is not None:
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            conn.close()
-
-
-class ConvergenceWatch:
-    """Watches one namespace; records per OmniDeployment when all its children had appeared,
-    when its status was first written for its generation, and so when it was done."""
-
-    def __init__(self, api: Api, namespace: str, expected: dict[str, set[tuple[str, str]]]):
-        self.namespace = namespace
-        self.expected = expected
-        self.children: dict[str, set[tuple[str, str]]] = {name: set() for name in expected}
-        self.children_at: dict[str, float] = {}
-        self.status_at: dict[str, float] = {}
-        self.done_at: dict[str, float] = {}
-        self.conditions: dict[str, dict[str, str]] = {}
-        self._cond = threading.Condition()
-        paths = {kind: path.format(ns=namespace) for kind, path in {KIND: OMNI_PATH, **CHILD_PATHS}.items()}
-        self._watches = Watches(api, paths, self._observe, self._cond)
-
-    def _observe(self, kind: str, event: dict, now: float) -> None:
-        if event["type"] not in ("ADDED", "MODIFIED"):
-            return
-        obj = event["object"]
-        meta = obj["metadata"]
-        if kind == KIND:
-            name, status = meta["name"], obj.get("status") or {}
-            if status.get("conditions") and status.get("observedGeneration") == meta.get("generation"):
-                self.status_at.setdefault(name, now)
-                self.conditions[name] = {c["type"]: c["status"] for c in status["conditions"]}
-        else:
-            name = meta.get("labels", {}).get(INSTANCE_LABEL, "")
-            if name not in self.children:
-                return
-            self.children[name].add((kind, meta["name"]))
-            if self.expected[name] <= self.children[name]:
-                self.children_at.setdefault(name, now)
-        if name in self.status_at and name in self.children_at and name not in self.done_at:
-            self.done_at[name] = max(self.status_at[name], self.children_at[name])
-            self._cond.notify_all()
-
-    def child_count(self) -> int:
-        with self._cond:
-            return sum(len(c) for c in self.children.values())
-
-    def wait_all_done(self, timeout: float) -> float:
-        """The moment the last object was done."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self.done_at) == len(self.expected) or self._watches.error,
-                                       timeout):
-                raise TimeoutError(f"{len(self.done_at)}/{len(self.expected)} done in {self.namespace} "
-                                   f"after {timeout:.0f}s")
-            if self._watches.error:
-                raise RuntimeError(f"a watch in {self.namespace} broke: {self._watches.error!r}")
-            return max(self.done_at.values())
-
-    def stop(self) -> None:
-        self._watches.stop()
-
-
-class WorkloadActivity:
-    """Changes of the operator's StatefulSets and Deployments in every namespace. Their status
-    follows their pods, and the operator's status follows theirs: while they change, the
-    operator has real work; once they and the operator's writes stop, the cluster has settled."""
-
-    PATHS = {"StatefulSet": "/apis/apps/v1/statefulsets", "Deployment": "/apis/apps/v1/deployments"}
-
-    def __init__(self, api: Api):
-        self.events = 0
-        self.last = time.monotonic()
-        self._watches = Watches(api, self.PATHS, self._observe, threading.Condition())
-
-    def _observe(self, kind: str, event: dict, now: float) -> None:
-        self.events += 1
-        self.last = now
-
-    def check(self) -> None:
-        if self._watches.error:
-            raise RuntimeError(f"the workload watch broke: {self._watches.error!r}")
-
-    def stop(self) -> None:
-        self._watches.stop()
-
-
-# ----------------------------------------------------------------------------- the operator
-
-
-@dataclass
-class OperatorAccount:
-    """What OperatorProcess takes from a cluster (`env`), with the operator's own kubeconfig."""
-
-    env: dict[str, str]
-
-
-def operator_account(cluster: LocalCluster) -> OperatorAccount:
-    """A service account bound to the operator's RBAC rules, and a kubeconfig with its token."""
-    cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE)
-    cluster.kubectl("create", "serviceaccount", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE)
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": "omni-bench-operator"}, "rules": rbac.RULES}
-    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-               "metadata": {"name": "omni-bench-operator"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                           "name": "omni-bench-operator"},
-               "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_ACCOUNT, "namespace": OPERATOR_NAMESPACE}]}
-    cluster.apply(role, binding)
-    token = cluster.kubectl("create", "token", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE,
-                            "--duration=2h").stdout.strip()
-    config = json.loads(cluster.kubeconfig.read_text())
-    config["users"] = [{"name": OPERATOR_ACCOUNT, "user": {"token": token}}]
-    config["contexts"][0]["context"]["user"] = OPERATOR_ACCOUNT
-    path = cluster.state_dir / "operator.kubeconfig"
-    path.write_text(json.dumps(config))
-    path.chmod(0o600)
-    return OperatorAccount(env=dict(cluster.env, KUBECONFIG=str(path)))
-
-
-def log_errors(op: OperatorProcess) -> tuple[int, int]:
-    """(failed reconciles, other ERROR lines) in the operator's log."""
-    text = op.log_file.read_text(errors="replace")
-    failed = len(re.findall(r"reconcile of \S+ failed", text))
-    return failed, len(re.findall(r" (?:ERROR|CRITICAL) ", text)) - failed
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -455,15 +149,16 @@ class Bench:
 
     def wait_settled(self, quiet: float = SETTLE_SECONDS, timeout: float = 240.0) -> None:
         """Until neither the operator's workloads nor its writes have changed for `quiet` seconds."""
-        size, grown = self.audit.mark(), time.monotonic()
+        mark, writes, grown = self.audit.mark(), 0, time.monotonic()
         deadline = grown + timeout
         while time.monotonic() - max(grown, self.activity.last) < quiet:
             self.activity.check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the workloads or the operator's writes kept changing for {timeout:.0f}s")
             time.sleep(0.25)
-            if (current := self.audit.mark()) != size:
-                size, grown = current, time.monotonic()
+            # the audit log also holds the operator's reads (the autoscaler lists pods): count writes
+            if (current := sum(self.audit.writes_since(mark).values())) != writes:
+                writes, grown = current, time.monotonic()
 
     def namespace(self, name: str) -> str:
         self.cluster.kubectl("create", "namespace", name)
@@ -503,7 +198,29 @@ class Bench:
         latencies = [t - started for t in watch.done_at.values()]
         return BurstResult(count=count, apply_s=applied - started, p50_s=percentile(latencies, 50),
                            p99_s=percentile(latencies, 99), max_s=last - started, until_done=before.until(done),
-                           until_settled=before.until(settled), writes=self.audit.writes_since(mark))
+                           until_settled=before.until(settled), writes=self.audit.writes_since(mark),
+                           reads=self.audit.reads_since(mark))
+
+    def direct(self, count: int) -> DirectResult:
+        """The same N objects with their children and statuses written by a plain client while
+        no operator runs (its namespace is deleted afterwards)."""
+        namespace = self.namespace(f"omni-direct-{count}")
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+        wait_until("the CRD served", lambda: self.cluster.api("GET", path)[0] == 200, timeout=60)
+        resources, watch = self.batch(namespace, count)
+        self.objects -= count  # gone again before the operator starts
+        started = time.monotonic()
+        try:
+            self.cluster.apply(*resources)
+            direct_apply.write_all(str(self.cluster.kubeconfig), namespace,
+                                   [r["metadata"]["name"] for r in resources])
+            last = watch.wait_all_done(timeout=120 + count)
+        finally:
+            watch.stop()
+        latencies = [t - started for t in watch.done_at.values()]
+        self.cluster.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=300s")
+        return DirectResult(count=count, p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
+                            max_s=last - started)
 
     def quiet(self) -> QuietResult:
         self.wait_settled()
@@ -513,7 +230,8 @@ class Bench:
         after = Snapshot.take(self.op)
         return QuietResult(objects=self.objects, interval=before.until(after), writes=self.audit.writes_since(mark),
                            reads=apiserver_reads(self.cluster) - reads,
-                           workload_changes=self.activity.events - workload_events)
+                           workload_changes=self.activity.events - workload_events,
+                           operator_reads=self.audit.reads_since(mark))
 
     def restart(self, count: int) -> RestartResult:
         self.wait_settled()
@@ -576,14 +294,15 @@ def report(r: BenchResult) -> str:
         "op CPU, op RSS, machine busy: up to the last object done",
         "",
         f"{'N':>5} {'apply s':>8} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'writes/obj':>10} "
-        f"{'(children status events other)':>31} {'reconciles/obj':>14} {'ms each':>8} {'op CPU s':>9} "
-        f"{'op RSS MiB':>11} {'machine busy':>12}",
+        f"{'(children status events other)':>31} {'reads/obj':>9} {'reconciles/obj':>14} {'ms each':>8} "
+        f"{'op CPU s':>9} {'op RSS MiB':>11} {'machine busy':>12}",
     ]
     for b in r.bursts:
         w, i, settled = writes_per_object(b.writes, b.count), b.until_done, b.until_settled
         breakdown = f"({w['children']:.1f} {w['status']:.1f} {w['events']:.1f} {w['other']:.1f})"
         lines.append(f"{b.count:>5} {b.apply_s:>8.2f} {b.p50_s:>7.2f} {b.p99_s:>7.2f} {b.max_s:>7.2f} "
-                     f"{sum(w.values()):>10.1f} {breakdown:>31} {settled.reconciles / b.count:>14.1f} "
+                     f"{sum(w.values()):>10.1f} {breakdown:>31} {sum(b.reads.values()) / b.count:>9.1f} "
+                     f"{settled.reconciles / b.count:>14.1f} "
                      f"{1000 * settled.reconcile_s / max(settled.reconciles, 1):>8.0f} {i.operator_cpu_s:>9.1f} "
                      f"{i.operator_rss_mib:>11.1f} {i.machine_busy:>11.0%}")
     rows: list[tuple[str, str]] = [("first object after the operator started (before the bursts) s",
@@ -612,10 +331,20 @@ def report(r: BenchResult) -> str:
              f"{s.operator.cpu_s:.1f}, {s.operator.rss_mib:.1f}"),
             ("  writes to objects converged before the kill", _writes(s.writes_elsewhere)),
         ]
+    if r.quiet:
+        rows.append(("  operator API reads (expected: only the autoscaler's pod lists)", _writes(r.quiet.operator_reads)))
     rows.append(("operator log: failed reconciles, other ERROR lines", f"{r.failed_reconciles}, {r.log_errors}"))
+    burst = next((b for b in r.bursts if r.direct and b.count == r.direct.count), None)
+    if r.direct:
+        d = r.direct
+        rows.append((f"baseline: {d.count} objects, same children and statuses, plain client, no operator",
+                     f"p50 {d.p50_s:.2f} s, p99 {d.p99_s:.2f} s, max {d.max_s:.2f} s"))
     width = max(len(k) for k, _ in rows)
     lines += [""] + [f"{k:<{width}}  {v}" for k, v in rows]
     lines += ["", f"reproduce: {r.command}"]
+    if burst is not None:
+        lines.append(f"ratio: operator p99 / direct p99 for N={burst.count}: {burst.p99_s / r.direct.p99_s:.2f} "
+                     f"(goal <= 1.5); operator reads per object {sum(burst.reads.values()) / burst.count:.1f}")
     return "\n".join(lines)
 
 
@@ -628,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default="1,50,200", help="batch sizes, comma separated (default 1,50,200)")
     parser.add_argument("--restart-count", type=int, default=50, help="batch size of the SIGKILL run; 0 skips it")
     parser.add_argument("--state-dir", type=Path, default=None, help="cluster state and logs, kept afterwards")
+    parser.add_argument("--direct-count", type=int, default=200,
+                        help="batch size of the no-operator baseline (the same writes by a plain client); 0 skips it")
     args = parser.parse_args(argv)
     counts = list(dict.fromkeys(int(c) for c in args.counts.split(",") if c.strip()))  # a namespace each
     command = shlex.join(["python", "-m", "bench.operator_bench", *(argv if argv is not None else sys.argv[1:])])
@@ -638,10 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         install_crd(cluster)
         op = OperatorProcess(operator_account(cluster), state_dir / "logs" / "operator.log", "--all-namespaces")
-        op.start()
         try:
-            wait_until("the operator ready", op.ready, timeout=60)
-            result = run(cluster, op, counts, args.restart_count, command)
+            result = run(cluster, op, counts, args.restart_count, command, args.direct_count)
         finally:
             op.stop()
         print(report(result), flush=True)
@@ -653,13 +382,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cluster: LocalCluster, op: OperatorProcess, counts: list[int], restart_count: int,
-        command: str) -> BenchResult:
+        command: str, direct_count: int = 0) -> BenchResult:
     sample = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "x"}, "spec": SPEC}
     result = BenchResult(cores=os.cpu_count() or 0, kubernetes=cluster.api("GET", "/version")[1]["gitVersion"],
                          load_at_start=os.getloadavg()[0], command=command,
                          children_per_object=len(plan_offline(sample).objects))
     bench = Bench(cluster, op, AuditLog(cluster.audit_log, OPERATOR_USER))
     try:
+        if direct_count:
+            progress(f"baseline: {direct_count} objects written by a plain client, no operator")
+            result.direct = bench.direct(direct_count)
+        op.start()
+        wait_until("the operator ready", op.ready, timeout=60)
         progress("first object after the operator's start")
         result.first_object_s = bench.burst(1, "omni-bench-first").max_s
         for count in counts:

@@ -11,7 +11,8 @@ from pathlib import Path
 from e2e.procs import ClusterError
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build-binaries.sh"
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl", "helm")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl", "helm",
+            "promtool")
 KWOK_STAGES = "kwok-stages.yaml"  # kwok's default node/pod stages, written by build-binaries.sh
 
 

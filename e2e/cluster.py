@@ -396,6 +396,22 @@ class LocalCluster:
         self._wait("kube-apiserver /readyz after a restart", "kube-apiserver",
                    lambda: self._get("/readyz")[0] == 200, time.monotonic() + timeout)
 
+    @contextlib.contextmanager
+    def paused_apiserver(self, timeout: float = 60.0):
+        """Freeze the apiserver (SIGSTOP) for the body of the ``with``: connections stay open and
+        requests are accepted by the kernel, but nothing answers, like a blackholed network. It is
+        resumed (SIGCONT) on the way out, even when the body fails, and waited for until ready."""
+        pid = self._known_pids().get("kube-apiserver")
+        if pid is None:
+            raise ClusterError("no kube-apiserver is running")
+        signal_process(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            signal_process(pid, signal.SIGCONT)
+            self.wait_for("kube-apiserver /readyz after a pause", lambda: self._get("/readyz")[0] == 200,
+                          timeout=timeout)
+
     def _assert_alive(self, name: str) -> None:
         proc = self._procs.get(name)
         if proc is not None and proc.poll() is not None:

@@ -26,7 +26,7 @@ AUDIT_POLICY: Mapping[str, Any] = {
     "rules": [
         {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
         {"level": "Metadata", "userGroups": ["system:serviceaccounts"],
-         "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+         "verbs": ["create", "update", "patch", "delete", "deletecollection", "get", "list"]},
     ],
 }
 

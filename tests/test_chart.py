@@ -2,8 +2,8 @@
 
 Pure tier: `helm lint` and `helm template` of every ci/*-values.yaml scenario, each object validated
 strictly against the Kubernetes JSON schemas (custom resources against their CRD instead), the values
-schema refusing bad input with readable messages, monitoring objects gated on their API, the README
-and the Argo CD health check.
+schema refusing bad input with readable messages, monitoring objects gated on their API, the alerts
+against their promtool unit tests, the README and the Argo CD health check.
 
 Cluster tier: install, upgrade and uninstall against the local control plane.
 """
@@ -57,6 +57,18 @@ def helm_binary() -> Path:
         ensure_binaries()
     assert os.access(helm, os.X_OK), f"no helm in {helm.parent} after e2e/build-binaries.sh"
     return helm
+
+
+@functools.cache
+def promtool_binary() -> Path:
+    """promtool from the same binary cache, (re)built with e2e/build-binaries.sh when it is missing or
+    not the pinned version."""
+    from e2e.binaries import default_bin_dir, ensure_binaries
+
+    promtool = default_bin_dir() / "promtool"
+    ensure_binaries()
+    assert os.access(promtool, os.X_OK), f"no promtool in {promtool.parent} after e2e/build-binaries.sh"
+    return promtool
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -239,6 +251,12 @@ def test_ha_scenario_spreads_replicas_and_has_a_disruption_budget():
     assert pdb["spec"]["selector"] == deploy["spec"]["selector"]
 
 
+def test_operator_disruption_budget_never_blocks_evicting_an_unhealthy_pod():
+    # A crash-looping operator pod must not hold up a node drain.
+    pdb = one(render(("ha-leader-election-values.yaml",)), "PodDisruptionBudget", OPERATOR)
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
 def test_cluster_role_rules_are_the_generated_rules():
     docs = render()
     role = one(docs, "ClusterRole")
@@ -362,6 +380,33 @@ def test_alerts_read_only_the_leaders_series_with_leader_election():
     alerts = {r["alert"]: r["expr"] for r in rule["spec"]["groups"][0]["rules"] if "alert" in r}
     for name in ("OmniReplicasNotReady", "OmniSizingInvalid", "OmniWeightsFailed"):
         assert "and on (instance) (omni_operator_leader == 1)" in alerts[name], name
+
+
+@pytest.mark.parametrize("values, tests", [
+    (("monitoring-values.yaml",), "prometheusrule-tests.yaml"),
+    (("monitoring-values.yaml", "ha-leader-election-values.yaml"), "prometheusrule-ha-tests.yaml"),
+], ids=["one-replica", "leader-election"])
+def test_alerts_pass_their_promtool_unit_tests(values, tests, tmp_path):
+    """The rule unit tests in ci/ run against the rendered rules: each alert fires with its labels
+    (namespace included) and annotations on a series that should trigger it, and stays quiet on a
+    healthy one."""
+    rule = one(render(values, api_versions=(MONITORING_API,)), "PrometheusRule")
+    groups = rule["spec"]["groups"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    shutil.copy(CI_DIR / tests, tmp_path / tests)
+    promtool = str(promtool_binary())
+    for args in (["check", "rules", "rules.yaml"], ["test", "rules", tests]):
+        result = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    if len(values) == 1:
+        cases = [t for case in yaml.safe_load((CI_DIR / tests).read_text())["tests"]
+                 for t in case.get("alert_rule_test", [])]
+        alerts = {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
+        assert {t["alertname"] for t in cases if t["exp_alerts"]} == alerts, "an alert is never seen firing"
+        assert {t["alertname"] for t in cases if not t["exp_alerts"]} == alerts, "an alert is never seen quiet"
+        for t in cases:
+            for alert in t["exp_alerts"]:
+                assert alert["exp_labels"].get("namespace"), t
 
 
 def test_grafana_dashboard():
@@ -623,6 +668,12 @@ LUA_CASES = {
         _cond("SizingValid", "True"), _cond("Progressing", "False"), _cond("Degraded", "False"),
         _cond("Ready", "True", "AllReplicasReady", "2/2 thinker, 4/4 talker ready")]},
         "Healthy", "2/2 thinker, 4/4 talker ready"),
+    "ready while rolling out": ({"observedGeneration": 2, "conditions": [
+        _cond("SizingValid", "True"), _cond("Progressing", "True", "RollingUpdate", "talker 3/4 updated"),
+        _cond("Ready", "True", "AllReplicasReady", "2/2 thinker, 4/4 talker ready")]},
+        "Progressing", "talker 3/4 updated"),
+    "ready alone": ({"observedGeneration": 2, "conditions": [_cond("Ready", "True", "AllReplicasReady", "all ready")]},
+                    "Healthy", "all ready"),
     "rolling out": ({"observedGeneration": 2, "conditions": [
         _cond("SizingValid", "True"), _cond("Progressing", "True", "ScalingUp", "thinker 1/2 ready"),
         _cond("Ready", "False", "ReplicasNotReady")]}, "Progressing", "thinker 1/2 ready"),

@@ -11,6 +11,7 @@ import yaml
 from kubernetes import config as kube_config
 
 from e2e.operator_process import OperatorProcess, install_crd
+from omni_operator.api import OmniDeploymentStatus
 from omni_operator.kube import Kube
 from omni_operator.reconcile import Reconciler
 
@@ -118,6 +119,8 @@ def test_omnideployment_converges_onto_the_gpu_pools(cluster, namespace, operato
     assert status["sizing"]["talker"]["estimatedGB"] == 10.73
     assert {c["type"]: c["status"] for c in status["conditions"]} == \
         {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True", "WeightsReady": "True"}
+    # every key the operator wrote is one the typed model knows (and so the CRD keeps)
+    OmniDeploymentStatus.model_validate(status)
     placement = pods_by_node_pool(cluster, namespace)
     # The weight loader runs on the CPU pool too, never on a GPU node.
     assert placement == {"omni-thinker-0": "thinker", "omni-talker-0": "talker",
@@ -286,6 +289,23 @@ def test_steady_state_reconcile_writes_nothing(cluster, namespace, operator, kub
     assert sum(kube.writes.values()) == 0, kube.writes
 
 
+def test_a_settled_object_reconciled_from_the_watch_cache_costs_no_api_call(cluster, namespace, operator, kube):
+    from omni_operator.cache import ObjectCache, prime_from_api
+    from omni_operator.handlers import MANAGED, WATCHED_CHILDREN
+
+    apply(cluster, omni("cached", namespace))
+    wait_ready(cluster, namespace, "cached", operator)
+    cache = ObjectCache(tuple(kind for kind, *_ in WATCHED_CHILDREN))
+    prime_from_api(cache, kube, "OmniDeployment", [namespace], ",".join(f"{k}={v}" for k, v in MANAGED.items()))
+    reconciler = Reconciler(kube, cache=cache)
+    reconciler.reconcile(namespace, "cached")  # settle anything the operator had not yet written
+    kube.reads.clear()
+    kube.writes.clear()
+    outcome = reconciler.reconcile(namespace, "cached")
+    assert (outcome.applied, outcome.pruned, outcome.status_written, outcome.error) == ([], [], False, None)
+    assert sum(kube.reads.values()) == 0 and sum(kube.writes.values()) == 0, (kube.reads, kube.writes)
+
+
 def test_operator_killed_mid_reconcile_converges_after_restart(cluster, namespace, crd, tmp_path):
     first = OperatorProcess(crd, tmp_path / "first.log", "--namespace", namespace).start()
     big = omni("restart", namespace)
@@ -319,6 +339,20 @@ def test_operator_metrics_report_sizing_and_replicas(cluster, namespace, operato
                 and m, operator=operator)
     assert f'omni_operator_sizing_valid{{name="metrics",namespace="{namespace}"}} 1.0' in text
     assert 'omni_operator_reconcile_total{result="ok"}' in text
+
+    # A role that goes away and an object that is deleted take their series with them, so
+    # OmniReplicasNotReady / OmniSizingInvalid cannot keep firing for them.
+    talker = f'omni_operator_desired_replicas{{name="metrics",namespace="{namespace}",role="talker"}}'
+    assert talker in text
+    thinking = omni("metrics", namespace)
+    thinking["spec"]["variant"] = "Thinking"
+    thinking["spec"]["model"] = {}
+    del thinking["spec"]["talker"]
+    apply(cluster, thinking)
+    wait("talker series removed", lambda: talker not in operator.metrics(), operator=operator)
+    cluster.kubectl("delete", "omni", "metrics", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait("all series of the deleted object removed",
+         lambda: f'name="metrics",namespace="{namespace}"' not in operator.metrics(), operator=operator)
 
 
 def test_scale_subresource_pins_thinker_replicas(cluster, namespace, operator):
@@ -407,6 +441,8 @@ def test_switching_autoscaling_mode_keeps_a_single_writer_of_replicas(cluster, n
                 if "f:replicas" in json.dumps(m.get("fieldsV1", {}).get("f:spec", {}))}
     assert "omni-operator" not in managers, "with an HPA in charge the operator must not own spec.replicas"
     # The HPA's choice is the target the status reports against (someone else scaling is not drift).
+    wait("the talker StatefulSet", lambda: kget(cluster, "statefulset", "modes-talker", "-n", namespace),
+         operator=operator)  # applied right after the thinker's, in the same reconcile
     cluster.kubectl("scale", "statefulset", "modes-talker", "-n", namespace, "--replicas=2")
     scaled = wait("talker 2/2", lambda: (r := kget(cluster, "omni", "modes", "-n", namespace))
                   and r["status"].get("talker", {}).get("ready") == "2/2" and r, operator=operator)

@@ -264,3 +264,52 @@ def test_operator_mode_renders_no_external_autoscaler():
     plan = plan_offline(example())
     assert not by_kind(plan.objects, "HorizontalPodAutoscaler") and not by_kind(plan.objects, "ScaledObject")
     assert all("replicas" in o["spec"] for o in by_kind(plan.objects, "StatefulSet"))
+
+
+WORKLOAD_KINDS = ("StatefulSet", "Deployment", "Job")
+# Where thinker and talker processes (vLLM, torch, triton, transformers, the hub client) write.
+SCRATCH_ENV = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME", "VLLM_CACHE_ROOT",
+               "VLLM_CONFIG_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
+def rendered_pods(path):
+    for obj in plan_offline(load_yaml(path)).objects:
+        if obj["kind"] in WORKLOAD_KINDS:
+            yield obj, obj["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_no_rendered_pod_mounts_a_service_account_token(path):
+    # Runtime pods parse untrusted media and never call the API: no token to steal.
+    kinds = set()
+    for obj, pod in rendered_pods(path):
+        kinds.add(obj["kind"])
+        assert pod.get("automountServiceAccountToken") is False, obj["metadata"]["name"]
+        assert "serviceAccountName" not in pod and "serviceAccount" not in pod
+    assert {"StatefulSet", "Deployment"} <= kinds
+    if "multinode" not in path.name:  # the others fill the operator's weight cache with a loader Job
+        assert "Job" in kinds
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_container_has_a_read_only_root_and_writes_only_to_scratch_volumes(path):
+    roles = set()
+    for obj, pod in rendered_pods(path):
+        scratch = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        for c in pod["containers"] + pod.get("initContainers", []):
+            name = f"{obj['metadata']['name']}/{c['name']}"
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
+            writable = [m["mountPath"].rstrip("/") + "/" for m in c["volumeMounts"]
+                        if m["name"] in scratch and not m.get("readOnly")]
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            role = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+            if role in ("thinker", "talker"):
+                roles.add(role)
+                missing = [k for k in SCRATCH_ENV if k not in env]
+                assert not missing, f"{name} leaves {missing} to the image (read-only root)"
+            for key in (*SCRATCH_ENV, "OMNI_MM_STATES_DIR"):
+                if key in env:
+                    assert any((env[key].rstrip("/") + "/").startswith(w) for w in writable), \
+                        f"{name}: {key}={env[key]} is not inside a writable scratch volume {writable}"
+    if "thinking" not in path.name:
+        assert roles == {"thinker", "talker"}

@@ -58,6 +58,10 @@ class ApiModel(BaseModel):
         """The object as it appears in the Kubernetes API (camelCase, no Nones)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
+    def patch(self) -> dict[str, Any]:
+        """Only the fields that were set (a merge patch leaves the others as they are)."""
+        return self.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
+
 
 class Variant(str, Enum):
     """Model card variants. Only Instruct has a talker (speech out)."""
@@ -448,12 +452,12 @@ class OmniDeploymentSpec(ApiModel):
 
 
 # ----------------------------------------------------------------------------- status
+# The operator builds status through these models: a misspelled field is an error here,
+# where the apiserver would silently prune it (ApiModel forbids unknown fields).
 
 
 class Condition(ApiModel):
     """metav1.Condition."""
-
-    model_config = ConfigDict(extra="ignore")
 
     type: str
     status: Literal["True", "False", "Unknown"]
@@ -464,8 +468,6 @@ class Condition(ApiModel):
 
 
 class RoleSizing(ApiModel):
-    model_config = ConfigDict(extra="ignore")
-
     estimated_gb: float = Field(alias="estimatedGB")
     gpus_per_replica: int
     pods_per_replica: int = 1
@@ -477,8 +479,6 @@ class RoleSizing(ApiModel):
 
 
 class SizingStatus(ApiModel):
-    model_config = ConfigDict(extra="ignore")
-
     thinker: RoleSizing | None = None
     talker: RoleSizing | None = None
     max_model_len: int | None = None
@@ -486,8 +486,6 @@ class SizingStatus(ApiModel):
 
 
 class RoleStatus(ApiModel):
-    model_config = ConfigDict(extra="ignore")
-
     desired_replicas: int = 0
     replicas: int = 0
     ready_replicas: int = 0
@@ -495,8 +493,6 @@ class RoleStatus(ApiModel):
 
 
 class ScaleDecision(ApiModel):
-    model_config = ConfigDict(extra="ignore")
-
     time: str
     role: str
     from_replicas: int
@@ -510,8 +506,6 @@ class ScaleDecision(ApiModel):
 
 class WeightsStatus(ApiModel):
     """Where the role pods' weights are, and how far the cache of the requested revision is filled."""
-
-    model_config = ConfigDict(extra="ignore")
 
     source: Literal["Cache", "PVC"]
     repo: str | None = None
@@ -528,8 +522,6 @@ class WeightsStatus(ApiModel):
 
 
 class OmniDeploymentStatus(ApiModel):
-    model_config = ConfigDict(extra="ignore")
-
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     thinker: RoleStatus | None = None

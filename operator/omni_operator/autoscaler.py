@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from .api import KIND, AutoscalingMode, OmniDeploymentSpec, parse_spec
+from .api import KIND, AutoscalingMode, OmniDeploymentSpec, RoleStatus, ScaleDecision, parse_spec
 from .autoscale import Decision, History, Policy, RoleState, decide, parse_gateway_waiting, parse_pod_metrics
 from .kube import Kube, KubeError
 from .render import APP_NAME, MANAGER, METRICS_PORT, POD_INDEX_LABEL, names, thinker_statefulset_name
@@ -259,12 +259,11 @@ class Autoscaler:
         patch: dict[str, Any] = {}
         for role, d in decisions.items():
             before = (status.get(role) or {}).get("desiredReplicas", 0)
-            patch[role] = {"desiredReplicas": d.desired}
-            record = {"time": stamp, "role": role, "fromReplicas": before, "toReplicas": d.desired,
-                      "reason": d.reason[:512]}
-            if d.arrival_rate is not None:
-                record.update(arrivalRate=round(d.arrival_rate, 3), serviceSeconds=round(d.service_seconds, 2))
-            history.append(record)
+            patch[role] = RoleStatus(desired_replicas=d.desired).patch()  # the reconciler fills in the rest
+            history.append(ScaleDecision(
+                time=stamp, role=role, from_replicas=before, to_replicas=d.desired, reason=d.reason[:512],
+                arrival_rate=None if d.arrival_rate is None else round(d.arrival_rate, 3),
+                service_seconds=None if d.service_seconds is None else round(d.service_seconds, 2)).wire())
         patch["lastScaleDecisions"] = history[-MAX_DECISIONS_KEPT:]
         try:
             # The status carries the decision; the resourceVersion makes a concurrent writer lose, not us.

@@ -9,11 +9,11 @@ annotations): deleting an OmniDeployment never waits for the operator.
 from __future__ import annotations
 
 import logging
-import threading
 
 import kopf
 
 from .api import GROUP, KIND, PLURAL, VERSION
+from .cache import ObjectCache
 from .render import MANAGER
 
 log = logging.getLogger(__name__)
@@ -21,29 +21,18 @@ log = logging.getLogger(__name__)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
 
 
-class ResourceIndex:
-    """The latest OmniDeployments seen on the watch, so periodic loops need no LIST calls."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._items: dict[tuple[str, str], dict] = {}
-
-    def observe(self, body: dict, deleted: bool) -> None:
-        key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        with self._lock:
-            if deleted:
-                self._items.pop(key, None)
-            else:
-                self._items[key] = body
-
-    def items(self) -> list[dict]:
-        with self._lock:
-            return list(self._items.values())
+# The child kinds the reconciler reads from the cache: (kind, group, version, plural).
+WATCHED_CHILDREN = (("StatefulSet", "apps", "v1", "statefulsets"), ("Deployment", "apps", "v1", "deployments"),
+                    ("Service", "", "v1", "services"), ("PodDisruptionBudget", "policy", "v1", "poddisruptionbudgets"),
+                    ("Job", "batch", "v1", "jobs"), ("PersistentVolumeClaim", "", "v1", "persistentvolumeclaims"),
+                    ("HorizontalPodAutoscaler", "autoscaling", "v2", "horizontalpodautoscalers"))
+COALESCE_SECONDS = 0.5  # child events of one owner within this become one reconcile
 
 
-def register(registry: kopf.OperatorRegistry, enqueue, index: ResourceIndex | None = None) -> None:
-    """Attach the handlers to `registry`; `enqueue(namespace, name)` schedules a reconcile,
-    and `index` (if given) keeps the latest version of every OmniDeployment."""
+def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: ObjectCache | None = None) -> None:
+    """Attach the handlers to `registry`: `enqueue(namespace, name)` schedules a reconcile now,
+    `enqueue_soon(namespace, name, seconds)` once after a short delay (bursts coalesce), and
+    `cache` (if given) keeps what the watches deliver."""
 
     @kopf.on.login(registry=registry)
     def login(**kwargs):
@@ -52,17 +41,19 @@ def register(registry: kopf.OperatorRegistry, enqueue, index: ResourceIndex | No
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     def omni_changed(event, body, name, namespace, **_):
-        if index is not None:
-            index.observe(dict(body), deleted=event.get("type") == "DELETED")
+        if cache is not None:
+            cache.observe_omni(dict(body), deleted=event.get("type") == "DELETED")
         enqueue(namespace, name)
 
-    def child_changed(event, body, namespace, **_):
-        for ref in body.get("metadata", {}).get("ownerReferences", []):
-            if ref.get("kind") == KIND and ref.get("controller"):
-                enqueue(namespace, ref["name"])
+    def child_handler(kind: str):
+        def child_changed(event, body, namespace, **_):
+            if cache is not None:
+                cache.observe_child(kind, dict(body), deleted=event.get("type") == "DELETED")
+            for ref in body.get("metadata", {}).get("ownerReferences", []):
+                if ref.get("kind") == KIND and ref.get("controller"):
+                    enqueue_soon(namespace, ref["name"], COALESCE_SECONDS)
+        return child_changed
 
-    for group, version, plural in (("apps", "v1", "statefulsets"), ("apps", "v1", "deployments"),
-                                   ("", "v1", "services"), ("policy", "v1", "poddisruptionbudgets"),
-                                   ("batch", "v1", "jobs"), ("", "v1", "persistentvolumeclaims")):
+    for kind, group, version, plural in WATCHED_CHILDREN:
         kopf.on.event(group, version, plural, labels=MANAGED, registry=registry,
-                      id=f"child-{plural}")(child_changed)
+                      id=f"child-{plural}")(child_handler(kind))

@@ -76,6 +76,7 @@ class Kube:
         self.api = api_client or load_api_client()
         self.timeout = timeout
         self.writes: Counter[str] = Counter()  # "PATCH StatefulSet" -> count
+        self.reads: Counter[str] = Counter()  # "GET /apis/apps/v1/..." -> count
         self._unserved: dict[str, float] = {}  # kind -> monotonic time to ask again
         self._lock = threading.Lock()
 
@@ -92,7 +93,9 @@ class Kube:
         return path
 
     def request(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None,
-                content_type: str = "application/json", retries: int = 4) -> Any:
+                content_type: str = "application/json", retries: int = 4, timeout: float | None = None) -> Any:
+        """`timeout`: seconds for each attempt instead of the client's default (the leader elector
+        bounds its requests by its renew deadline)."""
         if query:
             path += "?" + urlencode(query)
         headers = {"Accept": "application/json"}
@@ -101,16 +104,15 @@ class Kube:
             headers["Content-Type"] = content_type
             # The client serialises JSON content types itself; apply patches go as text (JSON is YAML).
             payload = body if "json" in content_type else json.dumps(body)
-        if method != "GET":
-            with self._lock:
-                self.writes[f"{method} {path.split('?')[0]}"] += 1
+        with self._lock:
+            (self.reads if method == "GET" else self.writes)[f"{method} {path.split('?')[0]}"] += 1
         delay = 0.2
         for attempt in range(retries + 1):
             try:
                 _, url, hdrs, _, _ = self.api.param_serialize(method, path, header_params=headers,
                                                               auth_settings=["BearerToken"])
                 resp = self.api.call_api(method, url, header_params=hdrs, body=payload,
-                                         _request_timeout=self.timeout)
+                                         _request_timeout=self.timeout if timeout is None else timeout)
                 data = resp.read() if hasattr(resp, "read") else resp.data
                 if resp.status >= 400:
                     raise _api_exception(resp.status, resp.reason, data or b"")

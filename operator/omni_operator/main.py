@@ -14,9 +14,10 @@ from prometheus_client import start_http_server
 
 from . import handlers, metrics
 from .api import KIND
-from .kube import Kube, KubeError
+from .kube import Kube
 from .autoscaler import Autoscaler, fetch_metrics
-from .leader import LeaderElector
+from .cache import ObjectCache, prime_from_api
+from .leader import LeaderElector, lease_client
 from .reconcile import Reconciler, WorkQueue
 
 log = logging.getLogger("omni_operator")
@@ -24,15 +25,12 @@ log = logging.getLogger("omni_operator")
 RESYNC_SECONDS = 60.0
 
 
-def _resync_loop(kube: Kube, queue: WorkQueue, namespaces: list[str], stop: threading.Event) -> None:
-    """Re-enqueue every OmniDeployment now and then: level-triggered safety net for missed events."""
+def _resync_loop(cache: ObjectCache, queue: WorkQueue, stop: threading.Event) -> None:
+    """Re-enqueue every OmniDeployment now and then: a level-triggered safety net, read from
+    the watch cache (a settled object's reconcile then costs no API call either)."""
     while not stop.wait(RESYNC_SECONDS):
-        try:
-            for ns in namespaces or [None]:
-                for item in kube.list(KIND, ns):
-                    queue.add(item["metadata"]["namespace"], item["metadata"]["name"])
-        except KubeError as err:
-            log.warning("resync list failed: %s", err)
+        for item in cache.items():
+            queue.add(item["metadata"]["namespace"], item["metadata"]["name"])
 
 
 def _serve_health(port: int, ready: threading.Event) -> None:
@@ -74,13 +72,18 @@ def run_operator(args: argparse.Namespace) -> int:
     elector = None
     if args.leader_elect:
         lease_ns = args.leader_election_namespace or os.environ.get("POD_NAMESPACE") or "default"
-        elector = LeaderElector(kube, lease_ns)
+        # The elector has a client of its own, so renewals never wait behind the reconciler's requests.
+        elector = LeaderElector(Kube(lease_client()), lease_ns)
+        elector.fence(kube)  # once the lease is lost, no write leaves this process (the autoscaler's too)
         elector.acquire()
 
+    cache = ObjectCache(tuple(kind for kind, *_ in handlers.WATCHED_CHILDREN))
     reconciler = Reconciler(kube, image_repository=args.image_repository, image_tag=args.image_tag,
-                            fetch=fetch_metrics)
+                            fetch=fetch_metrics, cache=cache)
 
     def reconcile(namespace: str, name: str) -> None:
+        if elector and not elector.leading.is_set():
+            return  # the lease is lost and the process is on its way out
         outcome = reconciler.reconcile(namespace, name)
         if outcome.requeue:
             queue.add(namespace, name)
@@ -93,8 +96,9 @@ def run_operator(args: argparse.Namespace) -> int:
 
     queue = WorkQueue(reconcile)
     registry = kopf.OperatorRegistry()
-    index = handlers.ResourceIndex()
-    handlers.register(registry, queue.add, index)
+    handlers.register(registry, queue.add, queue.add_soon, cache)
+    # one LIST per kind, then reads come from the watches
+    prime_from_api(cache, kube, KIND, args.namespace, ",".join(f"{k}={v}" for k, v in handlers.MANAGED.items()))
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_):
@@ -103,10 +107,9 @@ def run_operator(args: argparse.Namespace) -> int:
         settings.watching.client_timeout = 330
 
     stop = threading.Event()
-    threading.Thread(target=_resync_loop, args=(kube, queue, args.namespace, stop), daemon=True,
-                     name="resync").start()
+    threading.Thread(target=_resync_loop, args=(cache, queue, stop), daemon=True, name="resync").start()
     autoscaler = Autoscaler(kube, queue.add)
-    threading.Thread(target=autoscaler.run, args=(stop, index.items), daemon=True, name="autoscaler").start()
+    threading.Thread(target=autoscaler.run, args=(stop, cache.items), daemon=True, name="autoscaler").start()
     try:
         kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace,
                  namespaces=args.namespace, ready_flag=ready)

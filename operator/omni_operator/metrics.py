@@ -19,11 +19,38 @@ QUEUE_DEPTH = Gauge("omni_operator_workqueue_depth", "OmniDeployments waiting to
 IS_LEADER = Gauge("omni_operator_leader", "1 while this process holds the leader Lease.")
 
 
+ROLES = ("thinker", "talker", "gateway")
+
+
 def record_status(namespace: str, name: str, sizing_valid: bool, roles, weights_ready: bool | None = None,
                   weights_failed: bool = False) -> None:
+    """Set the per-object series; a role that no longer exists loses its series, so alerts
+    on it stop."""
     SIZING_VALID.labels(namespace, name).set(1 if sizing_valid else 0)
     if weights_ready is not None:
         WEIGHTS_READY.labels(namespace, name).set(1 if weights_ready else -1 if weights_failed else 0)
-    for role, obs in roles.items():
-        DESIRED.labels(namespace, name, role).set(obs.desired)
-        READY.labels(namespace, name, role).set(obs.ready)
+    else:
+        _remove(WEIGHTS_READY, namespace, name)
+    for role in ROLES:
+        if role in roles:
+            DESIRED.labels(namespace, name, role).set(roles[role].desired)
+            READY.labels(namespace, name, role).set(roles[role].ready)
+        else:
+            _remove(DESIRED, namespace, name, role)
+            _remove(READY, namespace, name, role)
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drop every series of a deleted OmniDeployment (else its alerts would fire forever)."""
+    _remove(SIZING_VALID, namespace, name)
+    _remove(WEIGHTS_READY, namespace, name)
+    for role in ROLES:
+        _remove(DESIRED, namespace, name, role)
+        _remove(READY, namespace, name, role)
+
+
+def _remove(metric, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never set
+        pass

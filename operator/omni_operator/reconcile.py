@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from . import metrics, weights
-from .api import KIND, AutoscalingMode
+from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus, RoleSizing, SizingStatus
+from .cache import ObjectCache
 from .kube import Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
 from .render import ROLES, gpus_for, instance_selector, role_selector
@@ -63,9 +64,16 @@ class Outcome:
 
 
 class Reconciler:
+    """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment
+    and its children are read from it (an unchanged object costs no API call); only a child
+    that does not exist yet is looked up in the API, so that a same-named object of someone
+    else, however new, stops the plan. Without it (tests, the CLI) every reconcile reads
+    from the API."""
+
     def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
-                 fetch: Callable[[str, float], str | None] | None = None):
+                 fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None):
         self.kube = kube
+        self.cache = cache
         self.fetch = fetch  # GET a loader's /metrics page; None: progress is not read
         self.image_repository = image_repository
         self.image_tag = image_tag
@@ -75,9 +83,11 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
         outcome = Outcome()
-        resource = self.kube.get(KIND, namespace, name)
+        primed = self.cache is not None and self.cache.primed.is_set()
+        resource = self.cache.omni(namespace, name) if primed else self.kube.get(KIND, namespace, name)
         if resource is None:
             outcome.skipped = "gone"
+            metrics.forget(namespace, name)
             return outcome
         if resource["metadata"].get("deletionTimestamp"):
             outcome.skipped = "deleting"  # children go with it (owner references)
@@ -100,7 +110,7 @@ class Reconciler:
         plan: Plan | None = None
         sizing_error: str | None = None
         invalid_spec = False
-        live = self._live_children(namespace, name)
+        live = self._live_children(resource)
         live_roles = frozenset(key for key, obj in live.items()
                                if key[0] == "StatefulSet" and _component(obj) in ("thinker", "talker"))
         try:
@@ -133,14 +143,27 @@ class Reconciler:
                     if (p := weights.parse_progress(self.fetch(url, 2.0))) is not None}
         return replace(observed, progress=progress)
 
-    def _live_children(self, namespace: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
-        live = {}
-        for kind in CHILD_KINDS:
+    def _live_children(self, resource: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        meta = resource["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        kinds = CHILD_KINDS
+        if self.cache is not None and self.cache.primed.is_set():
+            live = self.cache.children(namespace, name)
+            # KEDA's ScaledObjects are not watched (their CRD may not be installed): read them in
+            # KEDA mode, and once after any spec change (a switch away from KEDA prunes them)
+            keda = ((resource.get("spec") or {}).get("autoscaling") or {}).get("mode") == AutoscalingMode.KEDA.value
+            settled = (resource.get("status") or {}).get("observedGeneration") == meta.get("generation")
+            kinds = tuple(k for k in CHILD_KINDS if k not in self.cache.child_kinds) if keda or not settled else ()
+        else:
+            live = {}
+        for kind in kinds:
             for obj in self.kube.list(kind, namespace, instance_selector(name)):
                 # List items carry no apiVersion/kind of their own.
                 obj.setdefault("kind", kind)
                 obj.setdefault("apiVersion", api_version(kind))
                 live[(kind, obj["metadata"]["name"])] = obj
+                if self.cache is not None:
+                    self.cache.observe_child(kind, obj)
         return live
 
     def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> str | None:
@@ -154,6 +177,7 @@ class Reconciler:
         for obj in plan.objects:
             key = (obj["kind"], obj["metadata"]["name"])
             # Not labelled as ours: a same-named object may still exist and belong to someone else.
+            # Asked of the API, not the cache: one created a moment ago must still stop the plan.
             found = live[key] if key in live else self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
             if found is not None and not owned_by(found, uid):
                 return (f"{obj['kind']} {namespace}/{obj['metadata']['name']} already exists and is not owned by "
@@ -165,6 +189,8 @@ class Reconciler:
                 continue
             try:
                 live[key] = self.kube.apply(obj)
+                if self.cache is not None:
+                    self.cache.observe_child(key[0], live[key])
             except KubeError as err:
                 return f"applying {obj['kind']} {obj['metadata']['name']} failed: {err}"
             outcome.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
@@ -177,6 +203,8 @@ class Reconciler:
                 continue
             if self.kube.delete(key[0], namespace, key[1], uid=obj["metadata"].get("uid")):
                 outcome.pruned.append(f"{key[0]}/{key[1]}")
+            if self.cache is not None:
+                self.cache.observe_child(key[0], obj, deleted=True)
             live.pop(key)
 
     # ------------------------------------------------------------------ status
@@ -217,35 +245,42 @@ class Reconciler:
             weights=weights_decision.condition if weights_decision else None,
             weights_failed=bool(weights_decision and weights_decision.failed),
             waiting_for_weights=bool(weights_decision and weights_decision.mount is None))
-        status: dict[str, Any] = dict(previous)
-        status["observedGeneration"] = generation
-        for role in ROLES:
-            status[role] = roles[role].as_status() if role in roles else None
+        planned: dict[str, Any] = {}
         if plan is not None:
             # GPUs of the replicas actually asked for (an HPA may have chosen other counts than the plan).
             gpus = gpus_for(plan.sizing, {role: obs.desired for role, obs in roles.items()})
-            status["sizing"] = _sizing_status(plan, gpus)
-            status["gpus"] = gpus
-            status["replicas"] = roles["thinker"].current
-            status["selector"] = role_selector(meta["name"], "thinker")
-            status["weights"] = plan.weights.status.wire()
-        status["conditions"] = merge_conditions(previous.get("conditions") or [], conditions, _now())
+            planned = dict(sizing=_sizing_status(plan, gpus), gpus=gpus, replicas=roles["thinker"].current,
+                           selector=role_selector(meta["name"], "thinker"), weights=plan.weights.status)
+        update = OmniDeploymentStatus(
+            observed_generation=generation,
+            conditions=[Condition.model_validate(c) for c in
+                        merge_conditions(previous.get("conditions") or [], conditions, _now())],
+            **{role: roles[role].as_status() for role in ROLES if role in roles}, **planned)
+        # A merge patch of what this reconcile owns (the autoscaler's decisions stay); null
+        # removes a role that no longer exists (e.g. talker after a variant change).
+        patch = update.patch() | {role: None for role in ROLES if role not in roles}
+        status = {k: v for k, v in (previous | patch).items() if v is not None}
         metrics.record_status(meta["namespace"], meta["name"], sizing_error is None, roles,
                               weights_ready=weights_decision.condition["status"] == "True" if weights_decision else None,
                               weights_failed=bool(weights_decision and weights_decision.failed))
 
         if _comparable(status) == _comparable(previous):
             return
-        # Merge patch: null removes a role that no longer exists (e.g. talker after a variant change).
         # The resourceVersion guards the autoscaler's decisions: if it wrote meanwhile, we re-read.
         try:
-            self.kube.patch_status(KIND, meta["namespace"], meta["name"], status,
-                                   resource_version=meta.get("resourceVersion"))
+            written = self.kube.patch_status(KIND, meta["namespace"], meta["name"], patch,
+                                             resource_version=meta.get("resourceVersion"))
         except KubeError as err:
             if err.status != 409:
                 raise
+            if self.cache is not None:  # our copy was stale: take the current one, then decide again
+                fresh = self.kube.get(KIND, meta["namespace"], meta["name"])
+                if fresh is not None:
+                    self.cache.observe_omni(fresh)
             outcome.requeue = True
             return
+        if self.cache is not None and written:
+            self.cache.observe_omni(written)
         outcome.status_written = True
         for cond in transitions(previous.get("conditions") or [], conditions):
             if cond["type"] in ("Ready", "SizingValid", "Degraded", weights.WEIGHTS_READY):
@@ -257,20 +292,18 @@ class Reconciler:
                                        type_="Warning" if warn else "Normal")
 
 
-def _sizing_status(plan: Plan, gpus: int) -> dict[str, Any]:
-    def role(s):
+def _sizing_status(plan: Plan, gpus: int) -> SizingStatus:
+    def role(s) -> RoleSizing | None:
         if s is None:
             return None
-        out = {"estimatedGB": s.estimated_gb, "gpusPerReplica": s.gpus_per_replica,
-               "podsPerReplica": s.pods_per_replica, "gpusPerPod": s.gpus_per_pod,
-               "vllmArgs": list(s.vllm_args), "notes": list(s.notes)}
-        if s.tensor_parallel_size:
-            out["tensorParallelSize"] = s.tensor_parallel_size
-            out["pipelineParallelSize"] = s.pipeline_parallel_size
-        return out
+        return RoleSizing(estimated_gb=s.estimated_gb, gpus_per_replica=s.gpus_per_replica,
+                          pods_per_replica=s.pods_per_replica, gpus_per_pod=s.gpus_per_pod,
+                          tensor_parallel_size=s.tensor_parallel_size or None,
+                          pipeline_parallel_size=s.pipeline_parallel_size if s.tensor_parallel_size else None,
+                          vllm_args=list(s.vllm_args), notes=list(s.notes))
 
-    return {"thinker": role(plan.sizing.thinker), "talker": role(plan.sizing.talker),
-            "maxModelLen": plan.sizing.thinker.max_model_len, "gpusTotal": gpus}
+    return SizingStatus(thinker=role(plan.sizing.thinker), talker=role(plan.sizing.talker),
+                        max_model_len=plan.sizing.thinker.max_model_len, gpus_total=gpus)
 
 
 def _comparable(status: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +332,7 @@ class WorkQueue:
         self._queued: set[tuple[str, str]] = set()
         self._active: set[tuple[str, str]] = set()
         self._dirty: set[tuple[str, str]] = set()
+        self._soon: set[tuple[str, str]] = set()
         self._stopped = False
         self._threads = [threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
                          for i in range(workers)]
@@ -316,6 +350,24 @@ class WorkQueue:
     def add_after(self, namespace: str, name: str, seconds: float) -> None:
         """Reconcile again later (a loader's progress is polled this way)."""
         timer = threading.Timer(seconds, self.add, args=(namespace, name))
+        timer.daemon = True
+        timer.start()
+
+    def add_soon(self, namespace: str, name: str, seconds: float) -> None:
+        """Reconcile once after `seconds`, however many times this is called meanwhile: a
+        burst of child events (a rollout touches a StatefulSet many times) is one reconcile."""
+        key = (namespace, name)
+        with self._cond:
+            if key in self._soon:
+                return
+            self._soon.add(key)
+
+        def fire():
+            with self._cond:
+                self._soon.discard(key)
+            self.add(namespace, name)
+
+        timer = threading.Timer(seconds, fire)
         timer.daemon = True
         timer.start()
 

@@ -28,6 +28,9 @@ DEFAULT_IMAGE_REPOSITORY = "ghcr.io/qwen3-omni"
 REPLICA_LABEL = "omni.qwen.ai/replica"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 RUN_AS_USER = 1000
+# Runtime containers have a read-only root filesystem: they write to a /tmp emptyDir and (thinker,
+# talker) to an emptyDir home that holds the caches of vLLM, torch, triton and CUDA.
+SCRATCH_HOME = "/home/omni"
 
 # Weight loading from a volume (the operator's cache or the user's PVC): ~70 GB at a few hundred MB/s.
 STARTUP_BUDGET_SECONDS = 1200
@@ -210,8 +213,20 @@ def downward_env() -> list[dict[str, Any]]:
 def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
     pod = {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
            "seccompProfile": {"type": "RuntimeDefault"}}
-    container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
     return pod, container
+
+
+def scratch_home() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """(env, volume, mount) of the writable home of thinker and talker: the images' defaults for these
+    caches (~/.cache, ~/.triton, ~/.nv, /tmp/torchinductor_*) would land on the read-only root."""
+    home = SCRATCH_HOME
+    env = env_list({"HOME": home, "TMPDIR": "/tmp", "XDG_CACHE_HOME": f"{home}/.cache",
+                    "XDG_CONFIG_HOME": f"{home}/.config", "VLLM_CACHE_ROOT": f"{home}/.cache/vllm",
+                    "VLLM_CONFIG_ROOT": f"{home}/.config/vllm", "TRITON_CACHE_DIR": f"{home}/.triton/cache",
+                    "TORCHINDUCTOR_CACHE_DIR": f"{home}/.cache/torchinductor",
+                    "CUDA_CACHE_PATH": f"{home}/.nv/ComputeCache"})
+    return env, {"name": "home", "emptyDir": {}}, {"name": "home", "mountPath": home}
 
 
 def served_model_name(inp: RenderInput) -> str:
@@ -221,10 +236,8 @@ def served_model_name(inp: RenderInput) -> str:
 def _pod_spec(inp: RenderInput, role: str, role_spec: RoleSpec, *, gpu_resource: str | None, gpus: int,
               resource_defaults: dict, env: list[dict], volumes: list[dict], mounts: list[dict],
               startup_seconds: int | None, spread_labels: dict[str, str],
-              shard_labels: dict[str, str] | None = None, read_only_root: bool = False) -> dict[str, Any]:
+              shard_labels: dict[str, str] | None = None) -> dict[str, Any]:
     pod_sc, container_sc = security_context()
-    if read_only_root:
-        container_sc = dict(container_sc, readOnlyRootFilesystem=True)
     container: dict[str, Any] = {
         "name": role,
         "image": image_for(inp, role, role_spec),
@@ -242,6 +255,8 @@ def _pod_spec(inp: RenderInput, role: str, role_spec: RoleSpec, *, gpu_resource:
     pod: dict[str, Any] = {
         "containers": [container],
         "securityContext": pod_sc,
+        # Nothing in a runtime pod calls the Kubernetes API, and its processes parse untrusted media.
+        "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": inp.spec.workload.max_request_seconds + 30,
         "enableServiceLinks": False,
         "volumes": volumes + [{"name": "tmp", "emptyDir": {}}],
@@ -291,12 +306,13 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
         return []
     model = inp.model_mount
     shm_volume, shm_mount = _shm_volume(sizing.gpus_per_pod)
+    home_env, home_volume, home_mount = scratch_home()
     defaults = {"requests": {"cpu": str(max(4, 4 * sizing.gpus_per_pod)),
                              "memory": _quantity_gi(max(32, 24 * sizing.gpus_per_pod))},
                 "limits": {"memory": _quantity_gi(max(32, 24 * sizing.gpus_per_pod))}}
     base_env = [
         *_role_env(inp, "thinker", OMNI_VLLM_ARGS=json.dumps(thinker_vllm_args(inp), separators=(",", ":"))),
-        *model.env, *downward_env(),
+        *model.env, *home_env, *downward_env(),
     ]
     replicas = inp.replicas.get("thinker", 0)
     sets: list[tuple[str, int, int | None]]  # (statefulset name, pods, replica index)
@@ -319,8 +335,9 @@ def render_thinker(inp: RenderInput) -> list[dict[str, Any]]:
         match = {**match, **extra_labels}
         pod_spec = _pod_spec(
             inp, "thinker", role_spec, gpu_resource=gpu_resource, gpus=sizing.gpus_per_pod,
-            resource_defaults=defaults, env=env, volumes=model.volumes + [shm_volume],
-            mounts=model.mounts + [shm_mount], startup_seconds=STARTUP_BUDGET_SECONDS, spread_labels=selector_labels(name, "thinker"),
+            resource_defaults=defaults, env=env, volumes=model.volumes + [shm_volume, home_volume],
+            mounts=model.mounts + [shm_mount, home_mount], startup_seconds=STARTUP_BUDGET_SECONDS,
+            spread_labels=selector_labels(name, "thinker"),
             shard_labels=match if replica is not None else None)
         objects.append(_without_replicas_if(replica is None and spec.external_autoscaler, {
             "apiVersion": "apps/v1",
@@ -357,15 +374,17 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
         return []
     n = names(name)
     model = inp.model_mount
+    home_env, home_volume, home_mount = scratch_home()
     env = [
         *_role_env(inp, "talker", OMNI_MAX_QUEUE=str(talker.max_queue), OMNI_MAX_INFLIGHT=str(talker.max_inflight),
                    OMNI_DEVICE="cuda"),
-        *model.env, *downward_env(),
+        *model.env, *home_env, *downward_env(),
     ]
     defaults = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
     pod_spec = _pod_spec(inp, "talker", talker, gpu_resource=talker.gpu.resource_name, gpus=sizing.gpus_per_pod,
-                         resource_defaults=defaults, env=env, volumes=model.volumes, mounts=model.mounts,
-                         startup_seconds=STARTUP_BUDGET_SECONDS, spread_labels=selector_labels(name, "talker"))
+                         resource_defaults=defaults, env=env, volumes=model.volumes + [home_volume],
+                         mounts=model.mounts + [home_mount], startup_seconds=STARTUP_BUDGET_SECONDS,
+                         spread_labels=selector_labels(name, "talker"))
     return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -403,7 +422,7 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
     defaults = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
     pod_spec = _pod_spec(inp, "gateway", gateway, gpu_resource=None, gpus=0, resource_defaults=defaults,
                          env=[*_role_env(inp, "gateway", **values), *downward_env()], volumes=volumes, mounts=mounts,
-                         startup_seconds=60, spread_labels=selector_labels(name, "gateway"), read_only_root=True)
+                         startup_seconds=60, spread_labels=selector_labels(name, "gateway"))
     return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

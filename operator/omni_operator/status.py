@@ -1,13 +1,16 @@
 """Pure status logic: drift detection, role observation, conditions.
 
-Everything here takes plain dicts and returns plain dicts; the reconciler does
-the I/O around it.
+Live objects come in as the dicts the API returns; what goes into the status is
+built through the typed models of api.py (a misspelled field fails here instead
+of being pruned by the apiserver). The reconciler does the I/O around it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from .api import Condition, RoleStatus
 
 READY, PROGRESSING, DEGRADED, SIZING_VALID = "Ready", "Progressing", "Degraded", "SizingValid"
 WEIGHTS_READY = "WeightsReady"
@@ -60,9 +63,9 @@ class RoleObservation:
     ready: int
     up_to_date: bool
 
-    def as_status(self) -> dict[str, Any]:
-        return {"desiredReplicas": self.desired, "replicas": self.current, "readyReplicas": self.ready,
-                "ready": f"{self.ready}/{self.desired}"}
+    def as_status(self) -> RoleStatus:
+        return RoleStatus(desired_replicas=self.desired, replicas=self.current, ready_replicas=self.ready,
+                          ready=f"{self.ready}/{self.desired}")
 
 
 def _workload_settled(obj: dict[str, Any]) -> bool:
@@ -94,7 +97,7 @@ def observe_role(desired: int, workloads: list[dict[str, Any]], pods_per_replica
 
 def condition(type_: str, status: bool | str, reason: str, message: str, generation: int | None) -> dict[str, Any]:
     value = status if isinstance(status, str) else ("True" if status else "False")
-    return {"type": type_, "status": value, "reason": reason, "message": message, "observedGeneration": generation}
+    return Condition(type=type_, status=value, reason=reason, message=message, observed_generation=generation).wire()
 
 
 def compute_conditions(*, generation: int | None, sizing_error: str | None, sizing_reason: str,

@@ -108,7 +108,7 @@ def render_cache(inp: RenderInput, key: str) -> list[dict[str, Any]]:
         "env": [*env_list(env), *_token_env(spec), *downward_env()],
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
-        "securityContext": {**container_sc, "readOnlyRootFilesystem": True},
+        "securityContext": container_sc,
         # The loader prints one sentence on failure: it becomes the pod's termination message.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "weights", "mountPath": LOADER_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}],
@@ -116,6 +116,8 @@ def render_cache(inp: RenderInput, key: str) -> list[dict[str, Any]]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": pod_sc,
+        # The loader talks to the hub, never to the Kubernetes API.
+        "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "containers": [container],
         "volumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": claim}},

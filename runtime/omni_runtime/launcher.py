@@ -179,7 +179,7 @@ def mm_states_routes(app, store) -> None:
 async def supervise(argv: list[str], facts: dict, cfg: dict, mm: dict | None = None) -> int:
     from aiohttp import web
 
-    from .metrics import ThinkerMetrics, metrics_app, parse_prometheus_text
+    from .metrics import CONTENT_TYPE_LATEST, ThinkerMetrics, metrics_app, parse_prometheus_text
     from .mm_store import MMStatesStore
 
     metrics = ThinkerMetrics()
@@ -251,8 +251,15 @@ async def supervise(argv: list[str], facts: dict, cfg: dict, mm: dict | None = N
             return web.json_response({"status": "ok" if ok else "leader not ready", "rank": facts["node_rank"]},
                                      status=200 if ok else 503)
 
+        async def no_engine_metrics(_request):
+            # The PodMonitor scrapes vLLM's /metrics on every thinker pod's http port; a 404 would mark
+            # this pod down. vLLM's series are rank 0's; the launcher's own are on the metrics port.
+            return web.Response(text=f"# node rank {facts['node_rank']} runs headless: vLLM's metrics are on rank 0\n",
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
         app = web.Application()
         app.router.add_get("/health", health)
+        app.router.add_get("/metrics", no_engine_metrics)
         await start_site(app, facts["port"])
 
     scraper = asyncio.ensure_future(scrape_loop())

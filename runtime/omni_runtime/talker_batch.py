@@ -205,24 +205,41 @@ class KVBatch:
         return mask, pos.unsqueeze(0).expand(3, -1, -1)
 
 
-class DecodeLoop:
+class _Worker:
+    """A daemon thread running `_run`, woken through `cond`, stopped with `stop`."""
+
+    def __init__(self, name: str):
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, wait: float = 10.0) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(wait)
+
+
+class DecodeLoop(_Worker):
     """The talker's decode thread. `submit` hands it a synthesis; `on_step(batch, stalled)`
     reports each step's batch size and how many syntheses wait for text."""
 
     def __init__(self, engine: TalkerEngine, text_wait: float = 30.0,
                  on_step: Callable[[int, int], None] = lambda batch, stalled: None):
+        super().__init__("talker-decode")
         self.engine = engine
         self.torch = engine.torch
         self.text_wait = text_wait
         self.on_step = on_step
-        self.cond = threading.Condition()
         self.pending: list[Synthesis] = []
         self.active: list[Synthesis] = []
         self.batch = KVBatch(self.torch)
         self.suppress = self.torch.tensor(engine.suppress, dtype=self.torch.long, device=engine.device)
         self.vocoder = Vocoder(engine)
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="talker-decode", daemon=True)
         self.thread.start()
 
     def submit(self, s: Synthesis) -> None:
@@ -236,11 +253,7 @@ class DecodeLoop:
             self.cond.notify()
 
     def stop(self, wait: float = 10.0) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(wait)
+        super().stop(wait)
         self.vocoder.stop(wait)
 
     # -- the loop -------------------------------------------------------------------
@@ -391,16 +404,14 @@ class DecodeLoop:
                 s.next_flush = n + self.engine.chunks.every
 
 
-class Vocoder:
+class Vocoder(_Worker):
     """code2wav on its own thread, so decoding never waits for audio: jobs of one synthesis
     run in order, spans of equal shape from different syntheses are decoded together."""
 
     def __init__(self, engine: TalkerEngine):
+        super().__init__("talker-vocoder")  # stop() lets it finish the queued jobs first
         self.engine = engine
-        self.cond = threading.Condition()
         self.jobs: list[tuple] = []
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="talker-vocoder", daemon=True)
         self.thread.start()
 
     def decode(self, s: Synthesis, start: int, end: int) -> None:
@@ -417,14 +428,6 @@ class Vocoder:
         with self.cond:
             self.jobs.append(job)
             self.cond.notify()
-
-    def stop(self, wait: float = 10.0) -> None:
-        """Finish the queued jobs, then end the thread."""
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(wait)
 
     def _run(self) -> None:
         torch = self.engine.torch

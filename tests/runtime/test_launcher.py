@@ -137,3 +137,48 @@ def test_finished_counter_follows_the_engine_across_a_restart():
     for total in (3.0, 7.0, 2.0, 5.0):  # vLLM restarted after 7
         metrics.finished_to(total)
     assert parse_prometheus_text(metrics.render().decode())["omni_requests_finished_total"] == 12.0
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_headless_rank_answers_every_scrape_of_the_pod_monitor(spawn, tmp_path):
+    """Ranks > 0 run no vLLM API server; the PodMonitor still scrapes both `metrics` and `http`
+    on every thinker pod, and a 404 there is a target down (TargetDown fires)."""
+    import time
+
+    fake = tmp_path / "bin" / "vllm"  # a worker that just lives until it is stopped
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 600\n")
+    fake.chmod(0o755)
+    t = spawn("thinker", {**BASE, "OMNI_NNODES": "2", "POD_NAME": "demo-thinker-0-1",
+                          "OMNI_MASTER_ADDR": "leader.invalid", "OMNI_MM_STATES_DIR": str(tmp_path / "mm"),
+                          "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"})
+    deadline = time.monotonic() + 60
+    while True:
+        assert t.popen.poll() is None, t.log_text()
+        try:
+            if t.metrics().get("omni_ready") == 1.0:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, t.log_text()
+        time.sleep(0.2)
+    # The launcher's own metrics on the metrics port: alive, nothing queued (rank 0 holds the queue).
+    m = t.metrics()
+    assert m["omni_queue_depth"] == 0.0 and m["omni_requests_running"] == 0.0 and m["omni_draining"] == 0.0
+    # vLLM's metrics endpoint on the http port: up, with no series (they are rank 0's).
+    status, body = _get(f"{t.url}/metrics")
+    assert status == 200, body
+    assert parse_prometheus_text(body) == {}
+    assert _get(f"{t.url}/health")[0] == 503  # the leader does not answer
+    t.stop()
+    assert t.popen.returncode == 0, t.log_text()

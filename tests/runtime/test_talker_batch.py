@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
+import torch  # the runtime extra; `make test` installs it
 
 from omni_runtime.payload import parse
 
 from .helpers import text_payload
 
-torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.runtime
 
 

@@ -39,6 +39,15 @@ def test_the_talker_pod_loads_its_weights_from_the_cache(cluster, namespace, ope
     # The pod's view of the volume, mapped onto this machine as a kubelet would mount it.
     model_dir = env["OMNI_MODEL"].replace(mount["mountPath"], str(volume), 1)
     assert Path(model_dir, ".omni-weights.json").exists()
+    # The root filesystem is read-only: every path the talker writes (HOME, caches, TMPDIR) is in an
+    # emptyDir, here a fresh directory each.
+    empty_dirs = {v["name"] for v in pod["spec"]["volumes"] if "emptyDir" in v}
+    for m in container["volumeMounts"]:
+        if m["name"] in empty_dirs:
+            host = tmp_path / "volumes" / m["name"]
+            host.mkdir(parents=True, exist_ok=True)
+            path = m["mountPath"].rstrip("/")
+            env.update({k: str(host) + v[len(path):] for k, v in env.items() if v == path or v.startswith(path + "/")})
     env.update(OMNI_MODEL=model_dir, OMNI_HOST=pod["status"]["podIP"], OMNI_DEVICE="cpu", HF_HOME=str(tmp_path),
                OMP_NUM_THREADS="1", PATH=os.environ["PATH"], PYTHONUNBUFFERED="1")
     log = tmp_path / "talker.log"

@@ -4,11 +4,11 @@ processors, draws confined to what top-k/top-p allow, and per-request random str
 from __future__ import annotations
 
 import pytest
+import torch  # the runtime extra; `make test` installs it
 
 from omni_runtime.payload import PayloadError
 from omni_runtime.talker_sampling import Sampling, choose, process_first
 
-torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.runtime
 
 V = 64

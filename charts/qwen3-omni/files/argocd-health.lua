@@ -5,8 +5,9 @@
 --                roll it out until the spec changes), or Degraded=True
 --   Progressing  the operator has not yet observed the latest spec (status.observedGeneration,
 --                or the Ready condition's observedGeneration, is behind metadata.generation),
---                no status yet, Progressing=True, or Ready not (yet) True
---   Healthy      Ready=True for the current generation
+--                no status yet, Progressing=True (even with Ready=True: a rollout is under way),
+--                or Ready not (yet) True
+--   Healthy      Ready=True for the current generation and not Progressing
 local hs = {}
 
 local function conditionsByType(status)
@@ -73,6 +74,14 @@ if degraded ~= nil and degraded.status == "True" then
   return hs
 end
 
+-- Mid-rollout the old replicas can still be Ready: as in Argo CD's Deployment check, a rollout
+-- in progress is Progressing, not Healthy.
+if progressing ~= nil and progressing.status == "True" then
+  hs.status = "Progressing"
+  hs.message = describe(progressing, "Rolling out")
+  return hs
+end
+
 -- A condition written for an older generation says nothing about the current spec.
 local readyCurrent = ready ~= nil and (generation == nil or ready.observedGeneration == nil
   or ready.observedGeneration >= generation)
@@ -84,9 +93,7 @@ if ready ~= nil and ready.status == "True" and readyCurrent then
 end
 
 hs.status = "Progressing"
-if progressing ~= nil and progressing.status == "True" then
-  hs.message = describe(progressing, "Rolling out")
-elseif ready ~= nil and not readyCurrent then
+if ready ~= nil and not readyCurrent then
   hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
 else
   hs.message = describe(ready, "Waiting for the Ready condition")

@@ -1,0 +1,109 @@
+"""What the watches delivered: every OmniDeployment, and the children of each one by owner,
+so a reconcile of an unchanged object and the periodic resync cost no API calls.
+
+Fed by the kopf event handlers (handlers.py) and by the responses of the operator's own
+writes (write-through), primed once by one LIST per kind at start. An update never
+replaces a newer copy: resourceVersions are compared when both are numbers (etcd
+revisions, as every apiserver in practice hands out), so a late watch event cannot undo
+a write-through. Readers get deep copies: the reconciler mutates what it reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from typing import Any
+
+from .kube import api_version
+
+log = logging.getLogger(__name__)
+
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+
+Key = tuple[str, str]
+
+
+def _newer_or_same(have: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """True unless `have` is known to be newer than `new`."""
+    if have is None:
+        return True
+    old_rv, new_rv = have["metadata"].get("resourceVersion", ""), new["metadata"].get("resourceVersion", "")
+    if old_rv.isdigit() and new_rv.isdigit():
+        return int(new_rv) >= int(old_rv)
+    return True
+
+
+class ObjectCache:
+    def __init__(self, child_kinds: tuple[str, ...]):
+        self.child_kinds = child_kinds
+        self._lock = threading.Lock()
+        self._omni: dict[Key, dict[str, Any]] = {}
+        self._children: dict[Key, dict[Key, dict[str, Any]]] = {}  # (ns, instance) -> (kind, name) -> body
+        self.primed = threading.Event()
+
+    # -- feeding ---------------------------------------------------------------------
+    def observe_omni(self, body: dict[str, Any], deleted: bool = False) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        with self._lock:
+            if deleted:
+                self._omni.pop(key, None)
+            elif _newer_or_same(self._omni.get(key), body):
+                self._omni[key] = body
+
+    def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> None:
+        meta = body["metadata"]
+        instance = (meta.get("labels") or {}).get(INSTANCE_LABEL)
+        if instance is None:
+            return
+        owner = (meta["namespace"], instance)
+        key = (kind, meta["name"])
+        with self._lock:
+            children = self._children.setdefault(owner, {})
+            if deleted:
+                children.pop(key, None)
+                if not children:
+                    self._children.pop(owner, None)
+            elif _newer_or_same(children.get(key), body):
+                children[key] = body
+
+    def prime(self, omnis: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> None:
+        """Seed from one LIST of each kind; from then on the cache answers reads."""
+        for body in omnis:
+            self.observe_omni(body)
+        for kind, items in children.items():
+            for body in items:
+                self.observe_child(kind, body)
+        self.primed.set()
+
+    # -- reading ---------------------------------------------------------------------
+    def omni(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            body = self._omni.get((namespace, name))
+        return copy.deepcopy(body) if body is not None else None
+
+    def items(self) -> list[dict[str, Any]]:
+        """Every OmniDeployment (the latest seen); not copied: callers only read."""
+        with self._lock:
+            return list(self._omni.values())
+
+    def children(self, namespace: str, instance: str) -> dict[Key, dict[str, Any]]:
+        with self._lock:
+            found = dict(self._children.get((namespace, instance)) or {})
+        return {key: copy.deepcopy(body) for key, body in found.items()}
+
+
+def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], selector: str) -> None:
+    """One LIST of the OmniDeployments and of each child kind (per watched namespace, or
+    cluster-wide), then the cache answers reads."""
+    scopes = namespaces or [None]
+    omnis = [o for ns in scopes for o in kube.list(kind, ns)]
+    children = {}
+    for child in cache.child_kinds:
+        items = [o for ns in scopes for o in kube.list(child, ns, selector)]
+        for obj in items:  # list items carry no kind of their own
+            obj.setdefault("kind", child)
+            obj.setdefault("apiVersion", api_version(child))
+        children[child] = items
+    cache.prime(omnis, children)

@@ -1,0 +1,32 @@
+"""Tier 1: the watch cache the reconciler reads from."""
+
+from __future__ import annotations
+
+from omni_operator.cache import ObjectCache
+
+MANAGED = {"app.kubernetes.io/managed-by": "omni-operator"}
+
+
+def sts(name: str, rv: str, replicas: int = 1, labels: dict | None = None) -> dict:
+    return {"kind": "StatefulSet", "metadata": {
+        "name": name, "namespace": "ns", "resourceVersion": rv,
+        "labels": labels if labels is not None else {"app.kubernetes.io/instance": "omni", **MANAGED}},
+        "spec": {"replicas": replicas}}
+
+
+def test_a_late_watch_event_never_replaces_a_newer_copy():
+    cache = ObjectCache(("StatefulSet",))
+    cache.observe_child("StatefulSet", sts("omni-thinker", "120", replicas=2))  # our write
+    cache.observe_child("StatefulSet", sts("omni-thinker", "95", replicas=1))  # older event
+    assert cache.children("ns", "omni")[("StatefulSet", "omni-thinker")]["spec"]["replicas"] == 2
+    cache.observe_child("StatefulSet", sts("omni-thinker", "121"), deleted=True)
+    assert cache.children("ns", "omni") == {}
+
+
+def test_readers_get_copies():
+    cache = ObjectCache(("StatefulSet",))
+    cache.prime([], {"StatefulSet": [sts("omni-thinker", "1")]})
+    assert cache.primed.is_set()
+    mine = cache.children("ns", "omni")
+    mine[("StatefulSet", "omni-thinker")]["spec"]["replicas"] = 99
+    assert cache.children("ns", "omni")[("StatefulSet", "omni-thinker")]["spec"]["replicas"] == 1

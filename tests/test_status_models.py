@@ -1,0 +1,40 @@
+"""Tier 1: status is built through the typed models, so a misspelled or malformed field is
+an error in the operator instead of a key the apiserver silently prunes."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from omni_operator.api import Condition, OmniDeploymentStatus, RoleStatus, ScaleDecision
+from omni_operator.status import RoleObservation, compute_conditions, condition
+
+
+@pytest.mark.parametrize("build", [
+    lambda: RoleStatus(desired_replica=2),
+    lambda: Condition(type="Ready", status="True", reason="AllReplicasReady", mesage="typo"),
+    lambda: ScaleDecision(time="t", role="thinker", from_replicas=1, to_replicas=2, reason="r", arrivalrate=1.0),
+    lambda: OmniDeploymentStatus(observed_generation=1, lastScaleDecision=[]),
+])
+def test_misspelled_status_fields_are_refused(build):
+    with pytest.raises(ValidationError):
+        build()
+
+
+def test_a_condition_the_apiserver_would_refuse_fails_where_it_is_made():
+    with pytest.raises(ValidationError):  # metav1.Condition reasons are CamelCase identifiers
+        condition("Ready", True, "all replicas ready", "", 1)
+    with pytest.raises(ValidationError):
+        condition("Ready", "Maybe", "Unsure", "", 1)
+
+
+def test_what_the_reconciler_computes_round_trips_through_the_model():
+    roles = {"thinker": RoleObservation(desired=2, current=2, ready=1, up_to_date=False)}
+    conditions = compute_conditions(generation=3, sizing_error=None, sizing_reason="sized", invalid_spec=False,
+                                    apply_error=None, roles=roles)
+    status = OmniDeploymentStatus(observed_generation=3, conditions=[Condition.model_validate(c) for c in conditions],
+                                  thinker=roles["thinker"].as_status())
+    patch = status.patch()
+    assert patch["thinker"] == {"desiredReplicas": 2, "replicas": 2, "readyReplicas": 1, "ready": "1/2"}
+    assert "lastScaleDecisions" not in patch, "a merge patch must leave the autoscaler's decisions alone"
+    assert OmniDeploymentStatus.model_validate(patch) == status
