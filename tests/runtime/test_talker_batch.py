@@ -110,15 +110,20 @@ def test_streamed_text_gives_the_same_audio_as_the_whole_answer(tiny_model, engi
     whole = Run(loop, engine, req)
     whole_stats, whole_pcm = whole.wait()
 
+    loop.batches.clear()
     streamed = Run(loop, engine, req, streamed_from=1)
-    for tok in req.response_ids[1:]:  # the thinker writes slower than the talker reads
+    # the thinker is behind: the synthesis runs out of text and waits for it
+    deadline = time.monotonic() + 30
+    while not any(stalled for _, stalled in loop.batches) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(stalled for _, stalled in loop.batches), "the streamed synthesis must have waited for text"
+    for tok in req.response_ids[1:]:
         time.sleep(0.02)
         streamed.feed.extend([tok])
     streamed.feed.end()
     stats, pcm = streamed.wait()
     assert torch.equal(streamed.codes(), whole.codes())
     assert pcm == whole_pcm and stats.samples == whole_stats.samples
-    assert any(stalled for _, stalled in loop.batches), "the streamed synthesis must have waited for text"
 
 
 def test_batched_syntheses_equal_their_solo_runs(tiny_model, engine, loop):
