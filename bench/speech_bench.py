@@ -24,68 +24,19 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 
+from e2e.runtime_process import RuntimeProcess
+
 CODES = 64           # codec frames per spoken answer in part 1 (5 s of audio on the real model)
 THROUGHPUT_CODES = 120
 TEXT_RATE = 50.0     # tokens per second the simulated thinker writes in part 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Role:
-    """One `omni-runtime <role>` process on loopback."""
-
-    def __init__(self, role: str, env: dict, log: Path, args=()):
-        self.port, self.metrics_port = free_port(), free_port()
-        full = {**os.environ, **env, "OMNI_PORT": str(self.port), "OMNI_METRICS_PORT": str(self.metrics_port),
-                "OMNI_HOST": "127.0.0.1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_VERBOSITY": "error"}
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.cli", role, *args], env=full,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        self.role = role
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 180) -> "Role":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.role} exited with {self.proc.returncode}; log: {self.log.name}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.role} not ready; log: {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -200,13 +151,14 @@ def main() -> int:
     common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": "cpu", "OMNI_SERVED_MODEL_NAME": "tiny"}
     roles = []
     try:
-        thinker = Role("thinker", {**common, "OMNI_ROLE": "thinker"}, work / "thinker.log", ("--engine", "transformers"))
-        talker = Role("talker", {**common, "OMNI_ROLE": "talker", "OMNI_MAX_INFLIGHT": "16", "OMNI_MAX_QUEUE": "16"},
-                      work / "talker.log")
+        thinker = RuntimeProcess("thinker", {**common, "OMNI_ROLE": "thinker"}, work / "thinker.log",
+                                 ("--engine", "transformers"))
+        talker = RuntimeProcess("talker", {**common, "OMNI_ROLE": "talker", "OMNI_MAX_INFLIGHT": "16",
+                                           "OMNI_MAX_QUEUE": "16"}, work / "talker.log")
         roles += [thinker, talker]
         gateways = {}
         for name, streaming in (("streamed", "1"), ("whole answer", "0")):
-            gateways[name] = Role("gateway", {
+            gateways[name] = RuntimeProcess("gateway", {
                 **common, "OMNI_ROLE": "gateway", "OMNI_SPEECH_STREAMING": streaming,
                 "OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
                 "OMNI_TALKER_SERVICE": f"127.0.0.1:{talker.port}|{talker.metrics_port}",
@@ -214,7 +166,7 @@ def main() -> int:
             }, work / f"gateway-{streaming}.log")
             roles.append(gateways[name])
         for r in roles:
-            r.wait_ready()
+            r.wait_ready(timeout=180)
         synth = talker.url + "/v1/talker/synthesize"
         asyncio.run(talker_throughput(synth, prompt_ids, 2, 1))  # warm-up
         asyncio.run(gateway_ttfa(gateways["streamed"].url, 8))

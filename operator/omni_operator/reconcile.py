@@ -17,7 +17,7 @@ from typing import Any, Callable
 from . import metrics, weights
 from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus, RoleSizing, SizingStatus
 from .cache import ObjectCache
-from .kube import Kube, KubeError, api_version
+from .kube import FIELD_MANAGER, Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
 from .render import ROLES, gpus_for, instance_selector, role_selector
 from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
@@ -65,10 +65,11 @@ class Outcome:
 
 class Reconciler:
     """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment
-    and its children are read from it (an unchanged object costs no API call); only a child
-    that does not exist yet is looked up in the API, so that a same-named object of someone
-    else, however new, stops the plan. Without it (tests, the CLI) every reconcile reads
-    from the API."""
+    and its children are read from it (an unchanged object costs no API call, a new one none
+    before its children are written); a child name the watch has seen taken is looked up in
+    the API, and one taken too recently for the watch is caught by the create itself, so a
+    same-named object of someone else stops the plan either way. Without it (tests, the CLI)
+    every reconcile reads from the API."""
 
     def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
                  fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None):
@@ -150,9 +151,11 @@ class Reconciler:
         if self.cache is not None and self.cache.primed.is_set():
             live = self.cache.children(namespace, name)
             # KEDA's ScaledObjects are not watched (their CRD may not be installed): read them in
-            # KEDA mode, and once after any spec change (a switch away from KEDA prunes them)
+            # KEDA mode, and once after any spec change (a switch away from KEDA prunes them); a
+            # first generation outside KEDA mode never had one
             keda = ((resource.get("spec") or {}).get("autoscaling") or {}).get("mode") == AutoscalingMode.KEDA.value
-            settled = (resource.get("status") or {}).get("observedGeneration") == meta.get("generation")
+            generation = meta.get("generation") or 1
+            settled = generation == 1 or (resource.get("status") or {}).get("observedGeneration") == generation
             kinds = tuple(k for k in CHILD_KINDS if k not in self.cache.child_kinds) if keda or not settled else ()
         else:
             live = {}
@@ -176,25 +179,52 @@ class Reconciler:
                     self.kube.delete("Job", namespace, key[1], uid=live.pop(key)["metadata"].get("uid"))
         for obj in plan.objects:
             key = (obj["kind"], obj["metadata"]["name"])
-            # Not labelled as ours: a same-named object may still exist and belong to someone else.
-            # Asked of the API, not the cache: one created a moment ago must still stop the plan.
-            found = live[key] if key in live else self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
+            found = live.get(key)
+            if found is None and not self._surely_absent(key, namespace):
+                # Not labelled as ours, but the name is taken (or the watch can't tell): whose is it?
+                found = self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
             if found is not None and not owned_by(found, uid):
-                return (f"{obj['kind']} {namespace}/{obj['metadata']['name']} already exists and is not owned by "
-                        "this OmniDeployment; rename one of them (nothing was changed)")
+                return _not_owned(key, namespace)
             current[key] = found
+        created: list[dict[str, Any]] = []
         for obj in plan.objects:
             key = (obj["kind"], obj["metadata"]["name"])
-            if current[key] is not None and (is_subset(obj, current[key]) or key[0] in CREATE_ONLY_KINDS):
+            new = current[key] is None
+            if not new and (is_subset(obj, current[key]) or key[0] in CREATE_ONLY_KINDS):
                 continue
             try:
-                live[key] = self.kube.apply(obj)
-                if self.cache is not None:
-                    self.cache.observe_child(key[0], live[key])
+                # A new object is applied without force: if someone else's appeared since the
+                # watch last spoke, any field we disagree on is a conflict and nothing is written.
+                applied = self.kube.apply(obj, force=not new)
             except KubeError as err:
+                if new and err.status == 409:
+                    self._undo(created, namespace)
+                    return _not_owned(key, namespace)
                 return f"applying {obj['kind']} {obj['metadata']['name']} failed: {err}"
+            if new and not _written_only_by_us(applied):
+                # It existed after all and agreed on every field we set: give them back.
+                self.kube.apply(_empty_like(obj), force=False)
+                self._undo(created, namespace)
+                return _not_owned(key, namespace)
+            if new:
+                created.append(applied)
+            live[key] = applied
+            if self.cache is not None:
+                self.cache.observe_child(key[0], applied)
             outcome.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return None
+
+    def _surely_absent(self, key: tuple[str, str], namespace: str) -> bool:
+        """The watch has never shown an object of this name: it can be created without a lookup."""
+        return self.cache is not None and self.cache.primed.is_set() and \
+            not self.cache.name_taken(key[0], namespace, key[1])
+
+    def _undo(self, created: list[dict[str, Any]], namespace: str) -> None:
+        """Delete what this reconcile created before it found a name taken: all or nothing."""
+        for obj in created:
+            self.kube.delete(obj["kind"], namespace, obj["metadata"]["name"], uid=obj["metadata"].get("uid"))
+            if self.cache is not None:
+                self.cache.observe_child(obj["kind"], obj, deleted=True)
 
     def _prune(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> None:
         planned = {(o["kind"], o["metadata"]["name"]) for o in plan.objects}
@@ -290,6 +320,23 @@ class Reconciler:
                 self.kube.create_event(meta["namespace"], resource, reason=cond["reason"],
                                        message=f"{cond['type']}={cond['status']}: {cond['message']}",
                                        type_="Warning" if warn else "Normal")
+
+
+def _not_owned(key: tuple[str, str], namespace: str) -> str:
+    return (f"{key[0]} {namespace}/{key[1]} already exists and is not owned by this OmniDeployment; "
+            "rename one of them (nothing was changed)")
+
+
+def _written_only_by_us(applied: dict[str, Any]) -> bool:
+    """A create leaves one field manager, ours; an object that was already there has others."""
+    return all(entry.get("manager") == FIELD_MANAGER for entry in applied["metadata"].get("managedFields") or [])
+
+
+def _empty_like(obj: dict[str, Any]) -> dict[str, Any]:
+    """An apply that owns nothing: it releases every field (and the owner reference) we set."""
+    meta = obj["metadata"]
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]}}
 
 
 def _sizing_status(plan: Plan, gpus: int) -> SizingStatus:

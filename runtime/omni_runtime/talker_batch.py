@@ -278,16 +278,22 @@ class DecodeLoop(_Worker):
     def _anything_to_do(self) -> bool:
         """Under the condition: is a synthesis ready, cancelled, or past its text wait?"""
         now = time.monotonic()
-        for s in self.active:
-            if s.cancel.is_set():
-                return True
-            try:
-                known, _, _ = s.feed.at(s.step + 1)
-            except TextAbandoned:
-                return True
-            if known or (s.stalled_since is not None and now - s.stalled_since > self.text_wait):
-                return True
-        return False
+        return any(self._next_for(s, now)[0] != "waiting" for s in self.active)
+
+    def _next_for(self, s: Synthesis, now: float) -> tuple[str, Exception | None]:
+        """What a synthesis needs: "ready" (its next text token is known), "waiting" for
+        the thinker, or to end ("cancelled", "abandoned", "timed_out") with this error."""
+        if s.cancel.is_set():
+            return "cancelled", Cancelled("synthesis cancelled")
+        try:
+            known, _, _ = s.feed.at(s.step + 1)
+        except TextAbandoned as exc:
+            return "abandoned", exc
+        if known:
+            return "ready", None
+        if s.stalled_since is not None and now - s.stalled_since > self.text_wait:
+            return "timed_out", TextTimeout(f"the next text token did not arrive within {self.text_wait:g} s")
+        return "waiting", None
 
     def _guard(self, rows: list[Synthesis], fn, arg) -> None:
         """Run one phase; an error fails the syntheses it touched and never the thread."""
@@ -312,23 +318,15 @@ class DecodeLoop(_Worker):
         now = time.monotonic()
         ready, stalled = [], 0
         for s in list(self.active):
-            if s.cancel.is_set():
-                self._finish(s, Cancelled("synthesis cancelled"))
-                continue
-            try:
-                known, _, _ = s.feed.at(s.step + 1)
-            except TextAbandoned as exc:
-                self._finish(s, exc)
-                continue
-            if known:
+            state, error = self._next_for(s, now)
+            if error is not None:
+                self._finish(s, error)
+            elif state == "ready":
                 s.stalled_since = None
                 ready.append(s)
-            elif s.stalled_since is None:
-                s.stalled_since = now
-                stalled += 1
-            elif now - s.stalled_since > self.text_wait:
-                self._finish(s, TextTimeout(f"the next text token did not arrive within {self.text_wait:g} s"))
             else:
+                if s.stalled_since is None:
+                    s.stalled_since = now
                 stalled += 1
         self.on_step(len(ready), stalled)
         return ready

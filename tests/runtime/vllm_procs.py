@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Proc, free_port
+from e2e.runtime_process import RuntimeProcess
+
+from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVED = "tiny-omni"
@@ -55,7 +57,7 @@ def find_vllm_venv() -> Path:
     return venv
 
 
-class VllmThinker(Proc):
+class VllmThinker(RuntimeProcess):
     """A launcher over a real `vllm serve`; `loading_samples` are the launcher's metrics seen
     while vLLM was still starting."""
 
