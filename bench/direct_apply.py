@@ -14,7 +14,7 @@ from kubernetes import config as kube_config
 from omni_operator.api import KIND
 from omni_operator.kube import Kube
 from omni_operator.plan import make_plan
-from omni_operator.reconcile import _sizing_status
+from omni_operator.sizing import sizing_status
 from omni_operator.render import gpus_for
 from omni_operator.status import compute_conditions, merge_conditions
 
@@ -32,7 +32,7 @@ def write_one(kube: Kube, resource: dict[str, Any]) -> None:
                                     sizing_reason=plan.sizing.reason, invalid_spec=False, apply_error=None, roles={},
                                     weights=plan.weights.condition)
     gpus = gpus_for(plan.sizing, plan.replicas)
-    status = {"observedGeneration": meta.get("generation"), "sizing": _sizing_status(plan, gpus).wire(),
+    status = {"observedGeneration": meta.get("generation"), "sizing": sizing_status(plan.sizing, gpus).wire(),
               "gpus": gpus, "weights": plan.weights.status.wire(),
               "conditions": merge_conditions([], conditions, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))}
     kube.patch_status(KIND, meta["namespace"], meta["name"], status)

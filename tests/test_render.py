@@ -110,9 +110,61 @@ def test_thinking_variant_renders_no_talker():
 def test_captioner_ignores_video_and_renders_no_talker():
     plan = make_plan("cap", "ns", "uid-1", {"variant": "Captioner", "workload": {"maxVideoSeconds": 120}})
     assert plan.sizing.talker is None
-    assert plan.sizing.thinker.estimated_gb == 68.74
+    assert plan.sizing.thinker.table_gb == 68.74  # the 15 s figure: no video at all
+    assert plan.sizing.thinker.context_tokens == 16384  # 10 min audio (7500 tokens) + 8192 of text, rounded up
     args = plan.sizing.thinker.vllm_args
     assert json.loads(args[args.index("--limit-mm-per-prompt") + 1])["video"] == 0
+
+
+def _vllm_args(plan) -> dict[str, str]:
+    args = json.loads(env_of(by_name(plan.objects, f"{plan_name(plan)}-thinker"))["OMNI_VLLM_ARGS"])
+    return dict(zip(args[::2], args[1::2]))
+
+
+def plan_name(plan) -> str:
+    (sts,) = [o for o in by_kind(plan.objects, "StatefulSet") if "thinker" in o["metadata"]["name"]]
+    return sts["metadata"]["name"].removesuffix("-thinker")
+
+
+def test_rendered_vllm_arguments_carry_the_memory_plan():
+    """examples/omni.yaml: 30 s video + 10 min audio + 4 images -> 29696 tokens, 8 sequences, TP 2."""
+    plan = plan_offline(example())
+    args = _vllm_args(plan)
+    assert args["--max-num-seqs"] == "8"
+    assert args["--max-model-len"] == "29696"
+    assert args["--tensor-parallel-size"] == "2"
+    # Every sequence at full context; two GPUs split the thinker's 4 KV heads (48 layers x 128 x bf16).
+    per_gpu = 8 * 29696 * (2 * 48 * 2 * 128 * 2)
+    assert int(args["--kv-cache-memory-bytes"]) == per_gpu
+    thinker = plan.sizing.thinker
+    assert thinker.table_gb / 2 + per_gpu / 1e9 <= thinker.usable_gb_per_gpu
+    assert thinker.estimated_gb == round(77.79 + 7 * 29696 * 2 * 48 * 4 * 128 * 2 / 1e9, 2)
+
+
+@pytest.mark.parametrize("sequences,gpus", [(1, 1), (6, 1), (7, 2), (8, 2), (64, 4)])
+def test_max_concurrent_sequences_drives_the_gpus_and_the_vllm_arguments(sequences, gpus):
+    spec = {"variant": "Thinking", "workload": {"maxVideoSeconds": 15, "maxAudioMinutes": 0,
+                                                "maxConcurrentSequences": sequences}}
+    plan = make_plan("seqs", "ns", "uid", spec)
+    sts = by_name(plan.objects, "seqs-thinker")
+    assert sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    args = _vllm_args(plan)
+    assert args["--max-num-seqs"] == str(sequences)
+    assert args["--tensor-parallel-size"] == str(gpus)
+    assert int(args["--kv-cache-memory-bytes"]) == sequences * 17408 * 2 * 48 * (4 // gpus) * 128 * 2
+
+
+def test_a_talker_batch_too_large_for_its_gpu_is_refused_with_what_fits():
+    spec = {"variant": "Instruct", "workload": {"maxVideoSeconds": 120, "maxAudioMinutes": 0, "maxImagesPerPrompt": 0},
+            "thinker": {"gpu": {"memoryGiB": 141}}, "talker": {"maxInflight": 16}}
+    with pytest.raises(PlanError) as err:
+        make_plan("batch", "ns", "uid", spec)
+    assert not err.value.invalid
+    assert "talker:" in str(err.value)
+    assert ("fits 12 concurrent sequences at this context on 1 x 24 GiB; asked for 16 (talker.maxInflight)"
+            in str(err.value))
+    spec["talker"]["maxInflight"] = 12
+    assert make_plan("batch", "ns", "uid", spec).sizing.talker.gpus_per_replica == 1
 
 
 def test_replica_spanning_nodes_renders_one_statefulset_per_replica():

@@ -9,8 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omni_operator.sizing import (GIB_IN_GB, TABLE_GB, TABLE_SECONDS, SizingRequest, estimate_gb,
+from omni_operator.sizing import (GIB_IN_GB, QWEN3_OMNI_30B_A3B, TABLE_GB, TABLE_SECONDS, KvCacheShape,
+                                  ModelArchitecture, SizingRequest, architecture_from_config, estimate_gb,
                                   max_model_len, size, table_row)
+from omni_operator.sizing_table import gpus_per_replica_table, marked_block, replace_marked_block
+
+from .helpers import ROOT
 
 TALKER = tuple(round(i - t, 2) for i, t in zip(TABLE_GB["instruct"], TABLE_GB["thinking"]))
 
@@ -94,13 +98,14 @@ def test_chosen_gpu_count_is_the_smallest_power_of_two_that_holds_the_estimate(s
         # Refused only when even the largest allowed replica can't hold it (or the context is too long).
         # The largest power-of-two GPU count that nodes x (power-of-two GPUs per node) allows.
         biggest = 2 ** int(math.log2(2 ** int(math.log2(per_node)) * nodes))
-        assert biggest * usable < result.estimated_gb or "context" in result.reason
+        assert biggest * usable < result.estimated_gb or "the model's context" in result.reason
         assert result.vllm_args == []
 
 
 def test_fifteen_second_instruct_on_one_h100_needs_two_gpus_combined_but_one_for_the_thinker():
-    combined = size(SizingRequest(role="combined", variant="instruct", video_seconds=15, gpu_memory_gib=80))
-    thinker = size(SizingRequest(role="thinker", variant="instruct", video_seconds=15, gpu_memory_gib=80))
+    one = dict(video_seconds=15, gpu_memory_gib=80, max_num_seqs=1)  # the table's single request
+    combined = size(SizingRequest(role="combined", variant="instruct", **one))
+    thinker = size(SizingRequest(role="thinker", variant="instruct", **one))
     assert (combined.gpus_per_replica, thinker.gpus_per_replica) == (2, 1)
 
 
@@ -151,3 +156,281 @@ def test_context_longer_than_the_model_is_refused():
     assert max_model_len(240, 0, 0) > 65536
     result = size(SizingRequest(role="thinker", variant="instruct", video_seconds=240, gpu_memory_gib=141))
     assert not result.fits and "65536" in result.reason
+
+
+# ----------------------------------------------------------------------------- concurrency: KV cache on top
+
+THINKER_KV_PER_TOKEN = 2 * 48 * 4 * 128 * 2  # K and V x layers x KV heads x head dim x bf16
+TALKER_KV_PER_TOKEN = 2 * 20 * 2 * 128 * 2
+
+# The parts of Qwen/Qwen3-Omni-30B-A3B-Instruct's config.json that size the KV cache.
+CHECKPOINT_CONFIG = {
+    "architectures": ["Qwen3OmniMoeForConditionalGeneration"], "dtype": "bfloat16", "model_type": "qwen3_omni_moe",
+    "thinker_config": {"text_config": {"num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+                                       "head_dim": 128, "hidden_size": 2048, "dtype": None}},
+    "talker_config": {"text_config": {"num_hidden_layers": 20, "num_attention_heads": 16, "num_key_value_heads": 2,
+                                      "head_dim": 128, "hidden_size": 1024, "dtype": None}},
+}
+
+
+def test_kv_cache_per_token_of_the_checkpoint():
+    assert QWEN3_OMNI_30B_A3B.thinker.bytes_per_token == THINKER_KV_PER_TOKEN == 96 * 1024
+    assert QWEN3_OMNI_30B_A3B.talker.bytes_per_token == TALKER_KV_PER_TOKEN == 20 * 1024
+    assert architecture_from_config(CHECKPOINT_CONFIG) == QWEN3_OMNI_30B_A3B
+
+
+def test_the_issue_example_does_not_fit_one_gpu_and_says_how_many_sequences_would():
+    """Thinking, 15 s video, 17408 tokens, 8 sequences: 68.74 GB + 7 x 17408 x 96 KiB > 77.31 GB usable."""
+    req = dict(role="thinker", variant="thinking", video_seconds=15, gpu_memory_gib=80, max_num_seqs=8)
+    one_gpu = size(SizingRequest(**req, gpus_per_node=1))
+    assert one_gpu.context_tokens == 17408
+    assert one_gpu.table_gb == 68.74
+    assert one_gpu.kv_bytes_per_token == THINKER_KV_PER_TOKEN
+    assert one_gpu.concurrent_kv_tokens == 7 * 17408
+    assert one_gpu.concurrent_kv_gb == round(7 * 17408 * THINKER_KV_PER_TOKEN / 1e9, 2) == 11.98
+    assert one_gpu.estimated_gb == 80.72
+    assert not one_gpu.fits and one_gpu.vllm_args == []
+    assert "fits 6 concurrent sequences at this context on 1 x 80 GiB; asked for 8" in one_gpu.reason
+    assert "68.74 GB for one request + 11.98 GB KV cache of 7 more sequences" in one_gpu.reason
+    # A node of 8 GPUs: two of them, and a note that the concurrency decided it.
+    two = size(SizingRequest(**req))
+    assert two.fits and two.gpus_per_replica == 2
+    assert any("1 x 80 GiB GPU would hold 6 concurrent sequences" in n for n in two.notes)
+    # The six that fit, fit; the seventh needs a second GPU.
+    assert size(SizingRequest(**{**req, "max_num_seqs": 6}, gpus_per_node=1)).gpus_per_replica == 1
+    assert size(SizingRequest(**{**req, "max_num_seqs": 7})).gpus_per_replica == 2
+
+
+def test_one_sequence_is_exactly_the_table():
+    result = size(SizingRequest(role="thinker", variant="thinking", video_seconds=15, gpu_memory_gib=80,
+                                max_num_seqs=1))
+    assert result.estimated_gb == result.table_gb == 68.74
+    assert result.concurrent_kv_tokens == 0 and result.concurrent_kv_gb == 0
+    assert result.gpus_per_replica == 1
+
+
+def test_the_talker_adds_the_kv_cache_of_its_own_text_model():
+    result = size(SizingRequest(role="talker", variant="instruct", video_seconds=30, gpu_memory_gib=24,
+                                max_num_seqs=16))
+    assert result.kv_bytes_per_token == TALKER_KV_PER_TOKEN
+    assert result.concurrent_kv_tokens == 15 * result.context_tokens
+    assert result.estimated_gb == pytest.approx(10.73 + 15 * result.context_tokens * TALKER_KV_PER_TOKEN / 1e9,
+                                                abs=0.01)
+    assert result.fits and result.kv_cache_bytes_per_gpu == 0 and result.vllm_args == []
+    # A two-minute video's context: a 24 GiB GPU holds 12 syntheses, not 16.
+    long = size(SizingRequest(role="talker", variant="instruct", video_seconds=120, gpu_memory_gib=24,
+                              images_per_prompt=0, max_num_seqs=16, concurrency_setting="talker.maxInflight"))
+    assert not long.fits
+    assert ("fits 12 concurrent sequences at this context on 1 x 24 GiB; asked for 16 (talker.maxInflight)"
+            in long.reason)
+    assert size(SizingRequest(role="talker", variant="instruct", video_seconds=120, gpu_memory_gib=24,
+                              images_per_prompt=0, max_num_seqs=12)).fits
+
+
+def test_combined_holds_the_kv_cache_of_thinker_and_talker():
+    result = size(SizingRequest(role="combined", variant="instruct", video_seconds=15, gpu_memory_gib=141))
+    assert result.kv_bytes_per_token == THINKER_KV_PER_TOKEN + TALKER_KV_PER_TOKEN
+
+
+def test_vllm_reserves_every_sequence_at_full_context_per_gpu():
+    result = size(SizingRequest(role="thinker", variant="thinking", video_seconds=15, gpu_memory_gib=80,
+                                max_num_seqs=8))
+    args = dict(zip(result.vllm_args[::2], result.vllm_args[1::2]))
+    assert result.tensor_parallel_size == 2
+    # Two GPUs split the 4 KV heads: each holds half of every token.
+    per_gpu = 8 * 17408 * THINKER_KV_PER_TOKEN // 2
+    assert int(args["--kv-cache-memory-bytes"]) == result.kv_cache_bytes_per_gpu == per_gpu
+    assert (args["--max-num-seqs"], args["--max-model-len"]) == ("8", "17408")
+    # What each GPU holds stays within what it may use.
+    assert result.table_gb / 2 + per_gpu / 1e9 <= result.usable_gb_per_gpu
+
+
+def test_tensor_parallel_beyond_the_kv_heads_keeps_a_whole_head_on_every_gpu():
+    result = size(SizingRequest(role="thinker", variant="thinking", video_seconds=60, gpu_memory_gib=24,
+                                max_num_seqs=2))
+    assert result.tensor_parallel_size == 8
+    one_head = 2 * 48 * 1 * 128 * 2  # 4 KV heads over 8 GPUs: each keeps one, not half of one
+    assert result.kv_cache_bytes_per_gpu == 2 * result.context_tokens * one_head
+    assert result.concurrent_kv_gb == round(result.context_tokens * one_head * 8 / 1e9, 2)
+    assert "2x as each GPU keeps whole KV heads and layers" in result.reason
+
+
+def test_pipeline_stages_split_the_layers():
+    result = size(SizingRequest(role="thinker", variant="thinking", video_seconds=120, gpu_memory_gib=24,
+                                gpus_per_node=4, max_nodes_per_replica=2, max_num_seqs=4))
+    assert (result.tensor_parallel_size, result.pipeline_parallel_size) == (4, 2)
+    assert result.kv_cache_bytes_per_gpu == 4 * result.context_tokens * (2 * 24 * 1 * 128 * 2)
+
+
+def test_a_larger_model_config_needs_more_memory():
+    bigger = ModelArchitecture(thinker=KvCacheShape(layers=96, kv_heads=8, head_dim=128, dtype_bytes=4),
+                               talker=QWEN3_OMNI_30B_A3B.talker)
+    req = dict(role="thinker", variant="thinking", video_seconds=15, gpu_memory_gib=141, max_num_seqs=8)
+    default, custom = size(SizingRequest(**req)), size(SizingRequest(**req, architecture=bigger))
+    assert custom.kv_bytes_per_token == 8 * THINKER_KV_PER_TOKEN
+    assert custom.estimated_gb > default.estimated_gb
+    assert custom.gpus_per_replica > default.gpus_per_replica
+
+
+def test_architecture_from_config_falls_back_where_the_config_is_silent():
+    no_gqa_no_head_dim = {"torch_dtype": "float32", "thinker_config": {"text_config": {
+        "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}}}
+    arch = architecture_from_config(no_gqa_no_head_dim)
+    assert arch.thinker == KvCacheShape(layers=2, kv_heads=4, head_dim=16, dtype_bytes=4)
+    assert arch.talker == QWEN3_OMNI_30B_A3B.talker  # a checkpoint without a talker (Thinking, Captioner)
+    with pytest.raises(ValueError, match="thinker_config.text_config"):
+        architecture_from_config({"model_type": "llama", "num_hidden_layers": 32})
+    with pytest.raises(ValueError, match="unknown dtype"):
+        architecture_from_config({**CHECKPOINT_CONFIG, "dtype": "int3"})
+
+
+@pytest.mark.runtime
+def test_architecture_from_the_tiny_checkpoint_that_transformers_writes(tmp_path):
+    pytest.importorskip("transformers")
+    from omni_runtime.tiny import build_config
+
+    build_config().save_pretrained(tmp_path)
+    arch = architecture_from_config(json.loads((tmp_path / "config.json").read_text()))
+    assert (arch.thinker.layers, arch.thinker.kv_heads, arch.thinker.head_dim) == (3, 2, 32)
+    assert (arch.talker.layers, arch.talker.kv_heads, arch.talker.head_dim) == (1, 2, 8)
+
+
+# Property tests: the same guarantees as the table's sizing, now over concurrency and architecture too.
+
+# Inputs whose context stays within the model's 65536 tokens (the context refusal is tested above).
+_requests = st.fixed_dictionaries({
+    "role": st.sampled_from(["thinker", "talker", "combined"]),
+    "video_seconds": st.floats(0, 150),
+    "gpu_memory_gib": st.sampled_from([16, 24, 40, 48, 80, 94, 141, 192]),
+    "gpus_per_node": st.sampled_from([1, 2, 4, 8]),
+    "max_nodes_per_replica": st.integers(1, 4),
+    "utilization": st.floats(0.5, 0.98),
+    "audio_minutes": st.floats(0, 5),
+    "images_per_prompt": st.integers(0, 8),
+    "max_num_seqs": st.integers(1, 64),
+    "layers": st.integers(1, 96),
+    "kv_heads": st.sampled_from([1, 2, 4, 8, 16]),
+    "head_dim": st.sampled_from([64, 128, 256]),
+    "dtype_bytes": st.sampled_from([1, 2, 4]),
+})
+
+
+def _size(params: dict):
+    p = dict(params)
+    shape = KvCacheShape(p.pop("layers"), p.pop("kv_heads"), p.pop("head_dim"), p.pop("dtype_bytes"))
+    return size(SizingRequest(variant="instruct", architecture=ModelArchitecture(thinker=shape, talker=shape), **p))
+
+
+def _gpus(result) -> float:
+    return result.gpus_per_replica if result.fits else math.inf
+
+
+@settings(max_examples=400, deadline=None)
+@given(params=_requests,
+       grow=st.sampled_from(["video_seconds", "audio_minutes", "images_per_prompt", "max_num_seqs", "layers",
+                             "kv_heads", "head_dim", "dtype_bytes"]),
+       factor=st.sampled_from([2, 3, 4]))
+def test_more_demand_never_needs_fewer_gpus_nor_less_memory(params, grow, factor):
+    bigger = {**params, grow: params[grow] * factor if params[grow] else 1}
+    small, large = _size(params), _size(bigger)
+    assert _gpus(small) <= _gpus(large)
+    assert small.estimated_gb <= large.estimated_gb + 0.01
+    if large.fits:
+        assert small.fits
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=_requests, more_gib=st.sampled_from([1.5, 2.0]), more_util=st.floats(0, 0.3))
+def test_more_gpu_memory_never_needs_more_gpus(params, more_gib, more_util):
+    roomier = {**params, "gpu_memory_gib": params["gpu_memory_gib"] * more_gib,
+               "utilization": min(0.98, params["utilization"] + more_util)}
+    assert _gpus(_size(roomier)) <= _gpus(_size(params))
+
+
+@settings(max_examples=400, deadline=None)
+@given(params=_requests)
+def test_never_below_the_table_and_the_smallest_power_of_two_that_holds_every_sequence(params):
+    result = _size(params)
+    assert result.table_gb == estimate_gb(params["role"], "instruct", params["video_seconds"]).gigabytes
+    assert result.estimated_gb >= result.table_gb
+    if params["max_num_seqs"] == 1:
+        assert result.estimated_gb == result.table_gb
+    if not result.fits:
+        assert result.vllm_args == [] and result.gpus_per_replica == 0
+        return
+    usable = result.usable_gb_per_gpu
+    L, H, D, B = params["layers"], params["kv_heads"], params["head_dim"], params["dtype_bytes"]
+    kv_tokens = (params["max_num_seqs"] - 1) * result.context_tokens
+    per_node = 2 ** int(math.log2(params["gpus_per_node"]))
+
+    def gb_per_gpu(g: int) -> float:  # the table's share plus the KV each GPU keeps (at least a whole head)
+        if params["role"] == "talker":
+            tp = pp = 1
+        else:
+            pp = max(1, g // per_node)
+            tp = g // pp
+        per_token = 2 * math.ceil(L / pp) * max(1, math.ceil(H / tp)) * D * B
+        if params["role"] == "combined":  # thinker and talker share the shape here
+            per_token *= 2
+        return result.table_gb / g + kv_tokens * per_token / 1e9
+
+    g = result.gpus_per_replica
+    assert g & (g - 1) == 0, "power of two"
+    assert gb_per_gpu(g) <= usable + 1e-6
+    assert g == 1 or gb_per_gpu(g // 2) > usable
+    assert result.pods_per_replica * result.gpus_per_pod == g
+    assert result.gpus_per_pod <= params["gpus_per_node"]
+    assert result.pods_per_replica <= params["max_nodes_per_replica"]
+    if params["role"] != "talker":
+        args = dict(zip(result.vllm_args[::2], result.vllm_args[1::2]))
+        assert args["--max-num-seqs"] == str(params["max_num_seqs"])
+        assert args["--max-model-len"] == str(result.context_tokens)
+        assert int(args["--kv-cache-memory-bytes"]) == result.kv_cache_bytes_per_gpu > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(params=_requests)
+def test_a_refusal_names_the_largest_concurrency_that_fits(params):
+    too_many = {**params, "max_num_seqs": 4096}
+    result = _size(too_many)
+    if result.fits or "the model's context" in result.reason or result.sequences_that_fit == 0:
+        return  # nothing to name: the context is too long, or not even one request fits
+    n = result.sequences_that_fit
+    assert f"fits {n} concurrent sequence" in result.reason and "asked for 4096" in result.reason
+    assert _size({**params, "max_num_seqs": n}).fits
+    assert not _size({**params, "max_num_seqs": n + 1}).fits
+
+
+def test_context_refusal_still_names_the_tokens_with_concurrency():
+    result = size(SizingRequest(role="talker", variant="instruct", video_seconds=240, gpu_memory_gib=141))
+    assert not result.fits and "65536" in result.reason
+
+
+def test_concurrency_below_one_is_refused():
+    with pytest.raises(ValueError, match="concurrent sequences"):
+        size(SizingRequest(role="thinker", variant="thinking", video_seconds=15, gpu_memory_gib=80, max_num_seqs=0))
+
+
+# ----------------------------------------------------------------------------- the README's table
+
+
+def test_readme_sizing_table_is_what_the_code_computes():
+    readme = (ROOT / "README.md").read_text()
+    assert marked_block(readme) == gpus_per_replica_table(), \
+        "README's sizing table is stale: run `omni-operator size-table --readme README.md`"
+
+
+def test_readme_table_rows_follow_the_sizing():
+    table = gpus_per_replica_table(video_seconds=(15,), concurrency=(1, 8), gpu_gib=(80,))
+    rows = [line for line in table.splitlines() if line.startswith("| 15 s")]
+    # One request fits one 80 GiB GPU; eight at 17408 tokens need two (the issue's example).
+    assert rows == ["| 15 s | 1 | 17408 | 68.74 GB | 1 |", "| 15 s | 8 | 17408 | 68.74 GB | 2 |"]
+
+
+def test_replace_marked_block_keeps_everything_outside_the_markers():
+    text = "intro\n<!-- b -->\nold\n<!-- e -->\noutro\n"
+    out = replace_marked_block(text, "new\n", "<!-- b -->", "<!-- e -->")
+    assert out == "intro\n<!-- b -->\nnew\n<!-- e -->\noutro\n"
+    assert marked_block(out, "<!-- b -->", "<!-- e -->") == "new\n"
+    with pytest.raises(ValueError, match="markers"):
+        replace_marked_block("no markers", "x", "<!-- b -->", "<!-- e -->")

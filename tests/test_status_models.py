@@ -38,3 +38,32 @@ def test_what_the_reconciler_computes_round_trips_through_the_model():
     assert patch["thinker"] == {"desiredReplicas": 2, "replicas": 2, "readyReplicas": 1, "ready": "1/2"}
     assert "lastScaleDecisions" not in patch, "a merge patch must leave the autoscaler's decisions alone"
     assert OmniDeploymentStatus.model_validate(patch) == status
+
+
+def test_status_sizing_carries_the_memory_breakdown_and_fits_the_crd():
+    from omni_operator.plan import plan_offline
+    from omni_operator.sizing import sizing_status
+
+    from .helpers import crd_schema, example, validate_against_crd
+
+    resource = example()  # Instruct, 30 s video + 10 min audio: 29696 tokens, 8 sequences, talker batch 16
+    plan = plan_offline(resource)
+    sizing = sizing_status(plan.sizing, plan.gpus).patch()
+    thinker, talker = sizing["thinker"], sizing["talker"]
+    assert thinker["tableGB"] == 77.79
+    assert thinker["kvCacheBytesPerToken"] == 2 * 48 * 4 * 128 * 2
+    assert (thinker["concurrentSequences"], thinker["contextTokens"]) == (8, 29696)
+    assert thinker["concurrentKvTokens"] == 7 * 29696
+    assert thinker["estimatedGB"] == round(thinker["tableGB"] + thinker["concurrentKvGB"], 2)
+    assert thinker["kvCacheBytesPerGPU"] == 8 * 29696 * 2 * 48 * 2 * 128 * 2  # TP 2: half the heads each
+    assert (thinker["gpusPerReplica"], thinker["tensorParallelSize"]) == (2, 2)
+    assert talker["tableGB"] == 10.73 and talker["kvCacheBytesPerToken"] == 2 * 20 * 2 * 128 * 2
+    assert talker["concurrentSequences"] == 16 and talker["concurrentKvTokens"] == 15 * 29696
+    assert "kvCacheBytesPerGPU" not in talker and "tensorParallelSize" not in talker  # not served by vLLM
+    assert sizing["maxModelLen"] == 29696 and sizing["gpusTotal"] == plan.gpus
+    # Every key is one the CRD's status schema keeps (the apiserver would prune others silently).
+    status = OmniDeploymentStatus(sizing=sizing_status(plan.sizing, plan.gpus))
+    assert OmniDeploymentStatus.model_validate(status.patch()) == status
+    validate_against_crd({**resource, "status": status.patch()})
+    role_schema = crd_schema()["properties"]["status"]["properties"]["sizing"]["properties"]["thinker"]["properties"]
+    assert set(thinker) <= set(role_schema) and role_schema["kvCacheBytesPerGPU"]["type"] == "integer"

@@ -201,7 +201,8 @@ class WorkloadProfile(ApiModel):
                                      description="Longest audio input per request, minutes (model limit 40).")
     max_images_per_prompt: int = Field(default=4, ge=0, le=64)
     max_concurrent_sequences: int = Field(default=8, ge=1, le=1024,
-                                          description="vLLM --max-num-seqs per thinker replica.")
+                                          description=("vLLM --max-num-seqs per thinker replica; sizing holds "
+                                                       "this many sequences at full context (KV cache)."))
     max_model_len: int | None = Field(default=None, ge=1024, le=MODEL_CONTEXT_TOKENS,
                                       description="Override the context length derived from the inputs above.")
     max_request_seconds: int = Field(default=300, ge=1, le=86400,
@@ -328,7 +329,8 @@ class TalkerSpec(RoleSpec):
     gpu: TalkerGpuType = Field(default_factory=TalkerGpuType)
     max_queue: int = Field(default=16, ge=1, le=10000, description="Requests a talker pod queues before answering 429.")
     max_inflight: int = Field(default=16, ge=1, le=256, description=(
-        "Syntheses one talker pod decodes together (its batch size); more wait in its queue."))
+        "Syntheses one talker pod decodes together (its batch size); more wait in its queue. "
+        "Sizing holds this many at full context (KV cache)."))
 
 
 class GatewaySpec(RoleSpec):
@@ -468,7 +470,21 @@ class Condition(ApiModel):
 
 
 class RoleSizing(ApiModel):
-    estimated_gb: float = Field(alias="estimatedGB")
+    estimated_gb: float = Field(alias="estimatedGB", description=(
+        "Memory one replica needs, GB: tableGB plus concurrentKvGB."))
+    table_gb: float | None = Field(default=None, alias="tableGB", description=(
+        "The model card's figure for one request (weights, activations, its KV cache), GB."))
+    concurrent_sequences: int | None = Field(default=None, description=(
+        "Sequences one replica holds at once (thinker: workload.maxConcurrentSequences, talker: maxInflight)."))
+    context_tokens: int | None = Field(default=None, description="Context every sequence is sized for, tokens.")
+    kv_cache_bytes_per_token: int | None = Field(default=None, description=(
+        "KV cache of one token: 2 x layers x KV heads x head dim x dtype bytes."))
+    concurrent_kv_tokens: int | None = Field(default=None, description=(
+        "KV-cache tokens beyond the table's request: (concurrentSequences - 1) x contextTokens."))
+    concurrent_kv_gb: float | None = Field(default=None, alias="concurrentKvGB", description=(
+        "Memory of those tokens across the replica's GPUs, GB."))
+    kv_cache_bytes_per_gpu: int | None = Field(default=None, alias="kvCacheBytesPerGPU", description=(
+        "KV cache vLLM reserves on each GPU (--kv-cache-memory-bytes): every sequence at full context."))
     gpus_per_replica: int
     pods_per_replica: int = 1
     gpus_per_pod: int

@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .sizing import SizingRequest, size
+from .sizing import QWEN3_OMNI_30B_A3B, ModelArchitecture, Sizing, SizingRequest, architecture_from_config, size
+from .sizing_table import gpus_per_replica_table, replace_marked_block
 
 EXIT_DOES_NOT_FIT = 2
 EXIT_INVALID = 2
@@ -18,30 +19,73 @@ EXIT_INVALID = 2
 
 def _cmd_size(args: argparse.Namespace) -> int:
     try:
+        architecture = _read_architecture(args.model_config) if args.model_config else QWEN3_OMNI_30B_A3B
         result = size(SizingRequest(
             role=args.role, variant=args.variant, video_seconds=args.video_seconds,
             gpu_memory_gib=args.gpu_memory_gib, gpus_per_node=args.gpus_per_node,
             max_nodes_per_replica=args.max_nodes_per_replica, utilization=args.utilization,
             audio_minutes=args.audio_minutes, images_per_prompt=args.images,
-            max_num_seqs=args.max_num_seqs))
+            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, architecture=architecture))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
     if args.output == "json":
         print(json.dumps(result.as_dict(), indent=2))
     else:
-        status = "fits" if result.fits else "does not fit"
-        print(f"{result.role} ({result.variant}), {result.video_seconds:g} s video: "
-              f"{result.estimated_gb:.2f} GB estimated -> {status}")
-        print(f"  {result.reason}")
-        for note in result.notes:
-            print(f"  note: {note}")
-        if result.fits:
-            print(f"  GPUs per replica: {result.gpus_per_replica} ({result.pods_per_replica} pod(s) x "
-                  f"{result.gpus_per_pod}), tensor parallel {result.tensor_parallel_size or '-'}")
-            if result.vllm_args:
-                print("  vllm serve " + " ".join(_shell_quote(a) for a in result.vllm_args))
+        print("\n".join(size_report(result)))
     return 0 if result.fits else EXIT_DOES_NOT_FIT
+
+
+def _read_architecture(path: str) -> ModelArchitecture:
+    """--model-config: a config.json, or the checkpoint directory that holds one."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the model config {file}: {err}") from None
+    return architecture_from_config(config)
+
+
+def size_report(result: Sizing) -> list[str]:
+    """The text form of `omni-operator size`."""
+    status = "fits" if result.fits else "does not fit"
+    lines = [f"{result.role} ({result.variant}), {result.video_seconds:g} s video, "
+             f"{result.concurrent_sequences} concurrent sequence{'s' if result.concurrent_sequences > 1 else ''} "
+             f"x {result.context_tokens} tokens: {result.estimated_gb:.2f} GB estimated -> {status}",
+             f"  one request (model card table): {result.table_gb:.2f} GB"]
+    more = result.concurrent_sequences - 1
+    if more:
+        lines.append(f"  KV cache of {more} more sequence{'s' if more > 1 else ''}: "
+                     f"{result.concurrent_kv_tokens} tokens x {result.kv_bytes_per_token / 1024:g} KiB per token "
+                     f"-> {result.concurrent_kv_gb:.2f} GB")
+    lines.append(f"  {result.reason}")
+    lines += [f"  note: {note}" for note in result.notes]
+    if result.fits:
+        lines.append(f"  GPUs per replica: {result.gpus_per_replica} ({result.pods_per_replica} pod(s) x "
+                     f"{result.gpus_per_pod}), tensor parallel {result.tensor_parallel_size or '-'}")
+        if result.vllm_args:
+            lines.append("  vllm serve " + " ".join(_shell_quote(a) for a in result.vllm_args))
+    return lines
+
+
+def _cmd_size_table(args: argparse.Namespace) -> int:
+    table = gpus_per_replica_table()
+    if not args.readme:
+        print(table, end="")
+        return 0
+    readme = Path(args.readme)
+    try:
+        text = readme.read_text()
+        updated = replace_marked_block(text, table)
+    except (OSError, ValueError) as err:
+        print(f"error: {args.readme}: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    if updated != text:
+        readme.write_text(updated)
+        print(f"wrote the sizing table into {args.readme}")
+    return 0
 
 
 def _shell_quote(arg: str) -> str:
@@ -125,9 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utilization", type=float, default=0.9)
     p.add_argument("--audio-minutes", type=float, default=0.0)
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=8,
+                   help="concurrent sequences per replica (thinker: vLLM --max-num-seqs; talker: maxInflight)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context per sequence, tokens (default: derived from video, audio and images)")
+    p.add_argument("--model-config", default=None, metavar="PATH",
+                   help="config.json (or checkpoint directory) to read layers, KV heads, head dim and dtype from "
+                        "(default: Qwen3-Omni-30B-A3B)")
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_size)
+
+    p = sub.add_parser("size-table", help="print the README's GPUs-per-replica table (markdown)")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help="rewrite the table between the sizing-table markers of this file instead of printing it")
+    p.set_defaults(func=_cmd_size_table)
 
     p = sub.add_parser("render", help="print the objects the operator would apply for an OmniDeployment file")
     p.add_argument("-f", "--file", required=True, help="YAML file ('-' for stdin)")

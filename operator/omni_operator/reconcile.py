@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from . import metrics, weights
-from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus, RoleSizing, SizingStatus
+from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus
 from .cache import ObjectCache
 from .kube import FIELD_MANAGER, Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
+from .sizing import sizing_status
 from .render import ROLES, gpus_for, instance_selector, role_selector
 from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
                      transitions)
@@ -279,7 +280,7 @@ class Reconciler:
         if plan is not None:
             # GPUs of the replicas actually asked for (an HPA may have chosen other counts than the plan).
             gpus = gpus_for(plan.sizing, {role: obs.desired for role, obs in roles.items()})
-            planned = dict(sizing=_sizing_status(plan, gpus), gpus=gpus, replicas=roles["thinker"].current,
+            planned = dict(sizing=sizing_status(plan.sizing, gpus), gpus=gpus, replicas=roles["thinker"].current,
                            selector=role_selector(meta["name"], "thinker"), weights=plan.weights.status)
         update = OmniDeploymentStatus(
             observed_generation=generation,
@@ -337,20 +338,6 @@ def _empty_like(obj: dict[str, Any]) -> dict[str, Any]:
     meta = obj["metadata"]
     return {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
             "metadata": {"name": meta["name"], "namespace": meta["namespace"]}}
-
-
-def _sizing_status(plan: Plan, gpus: int) -> SizingStatus:
-    def role(s) -> RoleSizing | None:
-        if s is None:
-            return None
-        return RoleSizing(estimated_gb=s.estimated_gb, gpus_per_replica=s.gpus_per_replica,
-                          pods_per_replica=s.pods_per_replica, gpus_per_pod=s.gpus_per_pod,
-                          tensor_parallel_size=s.tensor_parallel_size or None,
-                          pipeline_parallel_size=s.pipeline_parallel_size if s.tensor_parallel_size else None,
-                          vllm_args=list(s.vllm_args), notes=list(s.notes))
-
-    return SizingStatus(thinker=role(plan.sizing.thinker), talker=role(plan.sizing.talker),
-                        max_model_len=plan.sizing.thinker.max_model_len, gpus_total=gpus)
 
 
 def _comparable(status: dict[str, Any]) -> dict[str, Any]:

@@ -104,8 +104,9 @@ def test_thinker_replicas_follow_the_queue_depth_of_real_processes(cluster, name
         "metadata": {"name": "scaling", "namespace": namespace},
         "spec": {
             "variant": "Thinking",
-            # 10 GiB GPUs make a replica take all 8 GPUs of a thinker node: the pool holds two replicas.
-            "thinker": {"minReplicas": 1, "maxReplicas": 4, "gpu": {"memoryGiB": 10, "countPerNode": 8},
+            # 16 GiB GPUs make a replica take all 8 GPUs of a thinker node (68.74 GB for one request plus
+            # the KV cache of 7 more sequences): the pool holds two replicas.
+            "thinker": {"minReplicas": 1, "maxReplicas": 4, "gpu": {"memoryGiB": 16, "countPerNode": 8},
                         "nodePool": {"nodeSelector": {"omni.qwen.ai/pool": "thinker"}}},
             "gateway": {"minReplicas": 1, "maxReplicas": 1},
             "autoscaling": {"mode": "Operator", "pollSeconds": 1, "targetQueueDepth": {"thinker": 4},
