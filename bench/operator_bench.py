@@ -183,7 +183,7 @@ class Bench:
         resources, watch = self.batch(namespace, count)
         mark, before = self.audit.mark(), Snapshot.take(self.op)
         started = time.monotonic()
-        self.cluster.apply(*resources)
+        self.cluster.apply(*resources, timeout=120 + count)  # one request per object, on a busy apiserver
         applied = time.monotonic()
         try:
             last = watch.wait_all_done(timeout=120 + count)

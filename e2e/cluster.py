@@ -277,13 +277,14 @@ class LocalCluster:
     ) -> subprocess.CompletedProcess:
         return self._run_tool("helm", args, input=input, check=check, timeout=timeout)
 
-    def apply(self, *objects: Mapping[str, Any], namespace: str | None = None) -> subprocess.CompletedProcess:
+    def apply(self, *objects: Mapping[str, Any], namespace: str | None = None,
+              timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Server-side apply of the given objects (as one JSON List)."""
         doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
         args = ["apply", "--server-side", "--force-conflicts", "-f", "-"]
         if namespace:
             args += ["-n", namespace]
-        return self.kubectl(*args, input=doc)
+        return self.kubectl(*args, input=doc, timeout=timeout)
 
     def get_json(self, *args: str) -> Any:
         """``kubectl get <args> -o json``, parsed."""

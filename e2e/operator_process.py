@@ -48,7 +48,9 @@ class OperatorProcess:
         log = open(self.log_file, "ab")
         cmd = [sys.executable, "-m", "omni_operator.cli", "run", "--health-port", str(self.health_port),
                "--metrics-port", str(self.metrics_port), *self.extra_args]
-        env = dict(self.cluster.env, PYTHONUNBUFFERED="1")
+        # MALLOC_ARENA_MAX as the operator image sets it: glibc's per-thread arenas would
+        # otherwise keep freed watch payloads of the worker threads resident.
+        env = dict(self.cluster.env, PYTHONUNBUFFERED="1", MALLOC_ARENA_MAX="2")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                      start_new_session=True)
         log.close()

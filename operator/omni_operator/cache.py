@@ -28,6 +28,15 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 Key = tuple[str, str]
 
 
+def _slim(body: dict[str, Any]) -> dict[str, Any]:
+    """What the reconciler reads of an object: all but its field managers (as large as the
+    spec itself for an applied object, and read only from write responses)."""
+    meta = body.get("metadata") or {}
+    if "managedFields" not in meta:
+        return body
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
 def _newer_or_same(have: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     """True unless `have` is known to be newer than `new`."""
     if have is None:
@@ -55,7 +64,7 @@ class ObjectCache:
             if deleted:
                 self._omni.pop(key, None)
             elif _newer_or_same(self._omni.get(key), body):
-                self._omni[key] = body
+                self._omni[key] = _slim(body)
 
     def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> None:
         """Any object of a child kind: its name is remembered; its body only when it is
@@ -80,7 +89,7 @@ class ObjectCache:
                 if not children:
                     self._children.pop(owner, None)
             elif _newer_or_same(children.get(key), body):
-                children[key] = body
+                children[key] = _slim(body)
 
     def prime(self, omnis: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> None:
         """Seed from one LIST of each kind; from then on the cache answers reads."""
