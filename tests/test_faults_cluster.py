@@ -89,6 +89,23 @@ def test_hub_token_is_referenced_never_read_logged_or_stored(cluster, namespace,
     ({"thinker": {"image": "registry.example/img:1\"; rm -rf /"}}, "spec.thinker.image"),
     ({"model": {"revision": "main$(curl evil)"}}, "spec.model.revision"),
     ({"thinker": {"resources": {"limits": {"memory": "lots"}}}}, "spec.thinker.resources"),
+    # Pod validation's rules for tolerations, node selectors and bounds, refused before any child exists.
+    ({"thinker": {"nodePool": {"tolerations": [{"key": "bad key!", "operator": "Exists"}]}}},
+     "toleration key must be a valid label key"),
+    ({"thinker": {"nodePool": {"tolerations": [{"key": "gpü", "operator": "Exists"}]}}},
+     "toleration key must be a valid label key"),
+    ({"thinker": {"nodePool": {"tolerations": [{"key": "a", "operator": "Exists", "value": "b"}]}}},
+     "operator Exists must not have a value"),
+    ({"thinker": {"nodePool": {"tolerations": [{"operator": "Equal", "value": "b"}]}}},
+     "an empty key must use operator Exists"),
+    ({"thinker": {"nodePool": {"tolerations": [{"key": "a", "operator": "Exists", "effect": "NoSchedule",
+                                                "tolerationSeconds": 5}]}}},
+     "tolerationSeconds is only valid with effect NoExecute"),
+    ({"thinker": {"nodePool": {"tolerations": [{"key": "a", "value": "not a value!"}]}}},
+     "toleration value must be a valid label value"),
+    ({"thinker": {"nodePool": {"nodeSelector": {"a" * 254 + "/k": "v"}}}}, "nodeSelector keys and values"),
+    ({"thinker": {"gpu": {"utilization": 0}}}, "utilization must be between 0.5 and 0.98"),
+    ({"thinker": {"gpu": {"utilization": 1}}}, "utilization must be between 0.5 and 0.98"),
 ])
 def test_hostile_specs_are_refused_at_admission(cluster, namespace, operator, patch, message):
     resource = omni("hostile", namespace)

@@ -271,6 +271,28 @@ def test_objects_not_owned_are_never_taken_over(cluster, namespace, operator):
     assert kget(cluster, "service", "mine-gateway", "-n", namespace) is not None
 
 
+def test_keda_mode_without_keda_says_what_to_install(cluster, namespace, operator):
+    resource = omni("nokeda", namespace)
+    resource["spec"]["autoscaling"] = {"mode": "KEDA", "prometheusAddress": "http://prometheus.monitoring:9090"}
+    apply(cluster, resource)
+    result = wait("Degraded=True", lambda: (r := kget(cluster, "omni", "nokeda", "-n", namespace))
+                  and condition(r, "Degraded").get("reason") == "ApplyFailed" and r, operator=operator)
+    message = condition(result, "Degraded")["message"]
+    assert "keda.sh/v1alpha1 ScaledObject API is not served" in message and "install" in message, message
+    assert "404 page not found" not in message
+
+
+def test_a_gpu_budget_the_minimum_replicas_exceed_is_reported_not_exceeded(cluster, namespace, operator):
+    resource = omni("budget", namespace)
+    resource["spec"]["autoscaling"] = {"gpuBudget": 0}
+    apply(cluster, resource)
+    result = wait("SizingValid=False", lambda: (r := kget(cluster, "omni", "budget", "-n", namespace))
+                  and condition(r, "SizingValid").get("status") == "False" and r, operator=operator)
+    assert "spec.autoscaling.gpuBudget 0 is below the" in condition(result, "SizingValid")["message"]
+    assert condition(result, "Ready").get("status") != "True"
+    assert children(cluster, namespace, "budget") == {}, "nothing runs past the budget"
+
+
 def test_delete_garbage_collects_children(cluster, namespace, operator):
     apply(cluster, omni("gone", namespace))
     wait_ready(cluster, namespace, "gone", operator)

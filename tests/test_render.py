@@ -365,3 +365,14 @@ def test_every_container_has_a_read_only_root_and_writes_only_to_scratch_volumes
                         f"{name}: {key}={env[key]} is not inside a writable scratch volume {writable}"
     if "thinking" not in path.name:
         assert roles == {"thinker", "talker"}
+
+
+def test_a_gpu_budget_below_the_minimum_replicas_is_refused_with_the_arithmetic():
+    raw = example()
+    minimum = plan_offline(raw).gpus  # the example runs its minimum replicas
+    raw["spec"]["autoscaling"] = {"gpuBudget": minimum - 1}
+    with pytest.raises(PlanError, match=rf"gpuBudget {minimum - 1} is below the {minimum} GPUs") as err:
+        plan_offline(raw)
+    assert err.value.invalid and "thinker 1 x" in str(err.value)
+    raw["spec"]["autoscaling"] = {"gpuBudget": minimum}
+    assert plan_offline(raw).gpus == minimum

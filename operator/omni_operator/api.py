@@ -209,19 +209,59 @@ class WorkloadProfile(ApiModel):
                                      description="Longest request; pods get this long to drain on scale-down.")
 
 
+def _label_key_cel(key: str) -> str:
+    """CEL: `key` is a label key, prefix (a DNS subdomain, at most 253) included."""
+    return (f"{key}.size() <= 316 && {key}.matches(r'{LABEL_KEY}') && "
+            f"(!{key}.contains('/') || {key}.substring(0, {key}.indexOf('/')).size() <= 253)")
+
+
+def _is_label_key(key: str) -> bool:
+    return len(key) <= 316 and bool(re.match(LABEL_KEY, key)) and len(key.partition("/")[0] if "/" in key else "") <= 253
+
+
 class Toleration(ApiModel):
+    """A core/v1 Toleration, with Pod validation's rules (the apiserver would refuse the
+    StatefulSet later, after the roles before it were applied)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!has(self.key) || self.key == '' || (" + _label_key_cel("self.key") + ")",
+             "toleration key must be a valid label key", reason="FieldValueInvalid"),
+        _cel(f"!has(self.value) || self.value.matches(r'{LABEL_VALUE}')",
+             "toleration value must be a valid label value", reason="FieldValueInvalid"),
+        _cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+             "a toleration with operator Exists must not have a value", reason="FieldValueInvalid"),
+        _cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+             "a toleration with an empty key must use operator Exists", reason="FieldValueInvalid"),
+        _cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             "tolerationSeconds is only valid with effect NoExecute", reason="FieldValueInvalid"),
+    ]})
+
     key: str | None = Field(default=None, max_length=316)
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = Field(default=None, max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = Field(default=None, ge=0)
 
+    @model_validator(mode="after")
+    def _pod_rules(self) -> "Toleration":
+        if self.key and not _is_label_key(self.key):
+            raise ValueError(f"toleration key {self.key!r} must be a valid label key")
+        if self.value and not re.match(LABEL_VALUE, self.value):
+            raise ValueError(f"toleration value {self.value!r} must be a valid label value")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration with an empty key must use operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds is only valid with effect NoExecute")
+        return self
+
 
 class NodePool(ApiModel):
     """Where a role's pods run. GPU roles also tolerate the nvidia.com/gpu taint."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _cel("self.nodeSelector.all(k, k.size() <= 316 && k.matches(r'" + LABEL_KEY + "') && "
+        _cel("self.nodeSelector.all(k, " + _label_key_cel("k") + " && "
              "self.nodeSelector[k].matches(r'" + LABEL_VALUE + "'))",
              "nodeSelector keys and values must be valid label keys and values", reason="FieldValueInvalid"),
     ]})
@@ -237,7 +277,7 @@ class NodePool(ApiModel):
     @model_validator(mode="after")
     def _labels(self) -> "NodePool":
         for key, value in self.node_selector.items():
-            if not re.match(LABEL_KEY, key) or len(key) > 316:
+            if not _is_label_key(key):
                 raise ValueError(f"nodeSelector key {key!r} is not a valid label key")
             if not re.match(LABEL_VALUE, value):
                 raise ValueError(f"nodeSelector value {value!r} is not a valid label value")
@@ -246,6 +286,13 @@ class NodePool(ApiModel):
 
 class GpuType(ApiModel):
     """The accelerator of a role's node pool."""
+
+    # The schema's minimum/maximum are compared as integers when the value is one (0 passed and
+    # 1 read "less than or equal to 0"): the rule compares as numbers.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!has(self.utilization) || (self.utilization >= 0.5 && self.utilization <= 0.98)",
+             "utilization must be between 0.5 and 0.98", field_path=".utilization", reason="FieldValueInvalid"),
+    ]})
 
     memory_gib: float = Field(default=80, alias="memoryGiB", gt=0, le=1024, description="Memory of one GPU, GiB.")
     count_per_node: int = Field(default=8, ge=1, le=64, description="GPUs on one node of the pool.")

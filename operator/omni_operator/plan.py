@@ -61,6 +61,19 @@ def clamp_replicas(spec: OmniDeploymentSpec, wanted: dict[str, int] | None) -> d
     return replicas
 
 
+def check_gpu_budget(spec: OmniDeploymentSpec, sizing: DeploymentSizing) -> None:
+    """The budget caps what the autoscaler adds; the minimum replicas run whatever it says,
+    so a budget below them could never be kept (admission can't tell: it needs the sizing)."""
+    budget = spec.autoscaling.gpu_budget
+    floor = initial_replicas(spec)
+    needed = gpus_for(sizing, floor)
+    if budget is not None and needed > budget:
+        parts = [f"{role} {floor[role]} x {s.gpus_per_replica} GPU(s)"
+                 for role, s in (("thinker", sizing.thinker), ("talker", sizing.talker)) if s is not None]
+        raise PlanError(f"spec.autoscaling.gpuBudget {budget} is below the {needed} GPUs the minimum replicas hold "
+                        f"({', '.join(parts)}): raise the budget or lower minReplicas", invalid=True)
+
+
 def make_plan(name: str, namespace: str, uid: str, raw_spec: dict[str, Any],
               replicas: dict[str, int] | None = None, *, image_repository: str | None = None,
               image_tag: str | None = None, live_weights: LiveWeights | None = None,
@@ -77,6 +90,7 @@ def make_plan(name: str, namespace: str, uid: str, raw_spec: dict[str, Any],
     sizing = size_deployment(spec)
     if not sizing.fits:
         raise PlanError(sizing.reason, invalid=False, sizing=sizing)
+    check_gpu_budget(spec, sizing)
     chosen = clamp_replicas(spec, replicas)
     extra = {}
     if image_repository:

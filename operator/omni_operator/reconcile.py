@@ -17,7 +17,7 @@ from typing import Any, Callable
 from . import metrics, weights
 from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus
 from .cache import ObjectCache
-from .kube import FIELD_MANAGER, Kube, KubeError, api_version
+from .kube import BUILTIN_KINDS, FIELD_MANAGER, Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
 from .sizing import sizing_status
 from .render import ROLES, gpus_for, instance_selector, role_selector
@@ -201,6 +201,10 @@ class Reconciler:
                 if new and err.status == 409:
                     self._undo(created, namespace)
                     return _not_owned(key, namespace)
+                if err.status == 404 and key[0] not in BUILTIN_KINDS:
+                    return (f"the {obj['apiVersion']} {key[0]} API is not served by this cluster, so "
+                            f"{key[0]} {obj['metadata']['name']} cannot be created: install its provider "
+                            f"({_PROVIDERS.get(key[0], 'its CRD')}) or choose another spec.autoscaling.mode")
                 return f"applying {obj['kind']} {obj['metadata']['name']} failed: {err}"
             if new and not _written_only_by_us(applied):
                 # It existed after all and agreed on every field we set: give them back.
@@ -321,6 +325,9 @@ class Reconciler:
                 self.kube.create_event(meta["namespace"], resource, reason=cond["reason"],
                                        message=f"{cond['type']}={cond['status']}: {cond['message']}",
                                        type_="Warning" if warn else "Normal")
+
+
+_PROVIDERS = {"ScaledObject": "KEDA, https://keda.sh/docs/latest/deploy/"}
 
 
 def _not_owned(key: tuple[str, str], namespace: str) -> str:
