@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-runtime setup-vllm system-tools binaries demo test test-fast test-lowest generate clean
+.PHONY: setup setup-runtime setup-vllm system-tools image-tools binaries demo test test-fast test-lowest images generate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,33 +50,52 @@ setup-vllm: $(VLLM_VENV)/.installed
 binaries:
 	bash e2e/build-binaries.sh
 
-# openssl (certificates of the local control plane) and a Lua 5.1 interpreter (the Argo CD health
-# check runs on gopher-lua, Lua 5.1); installed from Debian when missing and we may.
+# openssl (certificates of the local control plane), a Lua 5.1 interpreter (the Argo CD health
+# check runs on gopher-lua, Lua 5.1) and shellcheck (actionlint checks the workflows' scripts with it);
+# installed from Debian when missing and we may.
 system-tools:
 	@missing=""; command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v lua5.1 >/dev/null || missing="$$missing lua5.1"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "please install:$$missing" >&2; exit 1; fi; \
 	fi
 
+# buildah (builds and runs the images: no Docker engine here) and mmdebstrap (their local Debian base:
+# no registry is reachable for one); from Debian, like system-tools. The image tier runs as root.
+image-tools:
+	@missing=""; command -v buildah >/dev/null || missing="$$missing buildah"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "please install (as root):$$missing" >&2; exit 1; fi; \
+	fi
+
 demo: setup system-tools binaries
 	$(PY) -m e2e.demo
 
 test: setup-runtime setup-vllm system-tools binaries
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not images"
 
 # The pure, schema and control-plane tiers on the lowest allowed dependencies.
 test-lowest: $(LOWEST_VENV)/.installed system-tools binaries
-	$(LOWEST_VENV)/bin/python -m pytest -m "not runtime" --ignore=tests/runtime -p no:cacheprovider
+	$(LOWEST_VENV)/bin/python -m pytest -m "not runtime and not images" --ignore=tests/runtime -p no:cacheprovider
+
+# The image tier (tests/test_image_tier.py): the operator and gateway images built with buildah and
+# started as their pods start them (read-only root, the rendered user and env), probed on loopback;
+# the chart's operator against the local control plane. Base tarball and wheels cached in $(OMNI_CACHE)/images.
+images: setup image-tools system-tools binaries
+	OMNI_IMAGE_TIER=1 nice -n 10 $(PY) -m pytest -m images tests/test_image_tier.py -p no:cacheprovider
 
 # Pure and schema tiers only: no control plane, no torch.
 test-fast: setup
-	$(PY) -m pytest -m "not cluster and not runtime" --ignore=tests/runtime
+	$(PY) -m pytest -m "not cluster and not runtime and not images" --ignore=tests/runtime
 
 generate: setup
 	$(VENV)/bin/omni-operator generate
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LOWEST_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(LOWEST_VENV) .pytest_cache .hypothesis build/wheels build/images

