@@ -208,7 +208,10 @@ class Reconciler:
                 return f"applying {obj['kind']} {obj['metadata']['name']} failed: {err}"
             if new and not _written_only_by_us(applied):
                 # It existed after all and agreed on every field we set: give them back.
-                self.kube.apply(_empty_like(obj), force=False)
+                try:
+                    self.kube.apply(_empty_like(obj), force=False)
+                except KubeError as err:  # still remove what we created; the next reconcile retries
+                    log.warning("giving back the fields of %s %s/%s failed: %s", key[0], namespace, key[1], err)
                 self._undo(created, namespace)
                 return _not_owned(key, namespace)
             if new:
