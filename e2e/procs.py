@@ -56,6 +56,23 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (from /proc), for cleaning up after a process that forks."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def die_with_parent() -> None:
     """In the child before exec: get SIGKILL when the parent dies (Linux prctl).
 

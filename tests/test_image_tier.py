@@ -2,7 +2,7 @@
 started the way their pods start them, and probed from outside on loopback.
 
 Each container runs what the operator (or the chart) renders for it: its command and args, env,
-user, emptyDir volumes and read-only root (see e2e/images.py for how buildah is made to do that).
+user, emptyDir volumes and read-only root (see e2e/image_run.py for how buildah is made to do that).
 Only ports are swapped for free ones, since every run shares the host network.
 
 Run by `make images` (CI: .ci/run); skipped in a plain `pytest` run: it needs root, buildah and
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e import images
+from e2e import image_run, images
 from e2e.hub import HubStandIn, write_placeholder_checkpoint
 from e2e.procs import free_ports
 
@@ -57,9 +57,9 @@ def pod_of(obj: dict) -> tuple[dict, dict]:
     return pod, pod["containers"][0]
 
 
-def assert_runs_as(container: images.Container, program: str, uid: int, gid: int) -> int:
+def assert_runs_as(container: image_run.Container, program: str, uid: int, gid: int) -> int:
     pid = container.server_pid(program)
-    uids, gids = images.process_ids(pid)
+    uids, gids = image_run.process_ids(pid)
     assert uid != 0 and uids == [uid] * 4 and gids == [gid] * 4, (uids, gids)
     return pid
 
@@ -81,17 +81,17 @@ def test_gateway_serves_as_rendered(built, rendered, tmp_path):
     pod, ctr = pod_of(rendered[("Deployment", "qwen3-omni-gateway")])
     assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
     port, metrics = free_ports(2)
-    with images.Container(built["gateway"]) as c:
-        spec = images.pod_run_spec(pod, ctr, images.image_config(built["gateway"]), tmp_path / "volumes", fields=FIELDS,
+    with image_run.Container(built["gateway"]) as c:
+        spec = image_run.pod_run_spec(pod, ctr, images.image_config(built["gateway"]), tmp_path / "volumes", fields=FIELDS,
                                    replace_env={"OMNI_PORT": str(port), "OMNI_METRICS_PORT": str(metrics)})
         c.start(spec, tmp_path / "gateway.log")
-        assert json.loads(images.wait_http(f"http://127.0.0.1:{port}/health", c))["status"] == "ok"
+        assert json.loads(image_run.wait_http(f"http://127.0.0.1:{port}/health", c))["status"] == "ok"
         pid = assert_runs_as(c, "omni-runtime", spec.uid, spec.gid)
         assert (spec.uid, spec.gid) == (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"])
         # a real request through the app: no thinker is up, so it answers from its own config
-        status, body = images.http_get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+        status, body = image_run.http_get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
         assert status == 200 and json.loads(body)["data"][0]["id"] == spec.env["OMNI_SERVED_MODEL_NAME"]
-        status, text = images.http_get(f"http://127.0.0.1:{metrics}/metrics")
+        status, text = image_run.http_get(f"http://127.0.0.1:{metrics}/metrics")
         assert status == 200 and 'omni_ready{role="gateway"} 1.0' in text, text[:2000]
         assert c.terminate(pid) == 0, c.log_tail()
         assert c.writes() == [], "wrote outside its volumes (the pod's root is read-only)"
@@ -104,9 +104,9 @@ def test_weight_loader_job_as_rendered(built, rendered, tmp_path):
     pod, ctr = pod_of(job)
     (metrics,) = free_ports(1)
     checkpoint = write_placeholder_checkpoint(tmp_path / "checkpoint", shards=2)
-    with HubStandIn() as hub, images.Container(built["gateway"]) as c:
+    with HubStandIn() as hub, image_run.Container(built["gateway"]) as c:
         hub.set_default(checkpoint)
-        spec = images.pod_run_spec(pod, ctr, images.image_config(built["gateway"]), tmp_path / "volumes",
+        spec = image_run.pod_run_spec(pod, ctr, images.image_config(built["gateway"]), tmp_path / "volumes",
                                    fields=FIELDS, replace_env={"OMNI_METRICS_PORT": str(metrics)})
         spec.env["HF_ENDPOINT"] = hub.url  # the hub's address: the one thing the rendered spec cannot know
         proc = c.run(spec, timeout=180)
@@ -140,16 +140,16 @@ def test_operator_in_cluster_as_the_chart_installs_it(built, cluster, tmp_path):
             f"--metrics-port={ctr['ports'][1]['containerPort']}": f"--metrics-port={metrics}"}
     api = cluster.server.removeprefix("https://")
     config = images.image_config(built["operator"])
-    with images.Container(built["operator"]) as c:
-        spec = images.pod_run_spec(pod, ctr, config, tmp_path / "volumes", fields={**FIELDS, "metadata.namespace": ns},
+    with image_run.Container(built["operator"]) as c:
+        spec = image_run.pod_run_spec(pod, ctr, config, tmp_path / "volumes", fields={**FIELDS, "metadata.namespace": ns},
                                    replace_args=args)
         assert set(spec.argv) >= set(args.values()), spec.argv  # the chart's port flags were found and swapped
         spec.env |= {"KUBERNETES_SERVICE_HOST": api.rsplit(":", 1)[0], "KUBERNETES_SERVICE_PORT": api.rsplit(":", 1)[1]}
-        spec.volumes.append(images.Volume(secrets, "/var/run/secrets/kubernetes.io/serviceaccount", read_only=True))
+        spec.volumes.append(image_run.Volume(secrets, "/var/run/secrets/kubernetes.io/serviceaccount", read_only=True))
         assert spec.read_only_root and spec.uid == 65532
         c.start(spec, tmp_path / "operator.log")
-        images.wait_http(f"http://127.0.0.1:{health}/healthz", c)
-        images.wait_http(f"http://127.0.0.1:{health}/readyz", c, timeout=60)  # its watches run
+        image_run.wait_http(f"http://127.0.0.1:{health}/healthz", c)
+        image_run.wait_http(f"http://127.0.0.1:{health}/readyz", c, timeout=60)  # its watches run
         pid = assert_runs_as(c, "omni-operator", 65532, 65532)
         # It reconciles: the example's status is written by this process (no other operator runs).
         example = yaml.safe_load((ROOT / "examples/omni.yaml").read_text())
@@ -160,7 +160,7 @@ def test_operator_in_cluster_as_the_chart_installs_it(built, cluster, tmp_path):
             == 1), timeout=60)
         # the counter goes up once the reconcile that wrote the status returns
         text = cluster.wait_for("a reconcile counted in /metrics", lambda: next(
-            (t for s, t in [images.http_get(f"http://127.0.0.1:{metrics}/metrics")]
+            (t for s, t in [image_run.http_get(f"http://127.0.0.1:{metrics}/metrics")]
              if s == 200 and "omni_operator_reconcile_total{" in t), None), timeout=30)
         counted = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                    if line.startswith("omni_operator_reconcile_total{")}
@@ -176,8 +176,8 @@ def helm_test_pod_passes(cluster, release, ns, health_port, image, tmp_path):
     (pod_obj,) = [d for d in hooks if d["kind"] == "Pod" and d["metadata"]["annotations"]["helm.sh/hook"] == "test"]
     pod, ctr = pod_obj["spec"], pod_obj["spec"]["containers"][0]
     url = next(e["value"] for e in ctr["env"] if e["name"] == "HEALTHZ_URL")
-    with images.Container(image) as c:
-        spec = images.pod_run_spec(pod, ctr, images.image_config(image), tmp_path / "test-volumes", fields=FIELDS,
+    with image_run.Container(image) as c:
+        spec = image_run.pod_run_spec(pod, ctr, images.image_config(image), tmp_path / "test-volumes", fields=FIELDS,
                                    replace_env={"HEALTHZ_URL": f"http://127.0.0.1:{health_port}/healthz"})
         proc = c.run(spec)
         assert proc.returncode == 0, f"helm test pod ({url}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"

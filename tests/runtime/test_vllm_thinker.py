@@ -22,8 +22,10 @@ import aiohttp
 import numpy as np
 import pytest
 
+from e2e.procs import descendants
+
 from .helpers import chat_prompt_ids, sine_wav
-from .vllm_procs import REPO, SERVED, alive, descendants
+from .vllm_procs import REPO, SERVED, alive
 
 pytestmark = pytest.mark.runtime
 

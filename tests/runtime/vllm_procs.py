@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e.procs import descendants
 from e2e.runtime_process import RuntimeProcess
 
 from .conftest import free_port
@@ -22,23 +23,6 @@ SERVED = "tiny-omni"
 # A small box: 1 GiB of KV cache, fp32 (the CPU kernels' reference precision).
 BASE_ARGS = ["--dtype", "float32"]
 START_TIMEOUT = 600.0
-
-
-def descendants(pid: int) -> list[int]:
-    """Process ids below `pid` (from /proc), for cleaning up after a launcher."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def alive(pid: int) -> bool:
