@@ -70,7 +70,7 @@ def test_size_reads_the_architecture_from_a_model_config(tmp_path):
     assert r.returncode == 2 and "cannot read the model config" in r.stderr
 
 
-def test_size_table_prints_the_readme_block_and_rewrites_it(tmp_path):
+def test_size_table_prints_the_readme_block_and_generate_rewrites_it(tmp_path):
     from omni_operator.sizing_table import README_TABLE_BEGIN, README_TABLE_END, gpus_per_replica_table
 
     r = cli("size-table")
@@ -78,10 +78,12 @@ def test_size_table_prints_the_readme_block_and_rewrites_it(tmp_path):
     assert r.stdout.startswith("| video | concurrent sequences |")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{README_TABLE_BEGIN}\nstale\n{README_TABLE_END}\ntail\n")
-    assert cli("size-table", "--readme", str(readme)).returncode == 0
+    assert cli("generate", "--check", "--root", str(tmp_path)).returncode == 1
+    assert cli("generate", "--root", str(tmp_path)).returncode == 0
     assert readme.read_text() == f"# x\n{README_TABLE_BEGIN}\n{gpus_per_replica_table()}{README_TABLE_END}\ntail\n"
-    (tmp_path / "plain.md").write_text("no markers\n")
-    assert cli("size-table", "--readme", str(tmp_path / "plain.md")).returncode == 2
+    assert cli("generate", "--check", "--root", str(tmp_path)).returncode == 0
+    readme.write_text("no markers\n")
+    assert cli("generate", "--root", str(tmp_path)).returncode == 2
 
 
 def test_size_combined_uses_the_instruct_row():

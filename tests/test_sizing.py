@@ -417,7 +417,7 @@ def test_concurrency_below_one_is_refused():
 def test_readme_sizing_table_is_what_the_code_computes():
     readme = (ROOT / "README.md").read_text()
     assert marked_block(readme) == gpus_per_replica_table(), \
-        "README's sizing table is stale: run `omni-operator size-table --readme README.md`"
+        "README's sizing table is stale: run `omni-operator generate`"
 
 
 def test_readme_table_rows_follow_the_sizing():

@@ -11,7 +11,7 @@ import yaml
 
 from . import __version__
 from .sizing import QWEN3_OMNI_30B_A3B, ModelArchitecture, Sizing, SizingRequest, architecture_from_config, size
-from .sizing_table import gpus_per_replica_table, replace_marked_block
+from .sizing_table import gpus_per_replica_table
 
 EXIT_DOES_NOT_FIT = 2
 EXIT_INVALID = 2
@@ -70,21 +70,8 @@ def size_report(result: Sizing) -> list[str]:
     return lines
 
 
-def _cmd_size_table(args: argparse.Namespace) -> int:
-    table = gpus_per_replica_table()
-    if not args.readme:
-        print(table, end="")
-        return 0
-    readme = Path(args.readme)
-    try:
-        text = readme.read_text()
-        updated = replace_marked_block(text, table)
-    except (OSError, ValueError) as err:
-        print(f"error: {args.readme}: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    if updated != text:
-        readme.write_text(updated)
-        print(f"wrote the sizing table into {args.readme}")
+def _cmd_size_table(_: argparse.Namespace) -> int:
+    print(gpus_per_replica_table(), end="")
     return 0
 
 
@@ -124,15 +111,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .crd import generated_files, write_generated
 
     root = Path(args.root)
-    if args.check:
-        stale = [str(p.relative_to(root)) for p, text in generated_files(root).items()
-                 if not p.exists() or p.read_text() != text]
-        if stale:
-            print("stale generated files (run `omni-operator generate`): " + ", ".join(stale), file=sys.stderr)
-            return 1
-        return 0
-    for path in write_generated(root):
-        print(f"wrote {path.relative_to(root)}")
+    try:
+        if args.check:
+            stale = [str(p.relative_to(root)) for p, text in generated_files(root).items()
+                     if not p.exists() or p.read_text() != text]
+            if stale:
+                print("stale generated files (run `omni-operator generate`): " + ", ".join(stale), file=sys.stderr)
+                return 1
+            return 0
+        for path in write_generated(root):
+            print(f"wrote {path.relative_to(root)}")
+    except ValueError as err:  # e.g. README.md without the sizing table's markers
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
     return 0
 
 
@@ -179,9 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_size)
 
-    p = sub.add_parser("size-table", help="print the README's GPUs-per-replica table (markdown)")
-    p.add_argument("--readme", default=None, metavar="PATH",
-                   help="rewrite the table between the sizing-table markers of this file instead of printing it")
+    p = sub.add_parser("size-table", help="print the README's GPUs-per-replica table (markdown; "
+                                          "`omni-operator generate` writes it into README.md)")
     p.set_defaults(func=_cmd_size_table)
 
     p = sub.add_parser("render", help="print the objects the operator would apply for an OmniDeployment file")

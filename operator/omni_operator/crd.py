@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from . import rbac
+from .sizing_table import gpus_per_replica_table, replace_marked_block
 from .api import (GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
                   OmniDeploymentSpec, OmniDeploymentStatus)
 
@@ -213,11 +214,15 @@ def generated_files(root: Path) -> dict[Path, str]:
     crd_text = HEADER + dump_yaml(build_crd())
     rules_text = (HEADER + "# RBAC rules of the operator (operator/omni_operator/rbac.py); the chart adds\n"
                   "# the Lease rule for leader election in its own namespace.\n" + dump_yaml(rbac.RULES))
-    return {
+    files = {
         root / "crds" / "omnideployment.yaml": crd_text,
         root / "charts" / "qwen3-omni" / "files" / "crds" / "omnideployment.yaml": crd_text,
         root / "charts" / "qwen3-omni" / "files" / "rbac-rules.yaml": rules_text,
     }
+    readme = root / "README.md"
+    if readme.exists():  # its GPUs-per-replica table, between the markers (ValueError without them)
+        files[readme] = replace_marked_block(readme.read_text(), gpus_per_replica_table())
+    return files
 
 
 def write_generated(root: Path) -> list[Path]:

@@ -1,11 +1,12 @@
 """The README's table of GPUs per replica, generated from the sizing rules (so a test can
-tell when the README is stale): `omni-operator size-table [--readme README.md]`."""
+tell when the README is stale): `omni-operator size-table` prints it, `omni-operator generate`
+writes it into README.md with the other generated files."""
 
 from __future__ import annotations
 
 from .sizing import Sizing, SizingRequest, size
 
-README_TABLE_BEGIN = "<!-- sizing-table:begin (generated: omni-operator size-table) -->"
+README_TABLE_BEGIN = "<!-- sizing-table:begin (generated: omni-operator generate) -->"
 README_TABLE_END = "<!-- sizing-table:end -->"
 TABLE_VIDEO_SECONDS = (15, 30, 60, 120)
 TABLE_CONCURRENCY = (1, 8, 32)
