@@ -216,7 +216,8 @@ def _label_key_cel(key: str) -> str:
 
 
 def _is_label_key(key: str) -> bool:
-    return len(key) <= 316 and bool(re.match(LABEL_KEY, key)) and len(key.partition("/")[0] if "/" in key else "") <= 253
+    prefix = key.partition("/")[0] if "/" in key else ""
+    return len(key) <= 316 and bool(re.match(LABEL_KEY, key)) and len(prefix) <= 253
 
 
 class Toleration(ApiModel):

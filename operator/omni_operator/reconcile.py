@@ -230,20 +230,23 @@ class Reconciler:
     def _undo(self, created: list[dict[str, Any]], namespace: str) -> None:
         """Delete what this reconcile created before it found a name taken: all or nothing."""
         for obj in created:
-            self.kube.delete(obj["kind"], namespace, obj["metadata"]["name"], uid=obj["metadata"].get("uid"))
-            if self.cache is not None:
-                self.cache.observe_child(obj["kind"], obj, deleted=True)
+            self._delete_child(obj["kind"], namespace, obj)
 
     def _prune(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> None:
         planned = {(o["kind"], o["metadata"]["name"]) for o in plan.objects}
         for key, obj in list(live.items()):
             if key in planned or key in plan.keep or not owned_by(obj, uid):
                 continue
-            if self.kube.delete(key[0], namespace, key[1], uid=obj["metadata"].get("uid")):
+            if self._delete_child(key[0], namespace, obj):
                 outcome.pruned.append(f"{key[0]}/{key[1]}")
-            if self.cache is not None:
-                self.cache.observe_child(key[0], obj, deleted=True)
             live.pop(key)
+
+    def _delete_child(self, kind: str, namespace: str, obj: dict[str, Any]) -> bool:
+        """Delete a child we own, only if it is still the one we saw; the cache forgets it at once."""
+        deleted = self.kube.delete(kind, namespace, obj["metadata"]["name"], uid=obj["metadata"].get("uid"))
+        if self.cache is not None:
+            self.cache.observe_child(kind, obj, deleted=True)
+        return deleted
 
     # ------------------------------------------------------------------ status
 

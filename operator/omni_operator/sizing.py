@@ -366,8 +366,11 @@ def size(req: SizingRequest) -> Sizing:
     if not uses_vllm:  # the talker server runs on one GPU per pod; more pods are more replicas
         candidates = [1]
 
+    def layout(gpus: int) -> tuple[int, int]:
+        return _layout(gpus, per_node) if uses_vllm else (1, 1)
+
     def need_on(gpus: int) -> MemoryNeed:
-        pods, per_pod = _layout(gpus, per_node) if uses_vllm else (1, 1)
+        pods, per_pod = layout(gpus)
         return MemoryNeed(
             table_gb=est.gigabytes, context_tokens=context, concurrent_sequences=req.max_num_seqs,
             kv_bytes_per_token=sum(s.bytes_per_token for s in shapes),
@@ -407,7 +410,7 @@ def size(req: SizingRequest) -> Sizing:
             f"GPUs at {req.utilization:g} utilization, holds {biggest.gpus * usable:.2f} GB ({where}); {remedy}"))
 
     need = need_on(chosen)
-    pods, gpus_per_pod = _layout(chosen, per_node) if uses_vllm else (1, 1)
+    pods, gpus_per_pod = layout(chosen)
     tp = gpus_per_pod if uses_vllm else 0
     pp = pods if uses_vllm else 0
     reason = (f"{_breakdown(need)} fits on {_gpus(chosen, req.gpu_memory_gib)} "
