@@ -314,12 +314,12 @@ def test_steady_state_reconcile_writes_nothing(cluster, namespace, operator, kub
 
 def test_a_settled_object_reconciled_from_the_watch_cache_costs_no_api_call(cluster, namespace, operator, kube):
     from omni_operator.cache import ObjectCache, prime_from_api
-    from omni_operator.handlers import WATCHED_CHILDREN
+    from omni_operator.handlers import MANAGED, WATCHED_CHILDREN
 
     apply(cluster, omni("cached", namespace))
     wait_ready(cluster, namespace, "cached", operator)
     cache = ObjectCache(tuple(kind for kind, *_ in WATCHED_CHILDREN))
-    prime_from_api(cache, kube, "OmniDeployment", [namespace])
+    prime_from_api(cache, kube, "OmniDeployment", [namespace], ",".join(f"{k}={v}" for k, v in MANAGED.items()))
     reconciler = Reconciler(kube, cache=cache)
     reconciler.reconcile(namespace, "cached")  # settle anything the operator had not yet written
     kube.reads.clear()

@@ -2,9 +2,7 @@
 so a reconcile of an unchanged object and the periodic resync cost no API calls.
 
 Fed by the kopf event handlers (handlers.py) and by the responses of the operator's own
-writes (write-through), primed once by one LIST per kind at start. It also knows the name
-of every object of the child kinds, ours or not, so a child that does not exist yet needs
-no lookup before it is created. An update never
+writes (write-through), primed once by one LIST per kind at start. An update never
 replaces a newer copy: resourceVersions are compared when both are numbers (etcd
 revisions, as every apiserver in practice hands out), so a late watch event cannot undo
 a write-through. Readers get deep copies: the reconciler mutates what it reads.
@@ -53,7 +51,6 @@ class ObjectCache:
         self._lock = threading.Lock()
         self._omni: dict[Key, dict[str, Any]] = {}
         self._children: dict[Key, dict[Key, dict[str, Any]]] = {}  # (ns, instance) -> (kind, name) -> body
-        self._names: dict[Key, set[str]] = {}  # (kind, ns) -> names of every object of that kind
         self.primed = threading.Event()
 
     # -- feeding ---------------------------------------------------------------------
@@ -67,15 +64,9 @@ class ObjectCache:
                 self._omni[key] = _slim(body)
 
     def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> None:
-        """Any object of a child kind: its name is remembered; its body only when it is
-        labelled as managed by this operator (the label selector the children are read by)."""
+        """A child kind's object, kept only when it is labelled as managed by this operator
+        (the label selector the children are read by)."""
         meta = body["metadata"]
-        with self._lock:
-            names = self._names.setdefault((kind, meta["namespace"]), set())
-            if deleted:
-                names.discard(meta["name"])
-            else:
-                names.add(meta["name"])
         labels = meta.get("labels") or {}
         instance = labels.get(INSTANCE_LABEL)
         if instance is None or labels.get(MANAGED_BY_LABEL) != MANAGER:
@@ -111,27 +102,20 @@ class ObjectCache:
         with self._lock:
             return list(self._omni.values())
 
-    def name_taken(self, kind: str, namespace: str, name: str) -> bool:
-        """Whether the watch has shown an object of this kind and name (anyone's). False is
-        only as fresh as the watch: the write that follows must still refuse a newcomer."""
-        with self._lock:
-            return name in self._names.get((kind, namespace), ())
-
     def children(self, namespace: str, instance: str) -> dict[Key, dict[str, Any]]:
         with self._lock:
             found = dict(self._children.get((namespace, instance)) or {})
         return {key: copy.deepcopy(body) for key, body in found.items()}
 
 
-def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str]) -> None:
+def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], selector: str) -> None:
     """One LIST of the OmniDeployments and of each child kind (per watched namespace, or
-    cluster-wide; unfiltered, as the watches are, so every taken name is known), then the
-    cache answers reads."""
+    cluster-wide), then the cache answers reads."""
     scopes = namespaces or [None]
     omnis = [o for ns in scopes for o in kube.list(kind, ns)]
     children = {}
     for child in cache.child_kinds:
-        items = [o for ns in scopes for o in kube.list(child, ns)]
+        items = [o for ns in scopes for o in kube.list(child, ns, selector)]
         for obj in items:  # list items carry no kind of their own
             obj.setdefault("kind", child)
             obj.setdefault("apiVersion", api_version(child))

@@ -18,6 +18,8 @@ from .render import MANAGER
 
 log = logging.getLogger(__name__)
 
+MANAGED = {MANAGED_BY_LABEL: MANAGER}
+
 
 # The child kinds the reconciler reads from the cache: (kind, group, version, plural).
 WATCHED_CHILDREN = (("StatefulSet", "apps", "v1", "statefulsets"), ("Deployment", "apps", "v1", "deployments"),
@@ -44,17 +46,14 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
         enqueue(namespace, name)
 
     def child_handler(kind: str):
-        # Unfiltered, like kopf's watch itself: the cache learns every taken name, and only
-        # our own children (labelled, controller reference) wake their OmniDeployment.
-        async def child_changed(event, body, namespace, labels, **_):
+        def child_changed(event, body, namespace, **_):
             if cache is not None:
                 cache.observe_child(kind, dict(body), deleted=event.get("type") == "DELETED")
-            if labels.get(MANAGED_BY_LABEL) != MANAGER:
-                return
             for ref in body.get("metadata", {}).get("ownerReferences", []):
                 if ref.get("kind") == KIND and ref.get("controller"):
                     enqueue_soon(namespace, ref["name"], COALESCE_SECONDS)
         return child_changed
 
     for kind, group, version, plural in WATCHED_CHILDREN:
-        kopf.on.event(group, version, plural, registry=registry, id=f"child-{plural}")(child_handler(kind))
+        kopf.on.event(group, version, plural, labels=MANAGED, registry=registry,
+                      id=f"child-{plural}")(child_handler(kind))

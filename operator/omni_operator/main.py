@@ -98,7 +98,7 @@ def run_operator(args: argparse.Namespace) -> int:
     registry = kopf.OperatorRegistry()
     handlers.register(registry, queue.add, queue.add_soon, cache)
     # one LIST per kind, then reads come from the watches
-    prime_from_api(cache, kube, KIND, args.namespace)
+    prime_from_api(cache, kube, KIND, args.namespace, ",".join(f"{k}={v}" for k, v in handlers.MANAGED.items()))
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_):

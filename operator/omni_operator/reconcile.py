@@ -17,7 +17,7 @@ from typing import Any, Callable
 from . import metrics, weights
 from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus
 from .cache import ObjectCache
-from .kube import BUILTIN_KINDS, FIELD_MANAGER, Kube, KubeError, api_version
+from .kube import BUILTIN_KINDS, Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
 from .sizing import sizing_status
 from .render import ROLES, gpus_for, instance_selector, role_selector
@@ -66,11 +66,9 @@ class Outcome:
 
 class Reconciler:
     """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment
-    and its children are read from it (an unchanged object costs no API call, a new one none
-    before its children are written); a child name the watch has seen taken is looked up in
-    the API, and one taken too recently for the watch is caught by the create itself, so a
-    same-named object of someone else stops the plan either way. Without it (tests, the CLI)
-    every reconcile reads from the API."""
+    and its children are read from it (an unchanged object costs no API call); a child that is
+    not in the cache is looked up in the API before it is created, so a same-named object of
+    someone else stops the plan. Without it (tests, the CLI) every reconcile reads from the API."""
 
     def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
                  fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None):
@@ -181,8 +179,10 @@ class Reconciler:
         for obj in plan.objects:
             key = (obj["kind"], obj["metadata"]["name"])
             found = live.get(key)
-            if found is None and not self._surely_absent(key, namespace):
-                # Not labelled as ours, but the name is taken (or the watch can't tell): whose is it?
+            if found is None:
+                # Not labelled as ours: a same-named object may still exist and belong to someone else.
+                # Asked of the API, not the cache: one the watch has not shown yet (ours, written by a
+                # previous leader a moment ago, or someone else's) must be seen for what it is.
                 found = self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
             if found is not None and not owned_by(found, uid):
                 return _not_owned(key, namespace)
@@ -195,7 +195,7 @@ class Reconciler:
                 continue
             try:
                 # A new object is applied without force: if someone else's appeared since the
-                # watch last spoke, any field we disagree on is a conflict and nothing is written.
+                # lookup, any field we disagree on is a conflict and nothing is written.
                 applied = self.kube.apply(obj, force=not new)
             except KubeError as err:
                 if new and err.status == 409:
@@ -206,14 +206,6 @@ class Reconciler:
                             f"{key[0]} {obj['metadata']['name']} cannot be created: install its provider "
                             f"({_PROVIDERS.get(key[0], 'its CRD')}) or choose another spec.autoscaling.mode")
                 return f"applying {obj['kind']} {obj['metadata']['name']} failed: {err}"
-            if new and not _written_only_by_us(applied):
-                # It existed after all and agreed on every field we set: give them back.
-                try:
-                    self.kube.apply(_empty_like(obj), force=False)
-                except KubeError as err:  # still remove what we created; the next reconcile retries
-                    log.warning("giving back the fields of %s %s/%s failed: %s", key[0], namespace, key[1], err)
-                self._undo(created, namespace)
-                return _not_owned(key, namespace)
             if new:
                 created.append(applied)
             live[key] = applied
@@ -221,11 +213,6 @@ class Reconciler:
                 self.cache.observe_child(key[0], applied)
             outcome.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return None
-
-    def _surely_absent(self, key: tuple[str, str], namespace: str) -> bool:
-        """The watch has never shown an object of this name: it can be created without a lookup."""
-        return self.cache is not None and self.cache.primed.is_set() and \
-            not self.cache.name_taken(key[0], namespace, key[1])
 
     def _undo(self, created: list[dict[str, Any]], namespace: str) -> None:
         """Delete what this reconcile created before it found a name taken: all or nothing."""
@@ -339,18 +326,6 @@ _PROVIDERS = {"ScaledObject": "KEDA, https://keda.sh/docs/latest/deploy/"}
 def _not_owned(key: tuple[str, str], namespace: str) -> str:
     return (f"{key[0]} {namespace}/{key[1]} already exists and is not owned by this OmniDeployment; "
             "rename one of them (nothing was changed)")
-
-
-def _written_only_by_us(applied: dict[str, Any]) -> bool:
-    """A create leaves one field manager, ours; an object that was already there has others."""
-    return all(entry.get("manager") == FIELD_MANAGER for entry in applied["metadata"].get("managedFields") or [])
-
-
-def _empty_like(obj: dict[str, Any]) -> dict[str, Any]:
-    """An apply that owns nothing: it releases every field (and the owner reference) we set."""
-    meta = obj["metadata"]
-    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"]}}
 
 
 def _comparable(status: dict[str, Any]) -> dict[str, Any]:
