@@ -336,38 +336,78 @@ def test_video_input_through_gateway_adds_its_video_tokens(speech_stack, thinker
     assert mm["video_grid_thw"] == [grid] and mm["shape"] == [want, tc["text_config"]["hidden_size"]]
 
 
-async def _until_running(load: asyncio.Future, samples: list, timeout: float = 180) -> None:
-    """Until vLLM reports a running request; fails (never hangs) if the load ends or time runs out."""
-    deadline = time.monotonic() + timeout
-    while not any(e.get("vllm:num_requests_running", 0) >= 1 for _, e in samples):
-        if load.done():
-            load.result()  # raises what went wrong
-            raise AssertionError("the requests finished before vLLM reported one running")
-        assert time.monotonic() < deadline, f"vLLM reported no running request within {timeout:.0f}s"
+async def _streamed(p, n: int, max_tokens: int, first_token: asyncio.Event, stop_after: float = 120) -> list[dict]:
+    """n concurrent streamed requests. `first_token` is set when any of them streams its first
+    chunk, which vLLM sends only once the request is running: a certain sign, where sampled
+    gauges can miss a short run. Each result: HTTP status, whether [DONE] came, the usage."""
+    body = chat_body("Count.", max_tokens=max_tokens, ignore_eos=True, stream=True,
+                     stream_options={"include_usage": True})
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=stop_after)) as s:
+        async def one() -> dict:
+            out = {"status": None, "done": False, "completion_tokens": None}
+            async with s.post(p.url + "/v1/chat/completions", json=body) as r:
+                out["status"] = r.status
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        out["done"] = True
+                        break
+                    event = json.loads(line.removeprefix("data: "))
+                    if event.get("choices"):
+                        first_token.set()
+                    if event.get("usage"):
+                        out["completion_tokens"] = event["usage"]["completion_tokens"]
+            return out
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def _started(load: asyncio.Future, first_token: asyncio.Event, timeout: float = 180) -> None:
+    """Until a request streams its first chunk; fails (never hangs) if the load ends first."""
+    waiter = asyncio.ensure_future(first_token.wait())
+    await asyncio.wait([load, waiter], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if load.done():
+        load.result()  # raises what went wrong
+    assert first_token.is_set(), f"no request started streaming within {timeout:.0f}s"
+
+
+async def _draining_reported(p, load: asyncio.Future) -> bool:
+    """Whether the launcher reports omni_draining=1 before the load ends."""
+    loop = asyncio.get_running_loop()
+    while not load.done():
+        try:
+            if (await loop.run_in_executor(None, p.metrics)).get("omni_draining") == 1.0:
+                return True
+        except OSError:
+            pass
         await asyncio.sleep(0.1)
+    return False
 
 
 def test_sigterm_drains_real_requests_in_flight(vllm_thinkers):
-    """SIGTERM right after requests reached vLLM (two running, two queued): all finish in
-    full before vLLM is stopped, and the launcher exits 0 leaving no vLLM process."""
+    """SIGTERM once a request is streaming (two running, two queued): all finish in full
+    before vLLM is stopped, and the launcher exits 0 leaving no vLLM process."""
     p = vllm_thinkers.take("shared", max_num_seqs=2)
     vllm_pids = descendants(p.popen.pid)
-    samples: list = []
 
     async def scenario():
-        load = asyncio.ensure_future(_load(p, 4, LONG, samples))
-        await _until_running(load, samples)
+        first_token = asyncio.Event()
+        load = asyncio.ensure_future(_streamed(p, 4, LONG, first_token))
+        await _started(load, first_token)
+        assert not load.done()
         p.terminate()
-        t0 = time.monotonic()
-        results = await load
-        return results, t0
+        draining = await _draining_reported(p, load)
+        return await load, draining
 
-    results, _ = asyncio.run(scenario())
+    results, draining = asyncio.run(scenario())
     # none lost: every request that was running or queued at SIGTERM finished in full
-    assert [r["status"] for r in results] == [200] * 4
-    assert all(r["usage"]["completion_tokens"] == LONG for r in results)
+    assert [(r["status"], r["done"], r["completion_tokens"]) for r in results] == [(200, True, LONG)] * 4
     assert p.popen.wait(timeout=60) == 0
-    assert any(m.get("omni_draining") == 1.0 for m, _ in samples), "draining was never reported"
+    assert draining, "draining was never reported"
     assert vllm_pids and not [pid for pid in vllm_pids if alive(pid)], "vLLM processes left behind"
 
 
@@ -375,16 +415,16 @@ def test_drain_gives_up_after_drain_seconds(vllm_thinkers):
     """OMNI_DRAIN_SECONDS=2 and a request that needs much longer: the launcher stops
     vLLM after the drain time, exits 0, and the request is cut."""
     p = vllm_thinkers.take("drain-timeout", eager=True, drain_seconds=2, max_model_len=4096)
-    samples: list = []
 
     async def scenario():
-        load = asyncio.ensure_future(_load(p, 1, 4000, samples, stop_after=60))
-        await _until_running(load, samples)
+        first_token = asyncio.Event()
+        load = asyncio.ensure_future(_streamed(p, 1, 4000, first_token, stop_after=60))
+        await _started(load, first_token)
         t0 = time.monotonic()
         p.terminate()
         try:
             (result,) = await load
-            cut = result["status"] != 200 or result.get("usage", {}).get("completion_tokens") != 4000
+            cut = not result["done"] or result["completion_tokens"] != 4000
         except (aiohttp.ClientError, asyncio.TimeoutError):
             cut = True
         return cut, t0
