@@ -74,7 +74,7 @@ image-tools:
 	  else echo "please install (as root):$$missing" >&2; exit 1; fi; \
 	fi
 
-demo: setup system-tools binaries
+demo: setup-runtime system-tools binaries
 	$(PY) -m e2e.demo
 
 test: setup-runtime setup-vllm system-tools binaries

@@ -6,12 +6,20 @@
    kwok only schedules the operator's pod (no container runs here), so
 3. the real operator runs as a local process, `omni-operator run --all-namespaces`, against the
    cluster; its log goes to <state-dir>/logs/operator.log.
-4. `kubectl apply -f examples/omni.yaml`, then watch the OmniDeployment converge: sizing, thinker
-   and talker StatefulSets, gateway Deployment, and their pods on the node pools, until Ready=True.
+4. `kubectl apply -f examples/omni.yaml`, then watch the OmniDeployment converge: sizing, the
+   weight loader, thinker and talker StatefulSets, gateway Deployment, and their pods on the node
+   pools, until Ready=True. The node agent runs each serving pod's process for real (the tiny
+   random-weight model, on CPU, with the environment the operator rendered), so Ready means served.
+5. Ask the gateway pod one question (text + a tone in, speech out): `answer.wav`, and the command
+   to ask again.
+6. With --load: a burst of requests, the replicas and queue depths the autoscaler acts on printed
+   as they change, then the scale-down (its window shortened to 20 s for the demo).
 
     python -m e2e.demo                 run, print a summary, tear everything down (exit 0 on success)
-    python -m e2e.demo --keep          leave the cluster and the operator running to play with
+    python -m e2e.demo --load          ... and watch the autoscaler under a burst of requests
+    python -m e2e.demo --keep          leave the cluster, the operator and the pods running to play with
     python -m e2e.demo --down          stop what a --keep run left running
+    python -m e2e.demo --no-serve      the control plane only: no runtime processes (no torch needed)
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ from typing import Any
 
 import yaml
 
+from e2e import demo_serving
 from e2e.cluster import DEFAULT_STATE_DIR, REPO_ROOT, LocalCluster
+from e2e.node_agent import serve_pods
 from e2e.nodes import POOL_LABEL
 from e2e.operator_process import OperatorProcess
 
@@ -38,6 +48,9 @@ RELEASE = "qwen3-omni"
 RELEASE_NAMESPACE = "qwen3-omni"
 OPERATOR_PID_FILE = "demo-operator.pid"  # in the state dir; survives the cluster's own run/ dir
 POLL_SECONDS = 2.0
+COMPONENT = "app.kubernetes.io/component"
+# The demo's autoscaling, so the scale-down shows within a minute (production waits 300 s).
+LOAD_AUTOSCALING = {"pollSeconds": 1, "scaleUpStabilizationSeconds": 2, "scaleDownStabilizationSeconds": 20}
 
 
 def say(msg: str = "") -> None:
@@ -155,6 +168,53 @@ def _pools(cluster: LocalCluster) -> dict[str, str]:
     return {n["metadata"]["name"]: n["metadata"]["labels"].get(POOL_LABEL, "-") for n in nodes["items"]}
 
 
+def _instance_pods(cluster: LocalCluster, name: str, namespace: str) -> list[dict[str, Any]]:
+    found = _get_json(cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")
+    return (found or {}).get("items", [])
+
+
+def gateway_endpoint(cluster: LocalCluster, name: str, namespace: str) -> tuple[str, str]:
+    """(URL of a ready gateway pod, the model name it serves), from the pod the operator rendered."""
+    for pod in _instance_pods(cluster, name, namespace):
+        if pod["metadata"]["labels"].get(COMPONENT) != "gateway" or not _conditions(pod).get("Ready", {}).get(
+                "status") == "True":
+            continue
+        ctr = pod["spec"]["containers"][0]
+        port = next(p["containerPort"] for p in ctr["ports"] if p["name"] == "http")
+        model = next((e.get("value") for e in ctr.get("env", []) if e["name"] == "OMNI_SERVED_MODEL_NAME"), "")
+        return f"http://{pod['status']['podIP']}:{port}", model
+    raise DemoError(f"no ready gateway pod of {namespace}/{name}")
+
+
+def crash_looping(pods: list[dict[str, Any]], restarts: int = 2) -> str | None:
+    """The name of a pod whose process has exited `restarts` times, if any."""
+    for pod in pods:
+        for st in pod.get("status", {}).get("containerStatuses") or []:
+            if st.get("restartCount", 0) >= restarts:
+                return pod["metadata"]["name"]
+    return None
+
+
+def failing_pods(cluster: LocalCluster, name: str, namespace: str, lines: int = 30) -> str:
+    """Each pod whose process exited or is not ready, with the tail of its log."""
+    out = []
+    for pod in _instance_pods(cluster, name, namespace):
+        statuses = pod.get("status", {}).get("containerStatuses") or []
+        st = statuses[0] if statuses else {}
+        if st.get("ready") or pod["status"].get("phase") == "Succeeded":
+            continue
+        state = st.get("state", {})
+        why = (state.get("waiting") or {}).get("reason") or ("running, not ready" if "running" in state else
+                                                             pod["status"].get("phase", "?"))
+        last = (st.get("lastState") or {}).get("terminated")
+        if last:
+            why += f", last exit {last.get('exitCode')}"
+        log_file = cluster.node_dir / "pods" / pod["metadata"]["uid"] / f"{st.get('name', '')}.log"
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:]) if log_file.is_file() else ""
+        out.append(f"--- pod {pod['metadata']['name']} ({why}); its process's log {log_file}:\n{tail or '(empty)'}")
+    return "\n".join(out)
+
+
 def watch(cluster: LocalCluster, name: str, namespace: str, timeout: float) -> dict[str, Any]:
     """Print the OmniDeployment, its workloads and pods whenever they change, until Ready=True."""
     start = time.monotonic()
@@ -169,6 +229,9 @@ def watch(cluster: LocalCluster, name: str, namespace: str, timeout: float) -> d
             last_key = key
         if _ready(omni):
             return omni
+        crashing = crash_looping(_instance_pods(cluster, name, namespace))
+        if crashing:
+            raise DemoError(f"the process of pod {crashing} keeps exiting (see its log below)")
         sizing = _conditions(omni or {}).get("SizingValid", {})
         if sizing.get("status") == "False" and sizing.get("observedGeneration") == omni["metadata"].get("generation"):
             # Nothing is rolled out until the spec changes: no point in waiting.
@@ -223,7 +286,8 @@ def summary(cluster: LocalCluster, omni: dict[str, Any], took: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     example = Path(args.example).resolve()
-    manifest = yaml.safe_load(example.read_text())
+    # the OmniDeployment, among whatever else the file holds (a PVC with your weights, a Secret)
+    manifest = next(d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == "OmniDeployment")
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace", "default")
     cluster = LocalCluster(args.state_dir)
@@ -258,6 +322,14 @@ def run(args: argparse.Namespace) -> int:
         say(f"pid {operator.proc.pid}, healthy at http://127.0.0.1:{operator.health_port}/healthz, "
             f"metrics at http://127.0.0.1:{operator.metrics_port}/metrics, log {operator_log}")
 
+        if args.serve:
+            step("The model the pods serve: tiny, random weights, built on this machine")
+            model = demo_serving.tiny_model()
+            serve_pods(cluster.node_dir, model)
+            say(f"{model}\nThe stand-in hub serves it for any repo; the node agent runs every serving pod's "
+                "process (thinker on the transformers engine, talker, gateway) on the pod's address, "
+                "with the environment the operator rendered.")
+
         step(f"kubectl apply -f {example.relative_to(REPO_ROOT) if example.is_relative_to(REPO_ROOT) else example}")
         say(cluster.kubectl("apply", "-f", str(example)).stdout.rstrip())
 
@@ -269,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
 
         step("Summary")
         say(summary(cluster, omni, time.monotonic() - t_apply))
+        if args.serve:
+            answer_and_load(cluster, name, namespace, args)
         ok = True
         return 0
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:  # ClusterError, DemoError, CommandError
@@ -279,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         if cluster.is_running():
             events = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False)
             say(f"\n--- events in {namespace} ---\n" + "\n".join(events.stdout.splitlines()[-20:]))
+            if args.serve:
+                say(failing_pods(cluster, name, namespace))
         return 1
     except KeyboardInterrupt:
         say("\ninterrupted")
@@ -294,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"          kubectl get omni -A -o wide; kubectl get pods -n {namespace} -o wide")
             say(f"stop it:  python -m e2e.demo --down{where}")
         else:
+            serve_pods(cluster.node_dir, None)
             if operator is not None:
                 operator.stop()
             (state_dir / OPERATOR_PID_FILE).unlink(missing_ok=True)
@@ -304,8 +381,38 @@ def run(args: argparse.Namespace) -> int:
         say(f"\n{'done' if ok else 'failed'} in {time.monotonic() - t0:.0f}s")
 
 
+def answer_and_load(cluster: LocalCluster, name: str, namespace: str, args: argparse.Namespace) -> None:
+    url, model = gateway_endpoint(cluster, name, namespace)
+    answer_file = Path(args.answer).resolve()
+    step(f"Ask the gateway pod at {url}: text + a 1 s tone in, speech out")
+    answer = demo_serving.ask(url, model, answer_file)
+    say(f"transcript: {answer.transcript!r}")
+    say(f"speech:     {answer_file} ({answer.seconds:.1f} s, {len(answer.wav)} bytes)")
+    say("(random weights: the words and the sound are noise; every step on the way is the real one)")
+    say(f"\nAsk again{' while it runs' if args.keep else ' (with --keep, while the demo runs)'}:\n"
+        + demo_serving.ask_again_command(url, model))
+    if not args.load:
+        return
+    step(f"Load: {args.load_clients} clients for {args.load_seconds:.0f}s "
+         f"(autoscaling shortened for the demo: {json.dumps(LOAD_AUTOSCALING)})")
+    cluster.kubectl("patch", "omnideployment", name, "-n", namespace, "--type", "merge",
+                    "-p", json.dumps({"spec": {"autoscaling": LOAD_AUTOSCALING}}))
+
+    def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return (_get_json(cluster, "omnideployment", name, "-n", namespace) or {},
+                _instance_pods(cluster, name, namespace))
+
+    report = demo_serving.run_load(read, url, model, say, concurrency=args.load_clients,
+                                   load_seconds=args.load_seconds, settle_seconds=120)
+    say(f"\nload: {report.answered} answered, {report.failed} failed; "
+        + ", ".join(f"{r} replicas peaked at {report.peak[r]}, ended at {report.final[r]}" for r in report.peak))
+    if report.peak.get("thinker", 0) <= 1 or report.final.get("thinker", 0) >= report.peak.get("thinker", 0):
+        raise DemoError("the thinker did not scale up under the load and back down after it")
+
+
 def down(args: argparse.Namespace) -> int:
     cluster = LocalCluster(args.state_dir)
+    serve_pods(cluster.node_dir, None)
     if stop_kept_operator(cluster.state_dir):
         say("stopped the demo's operator")
     cluster.stop()
@@ -323,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for the OmniDeployment to become Ready (default 300)")
     parser.add_argument("--example", default=str(EXAMPLE), help="the OmniDeployment to apply")
+    parser.add_argument("--no-serve", dest="serve", action="store_false",
+                        help="run no runtime processes for the pods (no answer; torch not needed)")
+    parser.add_argument("--answer", default="answer.wav", help="where to write the spoken answer (default answer.wav)")
+    parser.add_argument("--load", action="store_true", help="then send a burst of requests and watch the autoscaler")
+    parser.add_argument("--load-clients", type=int, default=12, help="concurrent clients of the burst (default 12)")
+    parser.add_argument("--load-seconds", type=float, default=60.0, help="how long the burst lasts (default 60)")
     args = parser.parse_args(argv)
     if args.down:
         return down(args)

@@ -64,6 +64,7 @@ class Container:
     started_at: str
     volume_dirs: list[Path] = field(default_factory=list)
     kill_deadline: float | None = None
+    grace: float = KILL_GRACE_SECONDS  # SIGTERM, then SIGKILL after this long
 
 
 def _log_tail(path: Path) -> str:
@@ -73,6 +74,18 @@ def _log_tail(path: Path) -> str:
         return ""
     tail = b"\n".join(data.rstrip(b"\n").split(b"\n")[-LOG_TAIL_LINES:])
     return tail[-LOG_TAIL_BYTES:].decode("utf-8", "replace")
+
+
+def termination_message(c: Container, code: int) -> str:
+    """What a kubelet reports as terminated.message: the termination log, else (when the
+    container failed and asks for it) the tail of its log."""
+    try:
+        message = c.termination_log.read_bytes()[:TERMINATION_MESSAGE_BYTES].decode("utf-8", "replace")
+    except OSError:
+        message = ""
+    if not message.strip() and code != 0 and c.fallback_to_logs:
+        message = _log_tail(c.log_file)
+    return message
 
 
 def exit_code(returncode: int) -> int:
@@ -137,6 +150,20 @@ class LoaderKubelet:
     # -- starting ----------------------------------------------------------------------------
 
     def _start(self, pod: dict[str, Any]) -> None:
+        c = self._launch(pod)
+        if c is None:
+            return
+        self.running[c.uid] = c
+        self._patch_status(pod, "Running", True, {
+            "name": c.container, "image": c.image, "ready": True, "started": True,
+            "restartCount": 0, "state": {"running": {"startedAt": c.started_at}}})
+
+    def _node_env(self, pod: dict[str, Any]) -> dict[str, str]:
+        """What this node adds to (or overrides in) the container's environment."""
+        return {"OMNI_HOST": pod["status"]["podIP"]}  # the process listens on its pod's address
+
+    def _launch(self, pod: dict[str, Any]) -> Container | None:
+        """Start the pod's container; None when it cannot start (reported in the pod's status)."""
         meta, spec = pod["metadata"], pod["spec"]
         ctr = spec["containers"][0]
         pod_dir = self.pods_dir / meta["uid"]
@@ -149,11 +176,8 @@ class LoaderKubelet:
             self._fill(pod, own, mounts)
         except ConfigError as e:
             self._report_config_error(pod, ctr, str(e))
-            return
-        env.update({
-            "OMNI_HOST": pod["status"]["podIP"],  # the process listens on its pod's address
-            "OMNI_TERMINATION_LOG": str(termination_log),
-        })
+            return None
+        env.update({**self._node_env(pod), "OMNI_TERMINATION_LOG": str(termination_log)})
         if self.hub_url:
             env.setdefault("HF_ENDPOINT", self.hub_url)  # this node's hub mirror; a pod's own setting wins
         argv = list(ctr.get("command") or []) + list(ctr.get("args") or [])
@@ -162,7 +186,7 @@ class LoaderKubelet:
         if not argv or os.path.basename(argv[0]) != ENTRYPOINT:
             log_file.write_text(f"this node runs only {ENTRYPOINT} commands, not {argv}\n")
             self._patch_terminated(pod, ctr, 128, "StartError", f"cannot run {argv!r} here", started_at)
-            return
+            return None
         workdir = Path(_host_path(ctr["workingDir"], mounts)) if ctr.get("workingDir") else pod_dir
         if not workdir.is_dir():  # a directory of the image, which this node does not have
             workdir = pod_dir
@@ -170,18 +194,15 @@ class LoaderKubelet:
             proc = subprocess.Popen(
                 [self.python, "-m", "omni_runtime.cli", *argv[1:]], stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True,
-                preexec_fn=die_with_parent,  # no loader outlives the agent
+                preexec_fn=die_with_parent,  # no container outlives the agent
             )
-        self.running[meta["uid"]] = Container(
+        log.info("started %s/%s (pid %d): %s; log %s", meta["namespace"], meta["name"], proc.pid,
+                 " ".join(argv), log_file)
+        return Container(
             namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], container=ctr["name"],
             image=ctr.get("image", ""), proc=proc, log_file=log_file, termination_log=termination_log,
             fallback_to_logs=ctr.get("terminationMessagePolicy") == "FallbackToLogsOnError",
             started_at=started_at, volume_dirs=list(own))
-        log.info("started %s/%s (pid %d): %s; log %s", meta["namespace"], meta["name"], proc.pid,
-                 " ".join(argv), log_file)
-        self._patch_status(pod, "Running", True, {
-            "name": ctr["name"], "image": ctr.get("image", ""), "ready": True, "started": True,
-            "restartCount": 0, "state": {"running": {"startedAt": started_at}}})
 
     def _mounts(self, pod: dict[str, Any], ctr: dict[str, Any], pod_dir: Path
                 ) -> tuple[dict[str, Path], dict[Path, dict[str, Any]]]:
@@ -345,12 +366,7 @@ class LoaderKubelet:
 
     def _report_exit(self, c: Container) -> bool:
         code = exit_code(c.proc.returncode)
-        try:
-            message = c.termination_log.read_bytes()[:TERMINATION_MESSAGE_BYTES].decode("utf-8", "replace")
-        except OSError:
-            message = ""
-        if not message.strip() and code != 0 and c.fallback_to_logs:
-            message = _log_tail(c.log_file)
+        message = termination_message(c, code)
         status, pod = self.api.request("GET", f"/api/v1/namespaces/{c.namespace}/pods/{c.name}")
         if status == 404 or (status == 200 and pod["metadata"]["uid"] != c.uid):
             return True  # the pod is gone: nobody to report to
@@ -401,7 +417,7 @@ class LoaderKubelet:
         if c.kill_deadline is None:
             log.info("pod %s/%s deleted: stopping pid %d", c.namespace, c.name, c.proc.pid)
             signal_process(c.proc.pid, signal.SIGTERM)
-            c.kill_deadline = time.monotonic() + KILL_GRACE_SECONDS
+            c.kill_deadline = time.monotonic() + c.grace
         elif time.monotonic() > c.kill_deadline:
             signal_process(c.proc.pid, signal.SIGKILL)
 

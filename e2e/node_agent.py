@@ -6,12 +6,16 @@ LocalCluster starts and stops it with its other components (log: ``<logs>/node-a
 About every half second it
 - provisions a hostPath PersistentVolume for each pending claim (e2e/volumes.py),
 - runs the operator's weight-loader pods for real and reports their exit (e2e/kubelet.py),
+- while ``serving.json`` names a model (``{"model": DIR}``, written by ``serve_pods``):
+  runs the serving pods (thinker, talker, gateway) as a kubelet would (e2e/serving_kubelet.py),
+  keeps the stand-in cluster DNS's records (e2e/service_dns.py), and its hub serves DIR as the
+  default repo,
 and for its whole life serves a stand-in Hugging Face hub (e2e/hub.py) whose default repo is a
 small placeholder checkpoint: loader pods that name no ``HF_ENDPOINT`` download from it, as
 from a node-level hub mirror (the real hub is unreachable here).
 
 In DIR: ``volumes/`` (one directory per PV), ``pods/<uid>/`` (logs, emptyDirs),
-``hub-default/`` and ``agent.json`` ({"pid", "hub_url"}, written once it serves).
+``hub-default/``, ``dns.json`` and ``agent.json`` ({"pid", "hub_url"}, written once it serves).
 """
 
 from __future__ import annotations
@@ -30,9 +34,13 @@ from typing import Sequence
 from e2e.hub import HubStandIn, write_placeholder_checkpoint
 from e2e.kubeapi import TRANSPORT_ERRORS, KubeApi
 from e2e.kubelet import LoaderKubelet
+from e2e.serving_kubelet import ServingKubelet
+from e2e.service_dns import ServiceDns
 from e2e.volumes import HostPathProvisioner
 
 INFO_FILE = "agent.json"
+SERVING_FILE = "serving.json"
+DNS_FILE = "dns.json"
 POLL_SECONDS = 0.5
 
 log = logging.getLogger("node-agent")
@@ -46,24 +54,55 @@ def read_info(state_dir: Path) -> dict:
         return {}
 
 
-def _write_info(state_dir: Path, info: dict) -> None:
-    tmp = state_dir / f".{INFO_FILE}.tmp"
-    tmp.write_text(json.dumps(info))
-    tmp.replace(state_dir / INFO_FILE)
+def _write_file(state_dir: Path, name: str, content: dict) -> None:
+    tmp = state_dir / f".{name}.tmp"
+    tmp.write_text(json.dumps(content))
+    tmp.replace(state_dir / name)
+
+
+def read_serving(state_dir: Path) -> dict:
+    """The serving settings ({} while serving is off)."""
+    try:
+        return json.loads((state_dir / SERVING_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def serve_pods(state_dir: Path, model: Path | None) -> None:
+    """Switch serving on with `model` as the hub's default repo, or off with None."""
+    if model is None:
+        (state_dir / SERVING_FILE).unlink(missing_ok=True)
+        return
+    _write_file(state_dir, SERVING_FILE, {"model": str(Path(model).resolve())})
 
 
 def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     hub = HubStandIn()
-    hub.set_default(write_placeholder_checkpoint(state_dir / "hub-default"))
+    placeholder = write_placeholder_checkpoint(state_dir / "hub-default")
+    hub.set_default(placeholder)
     hub.start()
     provisioner = HostPathProvisioner(api, state_dir / "volumes")
     kubelet = LoaderKubelet(api, state_dir / "pods", python=python, hub_url=hub.url)
-    _write_info(state_dir, {"pid": os.getpid(), "hub_url": hub.url})
+    serving_kubelet = ServingKubelet(api, state_dir / "pods", python=python, hub_url=hub.url,
+                                     dns_records=state_dir / DNS_FILE)
+    dns = ServiceDns(api, state_dir / DNS_FILE)
+    serving: dict = {}
+    _write_file(state_dir, INFO_FILE, {"pid": os.getpid(), "hub_url": hub.url})
     log.info("serving; stand-in hub at %s", hub.url)
     try:
         while not stop.is_set():
-            for part in (provisioner, kubelet):
+            wanted = read_serving(state_dir)
+            if wanted != serving:
+                if not wanted:
+                    serving_kubelet.stop_pods()
+                try:
+                    hub.set_default(Path(wanted["model"]) if wanted else placeholder)
+                except OSError as e:
+                    log.error("cannot serve %s from the hub: %s", wanted.get("model"), e)
+                log.info("serving pods %s", f"on, hub default {wanted['model']}" if wanted else "off")
+                serving = wanted
+            for part in (provisioner, kubelet, *((serving_kubelet, dns) if serving else ())):
                 try:
                     part.sync()
                 except TRANSPORT_ERRORS as e:  # the apiserver restarts in some tests: retry next pass
@@ -73,6 +112,7 @@ def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> No
             stop.wait(POLL_SECONDS)
     finally:
         kubelet.stop()
+        serving_kubelet.stop()
         hub.stop()
         (state_dir / INFO_FILE).unlink(missing_ok=True)
         log.info("stopped")

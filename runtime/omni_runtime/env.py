@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -50,3 +52,17 @@ def common(role: str, environ=None) -> dict:
         "pod_name": env_str("POD_NAME", "", environ),
         "pod_namespace": env_str("POD_NAMESPACE", "", environ),
     }
+
+
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"  # where a kubelet reads a container's last words
+
+
+def write_termination_log(path: str | None, text: str) -> None:
+    """The reason a container stopped, for `kubectl describe pod` (terminated.message)."""
+    path = path or DEFAULT_TERMINATION_LOG
+    if path == DEFAULT_TERMINATION_LOG and not os.path.exists(path):
+        return  # not in a Kubernetes container: nothing reads it
+    try:
+        Path(path).write_text(text + "\n")
+    except OSError as exc:
+        logging.getLogger("omni.env").warning("could not write the termination log %s: %s", path, exc)

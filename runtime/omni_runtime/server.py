@@ -1,15 +1,18 @@
 """Process plumbing shared by the HTTP roles: listen on the API and metrics ports,
-turn SIGTERM into a drain, exit 0."""
+turn SIGTERM into a drain, exit 0 (1 when the model could not load)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
+
+from . import env
 
 log = logging.getLogger("omni.server")
 
@@ -66,6 +69,7 @@ class EngineService:
         self.metrics = metrics  # has queue_depth, running, ready, draining gauges
         self.engine = None
         self.load_error: str | None = None
+        self.exit_code = 0  # what the process exits with after serve() returns
         self.waiting = 0
         self.running = 0
         self.draining = False
@@ -80,9 +84,15 @@ class EngineService:
         try:
             self.engine = await asyncio.get_running_loop().run_in_executor(None, factory)
             log.info("%s loaded", self.role)
-        except Exception as exc:  # noqa: BLE001 - keep serving 503 with the reason
+        except Exception as exc:  # noqa: BLE001 - any failure to load ends the process
             log.exception("%s failed to load", self.role)
             self.load_error = f"{type(exc).__name__}: {exc}"
+            # A model that cannot load will not load by waiting: exit 1 with the reason, so the
+            # pod restarts (CrashLoopBackOff) and `kubectl describe` shows why.
+            env.write_termination_log(os.environ.get("OMNI_TERMINATION_LOG"),
+                                      f"{self.role} failed to load: {self.load_error}"[:4000])
+            self.exit_code = 1
+            signal.raise_signal(signal.SIGTERM)
         self._update()
 
     async def health(self, _request) -> web.Response:

@@ -318,4 +318,5 @@ async def amain(cfg: dict) -> int:
     async def started():
         asyncio.ensure_future(svc.load(svc.engine_factory))
 
-    return await serve(sites, svc.drain, started)
+    code = await serve(sites, svc.drain, started)
+    return svc.exit_code or code

@@ -461,4 +461,5 @@ async def amain(cfg: dict) -> int:
         asyncio.ensure_future(svc.load(svc.make_engine))
         asyncio.ensure_future(svc.sweep_mm_states())
 
-    return await serve(sites, svc.drain, started)
+    code = await serve(sites, svc.drain, started)
+    return svc.exit_code or code

@@ -33,7 +33,6 @@ from .weights_plan import (DEFAULT_ENDPOINT, MANIFEST, PERMANENT, TRANSIENT, Loa
 log = logging.getLogger("omni_runtime.weights_loader")
 
 VERIFIED = ".omni-verified.json"  # in .partial/: files already checked, so a rerun skips them
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
 class Progress:
@@ -104,7 +103,7 @@ def config_from_env(environ=None) -> dict:
             "host": env.env_str("OMNI_HOST", "0.0.0.0", environ), "metrics_port": port,
             "endpoint": endpoint.rstrip("/") if endpoint else None,
             "token": env.env_str("HF_TOKEN", None, environ),
-            "termination_log": env.env_str("OMNI_TERMINATION_LOG", DEFAULT_TERMINATION_LOG, environ)}
+            "termination_log": env.env_str("OMNI_TERMINATION_LOG", env.DEFAULT_TERMINATION_LOG, environ)}
 
 
 def summary(manifest: dict) -> dict:
@@ -251,17 +250,8 @@ def _publish(cfg: dict, partial: Path, final: Path, commit: str, selection: list
     return manifest
 
 
-def write_termination_log(path: str, text: str) -> None:
-    if path == DEFAULT_TERMINATION_LOG and not os.path.exists(path):
-        return  # not in a Kubernetes container: nothing reads it
-    try:
-        Path(path).write_text(text + "\n")
-    except OSError as exc:
-        log.warning("could not write the termination log %s: %s", path, exc)
-
-
 def _fail(termination_log: str, error: LoaderError) -> int:
-    write_termination_log(termination_log, error.sentence)
+    env.write_termination_log(termination_log, error.sentence)
     sys.stderr.flush()
     print(error.sentence, file=sys.stderr, flush=True)  # the last line of the pod log
     return error.code
@@ -275,7 +265,7 @@ def run(environ=None) -> int:
     try:
         cfg = config_from_env(environ)
     except env.ConfigError as exc:
-        return _fail(environ.get("OMNI_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG,
+        return _fail(environ.get("OMNI_TERMINATION_LOG") or env.DEFAULT_TERMINATION_LOG,
                      LoaderError(f"configuration error: {exc}", PERMANENT))
     progress, server = Progress(), None
     if cfg["metrics_port"]:
@@ -296,6 +286,6 @@ def run(environ=None) -> int:
             server.shutdown()
             server.server_close()
     line = json.dumps(summary(manifest))
-    write_termination_log(cfg["termination_log"], line)
+    env.write_termination_log(cfg["termination_log"], line)
     print(line, flush=True)
     return 0
