@@ -554,6 +554,11 @@ class RoleStatus(ApiModel):
     replicas: int = 0
     ready_replicas: int = 0
     ready: str | None = Field(default=None, description="'ready/desired' replicas (printer column).")
+    reason: str | None = Field(default=None, description=(
+        "Why the role's pods are not running, once it has been short of ready replicas for a while: "
+        "Unschedulable, ImagePullBackOff, MissingSecret, CreateContainerConfigError, CreateContainerError "
+        "or CrashLoopBackOff."))
+    message: str | None = Field(default=None, description="The pod and the cause, as the scheduler or kubelet said.")
 
 
 class ScaleDecision(ApiModel):

@@ -11,6 +11,7 @@ import yaml
 
 from . import __version__
 from .sizing import QWEN3_OMNI_30B_A3B, ModelArchitecture, Sizing, SizingRequest, architecture_from_config, size
+from .reconcile import PODS_CHECKED_AFTER
 from .sizing_table import gpus_per_replica_table
 
 EXIT_DOES_NOT_FIT = 2
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics; 0 disables")
     p.add_argument("--image-repository", default=None, help="default repository of the runtime images")
     p.add_argument("--image-tag", default=None, help="default tag of the runtime images")
+    p.add_argument("--pods-checked-after", type=float, default=PODS_CHECKED_AFTER, metavar="SECONDS",
+                   help="read a role's pods for the reason once it has been short of ready replicas this long")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=_cmd_run)
     return parser

@@ -79,7 +79,7 @@ def run_operator(args: argparse.Namespace) -> int:
 
     cache = ObjectCache(tuple(kind for kind, *_ in handlers.WATCHED_CHILDREN))
     reconciler = Reconciler(kube, image_repository=args.image_repository, image_tag=args.image_tag,
-                            fetch=fetch_metrics, cache=cache)
+                            fetch=fetch_metrics, cache=cache, pods_checked_after=args.pods_checked_after)
 
     def reconcile(namespace: str, name: str) -> None:
         if elector and not elector.leading.is_set():

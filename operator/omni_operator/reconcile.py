@@ -8,6 +8,7 @@ the spec can't be sized.
 
 from __future__ import annotations
 
+import calendar
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus
 from .cache import ObjectCache
 from .kube import BUILTIN_KINDS, Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
+from .pod_problems import PodProblem, role_problems
 from .sizing import sizing_status
 from .render import ROLES, gpus_for, instance_selector, role_selector
 from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
@@ -37,6 +39,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _age(stamp: str | None) -> float:
+    """Seconds since a timestamp this operator wrote (0 when there is none)."""
+    try:
+        return max(0.0, time.time() - calendar.timegm(time.strptime(stamp or "", "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0.0
+
+
 def _component(obj: dict[str, Any]) -> str | None:
     return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
 
@@ -49,6 +59,11 @@ def wanted_replicas(resource: dict[str, Any]) -> dict[str, int] | None:
     status = resource.get("status") or {}
     wanted = {role: (status.get(role) or {}).get("desiredReplicas") for role in ROLES}
     return {role: n for role, n in wanted.items() if isinstance(n, int)} or None
+
+
+# A role short of ready replicas this long gets its pods read for the reason (pods starting
+# normally are not read: a rollout costs no extra calls).
+PODS_CHECKED_AFTER = 30.0
 
 
 @dataclass
@@ -71,9 +86,11 @@ class Reconciler:
     someone else stops the plan. Without it (tests, the CLI) every reconcile reads from the API."""
 
     def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
-                 fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None):
+                 fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None,
+                 pods_checked_after: float = PODS_CHECKED_AFTER):
         self.kube = kube
         self.cache = cache
+        self.pods_checked_after = pods_checked_after
         self.fetch = fetch  # GET a loader's /metrics page; None: progress is not read
         self.image_repository = image_repository
         self.image_tag = image_tag
@@ -259,11 +276,29 @@ class Reconciler:
             roles[role] = observe_role(desired, workloads[role], pods)
         return roles
 
+    def _pod_problems(self, resource: dict[str, Any], roles: dict[str, RoleObservation],
+                      outcome: Outcome) -> dict[str, PodProblem]:
+        """Why roles are short of ready replicas, read from their pods once Ready has been False
+        for `pods_checked_after` seconds; until then, a look again when that time has passed."""
+        if all(o.ready >= o.desired for o in roles.values()):
+            return {}
+        ready = next((c for c in (resource.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
+                     None)
+        waited = _age(ready.get("lastTransitionTime")) if ready and ready.get("status") == "False" else 0.0
+        if waited < self.pods_checked_after:
+            later = self.pods_checked_after - waited + 1.0
+            outcome.requeue_after = min(outcome.requeue_after or later, later)
+            return {}
+        outcome.requeue_after = min(outcome.requeue_after or self.pods_checked_after, self.pods_checked_after)
+        meta = resource["metadata"]
+        return role_problems(self.kube.list("Pod", meta["namespace"], instance_selector(meta["name"])))
+
     def _write_status(self, resource: dict[str, Any], plan: Plan | None, live: dict, sizing_error: str | None,
                       invalid_spec: bool, outcome: Outcome) -> None:
         meta = resource["metadata"]
         previous = resource.get("status") or {}
         roles = self._observe(plan, live, previous)
+        problems = self._pod_problems(resource, roles, outcome)
         generation = meta.get("generation")
         weights_decision = plan.weights if plan else None
         conditions = compute_conditions(
@@ -272,7 +307,7 @@ class Reconciler:
             apply_error=outcome.error, roles=roles,
             weights=weights_decision.condition if weights_decision else None,
             weights_failed=bool(weights_decision and weights_decision.failed),
-            waiting_for_weights=bool(weights_decision and weights_decision.mount is None))
+            waiting_for_weights=bool(weights_decision and weights_decision.mount is None), problems=problems)
         planned: dict[str, Any] = {}
         if plan is not None:
             # GPUs of the replicas actually asked for (an HPA may have chosen other counts than the plan).
@@ -283,10 +318,13 @@ class Reconciler:
             observed_generation=generation,
             conditions=[Condition.model_validate(c) for c in
                         merge_conditions(previous.get("conditions") or [], conditions, _now())],
-            **{role: roles[role].as_status() for role in ROLES if role in roles}, **planned)
+            **{role: roles[role].as_status(problems.get(role)) for role in ROLES if role in roles}, **planned)
         # A merge patch of what this reconcile owns (the autoscaler's decisions stay); null
-        # removes a role that no longer exists (e.g. talker after a variant change).
+        # removes a role that no longer exists (e.g. talker after a variant change), and a
+        # role's reason once its problem is gone.
         patch = update.patch() | {role: None for role in ROLES if role not in roles}
+        for role in roles:
+            patch[role] = {"reason": None, "message": None} | patch[role]
         status = {k: v for k, v in (previous | patch).items() if v is not None}
         metrics.record_status(meta["namespace"], meta["name"], sizing_error is None, roles,
                               weights_ready=weights_decision.condition["status"] == "True" if weights_decision else None,
@@ -333,7 +371,7 @@ def _comparable(status: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in status.items() if v is not None}
     out["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
                          for c in status.get("conditions") or []]
-    for key in ("sizing", "weights"):
+    for key in ("sizing", "weights", *ROLES):
         if isinstance(out.get(key), dict):
             out[key] = {k: v for k, v in out[key].items() if v is not None}
     return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api import Condition, RoleStatus
+from .pod_problems import PodProblem
 
 READY, PROGRESSING, DEGRADED, SIZING_VALID = "Ready", "Progressing", "Degraded", "SizingValid"
 WEIGHTS_READY = "WeightsReady"
@@ -63,9 +64,10 @@ class RoleObservation:
     ready: int
     up_to_date: bool
 
-    def as_status(self) -> RoleStatus:
+    def as_status(self, problem: PodProblem | None = None) -> RoleStatus:
         return RoleStatus(desired_replicas=self.desired, replicas=self.current, ready_replicas=self.ready,
-                          ready=f"{self.ready}/{self.desired}")
+                          ready=f"{self.ready}/{self.desired}", reason=problem.reason if problem else None,
+                          message=problem.message if problem else None)
 
 
 def _workload_settled(obj: dict[str, Any]) -> bool:
@@ -103,11 +105,16 @@ def condition(type_: str, status: bool | str, reason: str, message: str, generat
 def compute_conditions(*, generation: int | None, sizing_error: str | None, sizing_reason: str,
                        invalid_spec: bool, apply_error: str | None,
                        roles: dict[str, RoleObservation], weights: dict[str, Any] | None = None,
-                       weights_failed: bool = False, waiting_for_weights: bool = False) -> list[dict[str, Any]]:
+                       weights_failed: bool = False, waiting_for_weights: bool = False,
+                       problems: dict[str, PodProblem] | None = None) -> list[dict[str, Any]]:
     """The conditions from what the reconcile saw. `weights`: the WeightsReady condition;
-    `waiting_for_weights`: no complete copy exists, so thinker and talker are not running yet."""
+    `waiting_for_weights`: no complete copy exists, so thinker and talker are not running yet;
+    `problems`: why a role's pods are not running (Ready then carries the first one's reason)."""
     weights_message = (weights or {}).get("message", "")
-    not_ready = [f"{role} {o.ready}/{o.desired} ready" for role, o in roles.items() if o.ready < o.desired]
+    problems = {role: p for role, p in (problems or {}).items() if role in roles and roles[role].ready < roles[role].desired}
+    not_ready = [f"{role} {o.ready}/{o.desired} ready" + (f" ({problems[role].reason}: {problems[role].message})"
+                                                          if role in problems else "")
+                 for role, o in roles.items() if o.ready < o.desired]
     rolling = [role for role, o in roles.items() if not o.up_to_date]
     all_ready = not not_ready and bool(roles)
 
@@ -148,7 +155,8 @@ def compute_conditions(*, generation: int | None, sizing_error: str | None, sizi
     elif not roles:
         ready = condition(READY, False, "NoReplicas", "nothing is deployed yet", generation)
     else:
-        ready = condition(READY, False, "ReplicasNotReady", ", ".join(not_ready), generation)
+        reason = next((problems[r].reason for r in roles if r in problems), "ReplicasNotReady")
+        ready = condition(READY, False, reason, ", ".join(not_ready), generation)
     return [ready, progressing, degraded, sizing] + ([weights] if weights else [])
 
 

@@ -1,0 +1,82 @@
+"""Why a role's pods are not running, from what the scheduler and the kubelet wrote in their
+status (pure): the reason the Ready condition and the role's status then carry.
+
+Only pods that are not Ready are looked at. One problem per role: the first pod's (by name)
+of the most telling kind, since one bad Secret or image makes every pod of the role fail alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MESSAGE_CHARS = 300  # a condition message is read in `kubectl get`/Argo CD: the cause, not a log
+
+# A kubelet's waiting reasons -> the role's reason, most telling first.
+_WAITING = {
+    "CreateContainerConfigError": "CreateContainerConfigError",  # MissingSecret when a Secret is missing
+    "InvalidImageName": "ImagePullBackOff",
+    "ErrImagePull": "ImagePullBackOff",
+    "ImagePullBackOff": "ImagePullBackOff",
+    "CreateContainerError": "CreateContainerError",
+    "CrashLoopBackOff": "CrashLoopBackOff",
+}
+_ORDER = ("MissingSecret", "CreateContainerConfigError", "ImagePullBackOff", "CreateContainerError",
+          "CrashLoopBackOff", "Unschedulable")
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    reason: str
+    message: str
+
+
+def _short(text: str) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
+    """What keeps one pod from running, if its status says."""
+    name = pod["metadata"]["name"]
+    status = pod.get("status") or {}
+    if pod["metadata"].get("deletionTimestamp") or _ready(pod) or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    found: list[PodProblem] = []
+    for ctr in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (ctr.get("state") or {}).get("waiting") or {}
+        reason = _WAITING.get(waiting.get("reason", ""))
+        if reason is None:
+            continue
+        cause = waiting.get("message", "")
+        if reason == "CreateContainerConfigError" and "secret" in cause.lower():
+            reason = "MissingSecret"
+        if reason == "CrashLoopBackOff":
+            last = (ctr.get("lastState") or {}).get("terminated") or {}
+            cause = f"exited with {last.get('exitCode', '?')}"
+            if last.get("message"):
+                cause += f": {last['message'].strip().splitlines()[-1]}"
+        found.append(PodProblem(reason, _short(f"pod {name} container {ctr.get('name')}: {cause or waiting['reason']}")))
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            found.append(PodProblem("Unschedulable", _short(f"pod {name}: {cond.get('message', '')}")))
+    return min(found, key=lambda p: _ORDER.index(p.reason)) if found else None
+
+
+def role_problems(pods: list[dict[str, Any]]) -> dict[str, PodProblem]:
+    """role -> the problem of its pods, for roles that have one."""
+    out: dict[str, PodProblem] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        role = (pod["metadata"].get("labels") or {}).get(COMPONENT_LABEL)
+        problem = pod_problem(pod)
+        if role is None or problem is None:
+            continue
+        if role not in out or _ORDER.index(problem.reason) < _ORDER.index(out[role].reason):
+            out[role] = problem
+    return out

@@ -1,0 +1,74 @@
+"""Why a role is not running, from pod statuses as the scheduler and kubelets write them (pure)."""
+
+from __future__ import annotations
+
+from omni_operator.pod_problems import MESSAGE_CHARS, PodProblem, pod_problem, role_problems
+from omni_operator.status import RoleObservation, compute_conditions
+
+
+def pod(name, role="thinker", ready=False, waiting=None, last=None, scheduled=None, phase="Running"):
+    conditions = [{"type": "Ready", "status": str(ready)}]
+    if scheduled is not None:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": scheduled})
+    ctr = {"name": role, "ready": ready, "state": {"waiting": waiting} if waiting else {"running": {}}}
+    if last:
+        ctr["lastState"] = {"terminated": last}
+    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/component": role}},
+            "status": {"phase": phase, "conditions": conditions, "containerStatuses": [ctr]}}
+
+
+def test_each_kind_of_failure_gets_its_reason_and_names_the_pod():
+    assert pod_problem(pod("a-0", waiting={"reason": "CreateContainerConfigError",
+                                           "message": 'secret "keys" not found'})) == \
+        PodProblem("MissingSecret", 'pod a-0 container thinker: secret "keys" not found')
+    assert pod_problem(pod("a-0", waiting={"reason": "CreateContainerConfigError",
+                                           "message": 'configmap "c" not found'})).reason == "CreateContainerConfigError"
+    for kubelet_reason in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+        got = pod_problem(pod("a-0", waiting={"reason": kubelet_reason, "message": "pull access denied for x"}))
+        assert got.reason == "ImagePullBackOff" and got.message.endswith("pull access denied for x")
+    crash = pod_problem(pod("a-0", waiting={"reason": "CrashLoopBackOff", "message": "back-off 10s"},
+                            last={"exitCode": 1, "message": "Traceback ...\nOSError: no weights in /models\n"}))
+    assert crash == PodProblem("CrashLoopBackOff", "pod a-0 container thinker: exited with 1: OSError: no weights in /models")
+    assert pod_problem(pod("a-0", scheduled="0/8 nodes are available: 8 Insufficient nvidia.com/gpu.",
+                           phase="Pending")) == \
+        PodProblem("Unschedulable", "pod a-0: 0/8 nodes are available: 8 Insufficient nvidia.com/gpu.")
+
+
+def test_ready_finished_starting_and_deleted_pods_have_no_problem():
+    assert pod_problem(pod("a-0", ready=True)) is None
+    assert pod_problem(pod("a-0", phase="Succeeded", waiting={"reason": "CrashLoopBackOff"})) is None
+    assert pod_problem(pod("a-0", waiting={"reason": "ContainerCreating"})) is None  # still starting
+    gone = pod("a-0", waiting={"reason": "CrashLoopBackOff"})
+    gone["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert pod_problem(gone) is None
+
+
+def test_one_problem_per_role_the_most_telling_then_the_first_pod():
+    problems = role_problems([
+        pod("t-1", scheduled="0/3 nodes are available."),
+        pod("t-0", waiting={"reason": "CrashLoopBackOff"}, last={"exitCode": 137}),
+        pod("g-0", role="gateway", waiting={"reason": "ImagePullBackOff", "message": "not found"}),
+        pod("g-1", role="gateway", waiting={"reason": "ImagePullBackOff", "message": "not found either"}),
+        pod("k-0", role="talker", ready=True),
+    ])
+    assert problems == {"thinker": PodProblem("CrashLoopBackOff", "pod t-0 container thinker: exited with 137"),
+                        "gateway": PodProblem("ImagePullBackOff", "pod g-0 container gateway: not found")}
+
+
+def test_long_causes_are_cut_for_a_condition_message():
+    got = pod_problem(pod("a-0", scheduled="x " * 1000))
+    assert len(got.message) == MESSAGE_CHARS and got.message.endswith("…")
+
+
+def test_ready_condition_carries_the_first_roles_reason_and_every_cause():
+    roles = {"thinker": RoleObservation(1, 1, 0, False), "talker": RoleObservation(1, 1, 1, True),
+             "gateway": RoleObservation(1, 1, 0, False)}
+    problems = {"gateway": PodProblem("MissingSecret", "pod g-0 container gateway: secret \"k\" not found"),
+                "talker": PodProblem("CrashLoopBackOff", "pod k-0: stale")}  # talker is ready: ignored
+    ready = next(c for c in compute_conditions(generation=1, sizing_error=None, sizing_reason="", invalid_spec=False,
+                                               apply_error=None, roles=roles, problems=problems)
+                 if c["type"] == "Ready")
+    assert ready["reason"] == "MissingSecret"
+    assert ready["message"] == ('thinker 0/1 ready, gateway 0/1 ready (MissingSecret: pod g-0 container gateway: '
+                                'secret "k" not found)')
+    assert RoleObservation(1, 1, 0, False).as_status(problems["gateway"]).wire()["reason"] == "MissingSecret"
