@@ -106,6 +106,16 @@ def test_hub_token_is_referenced_never_read_logged_or_stored(cluster, namespace,
     ({"thinker": {"nodePool": {"nodeSelector": {"a" * 254 + "/k": "v"}}}}, "nodeSelector keys and values"),
     ({"thinker": {"gpu": {"utilization": 0}}}, "utilization must be between 0.5 and 0.98"),
     ({"thinker": {"gpu": {"utilization": 1}}}, "utilization must be between 0.5 and 0.98"),
+    # Quantities and resource names as Pod validation takes them.
+    # ("1e100" as a string too, but a YAML dump leaves it unquoted and kubectl then reads a number)
+    ({"thinker": {"resources": {"limits": {"memory": "2000P"}}}}, "quantities must be at least 0 and less than 1Ei"),
+    ({"thinker": {"resources": {"limits": {"memory": "99999999999999999999999Ei"}}}},
+     "quantities must be at least 0 and less than 1Ei"),
+    ({"thinker": {"resources": {"requests": {"cpu": -1}}}}, "quantities must be at least 0 and less than 1Ei"),
+    ({"thinker": {"resources": {"requests": {"not a resource!": "1"}}}}, "resource names must be qualified names"),
+    ({"thinker": {"resources": {"requests": {"memory": {"gib": 2}}}}}, "spec.thinker.resources.requests.memory"),
+    ({"thinker": {"resources": {"requests": {"memory": "64Gi"}, "limits": {"memory": "32Gi"}}}},
+     "every request must be at most its limit"),
 ])
 def test_hostile_specs_are_refused_at_admission(cluster, namespace, operator, patch, message):
     resource = omni("hostile", namespace)

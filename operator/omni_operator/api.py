@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from .quantity import LARGEST, parse_quantity
 
 GROUP = "omni.qwen.ai"
 VERSION = "v1alpha1"
@@ -305,26 +308,62 @@ class GpuType(ApiModel):
                                description="Fraction of GPU memory the server may use (vLLM --gpu-memory-utilization).")
 
 
-# A resource.Quantity in a structural schema: an integer, or a string of quantity form
-# (pattern applies to strings only).
-_QUANTITY_SCHEMA = {"x-kubernetes-int-or-string": True, "pattern": QUANTITY}
+# A resource.Quantity in a structural schema, as Go operators' CRDs embed it: an integer, or a
+# string of quantity form (the pattern applies to strings). A plain decimal number (2.5) cannot be
+# said in a structural schema: write "2.5" or 2500m. CEL (Kubernetes' quantity library) refuses
+# what Pod validation would refuse later: names that are not resource names, amounts past 1Ei,
+# negative amounts, requests above limits.
+RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+_QUANTITY_SCHEMA = {"x-kubernetes-int-or-string": True, "pattern": QUANTITY, "maxLength": 64}
+
+
+def _q(v: str) -> str:
+    return f"quantity(string({v}))"
+
+
+_QUANTITY_MAP = {
+    "additionalProperties": _QUANTITY_SCHEMA,
+    "x-kubernetes-validations": [
+        _cel(f"self.all(k, k.size() <= 253 && k.matches('{RESOURCE_NAME}'))",
+             "resource names must be qualified names such as cpu, memory or nvidia.com/gpu",
+             reason="FieldValueInvalid"),
+        _cel(f"self.all(k, isQuantity(string(self[k])) && {_q('self[k]')}.compareTo(quantity('0')) >= 0 && "
+             f"{_q('self[k]')}.isLessThan(quantity('1Ei')))",
+             "quantities must be at least 0 and less than 1Ei", reason="FieldValueInvalid"),
+    ],
+}
 
 
 class Resources(ApiModel):
     """Overrides for the main container's requests and limits (GPU limits are set by sizing)."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _cel("!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || "
+             f"!isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || "
+             f"{_q('self.requests[k]')}.compareTo({_q('self.limits[k]')}) <= 0)",
+             "every request must be at most its limit", reason="FieldValueInvalid"),
+    ]})
 
-    requests: dict[str, str | int] = Field(default_factory=dict, max_length=16,
-                                           json_schema_extra={"additionalProperties": _QUANTITY_SCHEMA})
-    limits: dict[str, str | int] = Field(default_factory=dict, max_length=16,
-                                         json_schema_extra={"additionalProperties": _QUANTITY_SCHEMA})
+    requests: dict[str, str | int] = Field(default_factory=dict, max_length=16, json_schema_extra=_QUANTITY_MAP)
+    limits: dict[str, str | int] = Field(default_factory=dict, max_length=16, json_schema_extra=_QUANTITY_MAP)
 
     @model_validator(mode="after")
     def _quantities(self) -> "Resources":
+        amounts: dict[str, dict[str, Decimal]] = {}
         for section in ("requests", "limits"):
+            amounts[section] = {}
             for name, qty in getattr(self, section).items():
+                if len(name) > 253 or not re.match(RESOURCE_NAME, name):
+                    raise ValueError(f"resources.{section}: {name!r} is not a resource name")
                 if not re.match(QUANTITY, str(qty)):
                     raise ValueError(f"resources.{section}.{name}: {qty!r} is not a quantity")
+                amount = parse_quantity(qty)
+                if not 0 <= amount < LARGEST:
+                    raise ValueError(f"resources.{section}.{name}: {qty!r} must be at least 0 and less than 1Ei")
+                amounts[section][name] = amount
+        for name, amount in amounts["requests"].items():
+            if name in amounts["limits"] and amount > amounts["limits"][name]:
+                raise ValueError(f"resources.requests.{name} must be at most its limit")
         return self
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .api import Condition, RoleStatus
 from .pod_problems import PodProblem
+from .quantity import same_quantity
 
 READY, PROGRESSING, DEGRADED, SIZING_VALID = "Ready", "Progressing", "Degraded", "SizingValid"
 WEIGHTS_READY = "WeightsReady"
@@ -22,10 +23,11 @@ CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, SIZING_VALID, WEIGHTS_READY)
 
 
 def _scalar_equal(want: Any, have: Any) -> bool:
-    # The apiserver normalises some scalars: GPU counts come back as strings, "None" stays "None".
+    # The apiserver normalises some scalars: GPU counts come back as strings, "None" stays "None",
+    # quantities in their canonical form (2.5 CPUs as "2500m", 0.5Gi as "512Mi").
     if isinstance(want, bool) or isinstance(have, bool):
         return want == have
-    return str(want) == str(have)
+    return str(want) == str(have) or same_quantity(want, have)
 
 
 def _empty(value: Any) -> bool:
