@@ -114,3 +114,11 @@ def test_defaults_match_between_models_and_crd():
     assert talker_gpu["memoryGiB"]["default"] == parse_spec({"talker": {}}).talker.gpu.memory_gib == 24
     assert schema["workload"]["properties"]["maxVideoSeconds"]["default"] == spec.workload.max_video_seconds
     assert "default" not in schema["talker"], "talker must stay absent for variants without speech"
+
+
+@pytest.mark.cluster
+def test_the_embedded_core_schemas_are_what_the_apiserver_publishes(cluster):
+    """core_schemas.json (affinity's schema) is current with the kube-apiserver the tests run."""
+    from e2e.core_schemas import OUT, core_schemas, render
+
+    assert OUT.read_text() == render(core_schemas(cluster)), "stale: run python -m e2e.core_schemas"

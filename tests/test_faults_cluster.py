@@ -106,6 +106,13 @@ def test_hub_token_is_referenced_never_read_logged_or_stored(cluster, namespace,
     ({"thinker": {"nodePool": {"nodeSelector": {"a" * 254 + "/k": "v"}}}}, "nodeSelector keys and values"),
     ({"thinker": {"gpu": {"utilization": 0}}}, "utilization must be between 0.5 and 0.98"),
     ({"thinker": {"gpu": {"utilization": 1}}}, "utilization must be between 0.5 and 0.98"),
+    # affinity has core/v1 Affinity's published schema: misspellings, wrong types and values are refused.
+    ({"thinker": {"nodePool": {"affinity": {"podAntiAffinityy": {}}}}},
+     'unknown field "spec.thinker.nodePool.affinity.podAntiAffinityy"'),
+    ({"thinker": {"nodePool": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": "x"}}}}},
+     "spec.thinker.nodePool.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"),
+    ({"thinker": {"nodePool": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Near"}]}]}}}}}}, 'Unsupported value: "Near"'),
     # Quantities and resource names as Pod validation takes them.
     # ("1e100" as a string too, but a YAML dump leaves it unquoted and kubectl then reads a number)
     ({"thinker": {"resources": {"limits": {"memory": "2000P"}}}}, "quantities must be at least 0 and less than 1Ei"),

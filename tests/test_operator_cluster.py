@@ -306,6 +306,9 @@ def test_steady_state_reconcile_writes_nothing(cluster, namespace, operator, kub
     # Decimal quantities, which the apiserver stores in canonical form ("2500m", "512Mi"): the
     # same amounts, so no drift to repair.
     resource["spec"]["thinker"]["resources"] = {"requests": {"cpu": "2.5", "memory": "0.5Gi"}, "limits": {"memory": "1Gi"}}
+    # An affinity, checked at admission against core/v1 Affinity's schema and passed through.
+    resource["spec"]["talker"]["nodePool"]["affinity"] = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 10, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]}}
     apply(cluster, resource)
     wait_ready(cluster, namespace, "quiet", operator)
     container = kget(cluster, "statefulset", "quiet-thinker", "-n", namespace)["spec"]["template"]["spec"]["containers"][0]

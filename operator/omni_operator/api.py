@@ -9,11 +9,13 @@ disagree on defaults or bounds. Cross-field rules are CEL
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -261,6 +263,21 @@ class Toleration(ApiModel):
         return self
 
 
+# Core types as the kube-apiserver publishes them, made structural for the CRD (written by
+# `python -m e2e.core_schemas` from a real apiserver; a cluster test keeps it current).
+CORE_SCHEMAS = json.loads((Path(__file__).with_name("core_schemas.json")).read_text())
+
+
+def _core_schema(name: str) -> Callable[[dict[str, Any]], None]:
+    def embed(schema: dict[str, Any]) -> None:
+        description = schema.get("description")
+        schema.clear()
+        schema.update(copy.deepcopy(CORE_SCHEMAS[name]))
+        if description:
+            schema["description"] = description
+    return embed
+
+
 class NodePool(ApiModel):
     """Where a role's pods run. GPU roles also tolerate the nvidia.com/gpu taint."""
 
@@ -273,8 +290,8 @@ class NodePool(ApiModel):
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     affinity: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-        description="A core/v1 Affinity, passed through unchanged.")
+        default=None, json_schema_extra=_core_schema("Affinity"),
+        description="A core/v1 Affinity (its published schema), passed to the pods unchanged.")
     priority_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253)
     runtime_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253)
 
