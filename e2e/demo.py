@@ -38,6 +38,7 @@ import yaml
 
 from e2e import demo_serving
 from e2e.cluster import DEFAULT_STATE_DIR, REPO_ROOT, LocalCluster
+from e2e.kubelet import pod_ready
 from e2e.node_agent import serve_pods
 from e2e.nodes import POOL_LABEL
 from e2e.operator_process import OperatorProcess
@@ -48,7 +49,6 @@ RELEASE = "qwen3-omni"
 RELEASE_NAMESPACE = "qwen3-omni"
 OPERATOR_PID_FILE = "demo-operator.pid"  # in the state dir; survives the cluster's own run/ dir
 POLL_SECONDS = 2.0
-COMPONENT = "app.kubernetes.io/component"
 # The demo's autoscaling, so the scale-down shows within a minute (production waits 300 s).
 LOAD_AUTOSCALING = {"pollSeconds": 1, "scaleUpStabilizationSeconds": 2, "scaleDownStabilizationSeconds": 20}
 
@@ -176,8 +176,7 @@ def _instance_pods(cluster: LocalCluster, name: str, namespace: str) -> list[dic
 def gateway_endpoint(cluster: LocalCluster, name: str, namespace: str) -> tuple[str, str]:
     """(URL of a ready gateway pod, the model name it serves), from the pod the operator rendered."""
     for pod in _instance_pods(cluster, name, namespace):
-        if pod["metadata"]["labels"].get(COMPONENT) != "gateway" or not _conditions(pod).get("Ready", {}).get(
-                "status") == "True":
+        if pod["metadata"]["labels"].get(demo_serving.COMPONENT) != "gateway" or not pod_ready(pod):
             continue
         ctr = pod["spec"]["containers"][0]
         port = next(p["containerPort"] for p in ctr["ports"] if p["name"] == "http")

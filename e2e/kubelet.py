@@ -441,6 +441,12 @@ def _downward_files(pod: dict[str, Any], items: list[dict[str, Any]]) -> dict[st
     return files
 
 
+def pod_ready(pod: dict[str, Any]) -> bool:
+    """The pod's Ready condition is True."""
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions", []))
+
+
 def _waiting_reason(pod: dict[str, Any]) -> str | None:
     statuses = pod.get("status", {}).get("containerStatuses") or [{}]
     return (statuses[0].get("state", {}).get("waiting") or {}).get("reason")

@@ -19,13 +19,9 @@ import logging
 from pathlib import Path
 
 from e2e.kubeapi import KubeApi
+from e2e.kubelet import pod_ready
 
 log = logging.getLogger("node-agent.dns")
-
-
-def _ready(pod: dict) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions", []))
 
 
 def dns_records(services: list[dict], pods: list[dict]) -> dict[str, list[str]]:
@@ -41,7 +37,7 @@ def dns_records(services: list[dict], pods: list[dict]) -> dict[str, list[str]]:
         for pod in pods:
             meta, ip = pod["metadata"], pod.get("status", {}).get("podIP")
             labels = meta.get("labels") or {}
-            if meta["namespace"] != ns or not ip or meta.get("deletionTimestamp") or not _ready(pod):
+            if meta["namespace"] != ns or not ip or meta.get("deletionTimestamp") or not pod_ready(pod):
                 continue
             if all(labels.get(k) == v for k, v in selector.items()):
                 records[fqdn].add(ip)

@@ -3,7 +3,7 @@
 The loader kubelet (e2e/kubelet.py) runs a pod's ``omni-runtime`` command once; a serving pod
 (``restartPolicy: Always``) is run as a kubelet runs it:
 - started with the environment and volumes the operator rendered, on the pod's address;
-- Ready only while its ``readinessProbe`` (httpGet) answers 2xx, so the EndpointSlices, the
+- Ready only while its ``readinessProbe`` (httpGet) answers 2xx, so the stand-in DNS, the
   StatefulSet's ready count and the OmniDeployment's Ready condition follow the real process;
 - restarted after it exits, with a doubling back-off (``CrashLoopBackOff`` in the meantime, the
   exit code and the log tail in ``lastState``);
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from e2e.kubelet import Container, LoaderKubelet, exit_code, now, termination_message
+from e2e.kubelet import Container, LoaderKubelet, exit_code, now, pod_ready, termination_message
 
 SERVING_SELECTOR = ("app.kubernetes.io/managed-by=omni-operator,"
                     "app.kubernetes.io/component in (thinker,talker,gateway)")
@@ -59,7 +59,6 @@ class Probe:
 class Restart:
     """A crashed container waiting for its back-off."""
 
-    count: int
     at: float
     last_state: dict[str, Any]
 
@@ -153,7 +152,7 @@ class ServingKubelet(LoaderKubelet):
         ok = probe.port is None or _http_ok(f"http://{pod['status']['podIP']}:{probe.port}{probe.path}")
         probe.failures = 0 if ok else probe.failures + 1
         ready = ok or (probe.ready and probe.failures < probe.failure_threshold)
-        if ready != probe.ready or _pod_ready(pod) != ready:
+        if ready != probe.ready or pod_ready(pod) != ready:
             if self._report(pod, c, ready=ready):
                 probe.ready = ready
                 log.info("%s/%s %s", c.namespace, c.name, "ready" if ready else "not ready")
@@ -177,7 +176,7 @@ class ServingKubelet(LoaderKubelet):
         log.warning("%s/%s exited with %d; restarting in %.0fs", c.namespace, c.name, code, delay)
         del self.running[c.uid]
         self.restart_counts[c.uid] = count
-        self.restarts[c.uid] = Restart(count, time.monotonic() + delay, {"terminated": terminated})
+        self.restarts[c.uid] = Restart(time.monotonic() + delay, {"terminated": terminated})
 
     def _report(self, pod: dict[str, Any], c: Container, *, ready: bool) -> bool:
         restart = self.restarts.get(c.uid)
@@ -208,8 +207,3 @@ def _http_ok(url: str) -> bool:
             return 200 <= r.status < 400
     except OSError:
         return False
-
-
-def _pod_ready(pod: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions", []))

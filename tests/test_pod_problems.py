@@ -45,7 +45,7 @@ def test_ready_finished_starting_and_deleted_pods_have_no_problem():
 
 def test_one_problem_per_role_the_most_telling_then_the_first_pod():
     problems = role_problems([
-        pod("t-1", scheduled="0/3 nodes are available."),
+        pod("t-1", scheduled="0/3 nodes are available.", phase="Pending"),
         pod("t-0", waiting={"reason": "CrashLoopBackOff"}, last={"exitCode": 137}),
         pod("g-0", role="gateway", waiting={"reason": "ImagePullBackOff", "message": "not found"}),
         pod("g-1", role="gateway", waiting={"reason": "ImagePullBackOff", "message": "not found either"}),
@@ -56,7 +56,7 @@ def test_one_problem_per_role_the_most_telling_then_the_first_pod():
 
 
 def test_long_causes_are_cut_for_a_condition_message():
-    got = pod_problem(pod("a-0", scheduled="x " * 1000))
+    got = pod_problem(pod("a-0", scheduled="x " * 1000, phase="Pending"))
     assert len(got.message) == MESSAGE_CHARS and got.message.endswith("…")
 
 

@@ -3,8 +3,8 @@
 A real pod resolves ``<service>.<namespace>.svc`` through the cluster's DNS; this machine has
 none. The node agent puts this directory on the PYTHONPATH of the processes it runs, and
 Python imports this module at start-up: it answers service names from the records file the
-agent keeps current (``OMNI_E2E_DNS_RECORDS``: {name: [address, ...]}, built from the
-EndpointSlices' ready endpoints), and leaves every other name to the system resolver.
+agent keeps current (``OMNI_E2E_DNS_RECORDS``: {name: [address, ...]}, the ready pods each
+Service selects: e2e/service_dns.py), and leaves every other name to the system resolver.
 
 A service name with no ready endpoint fails like an empty DNS answer (EAI_NONAME), as a
 headless Service with no ready pod does.

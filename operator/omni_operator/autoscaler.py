@@ -9,7 +9,6 @@ operator's one field manager.
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
 import logging
 import statistics
@@ -24,7 +23,9 @@ from pydantic import ValidationError
 from .api import KIND, AutoscalingMode, OmniDeploymentSpec, RoleStatus, ScaleDecision, parse_spec
 from .autoscale import Decision, History, Policy, RoleState, decide, parse_gateway_waiting, parse_pod_metrics
 from .kube import Kube, KubeError
+from .pod_problems import pod_ready, unschedulable
 from .render import APP_NAME, MANAGER, METRICS_PORT, POD_INDEX_LABEL, names, thinker_statefulset_name
+from .status import parse_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,6 @@ def fetch_metrics(url: str, timeout: float) -> str | None:
             return response.read().decode("utf-8", "replace")
     except (OSError, ValueError):
         return None
-
-
-def _pod_ready(pod: dict[str, Any]) -> bool:
-    if pod["metadata"].get("deletionTimestamp"):
-        return False
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions", []))
-
-
-def _unschedulable(pod: dict[str, Any]) -> bool:
-    status = pod.get("status") or {}
-    return status.get("phase") == "Pending" and any(
-        c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
-        for c in status.get("conditions", []))
 
 
 def _metrics_url(pod: dict[str, Any]) -> str | None:
@@ -74,24 +61,15 @@ def _operator_scaled(resource: dict[str, Any]) -> bool:
     return mode == AutoscalingMode.OPERATOR.value and not resource["metadata"].get("deletionTimestamp")
 
 
-def _timestamp(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return None
-
-
 def startup_seconds(pods: list[dict[str, Any]]) -> float | None:
     """How long the role's ready pods took from creation to Ready (the median): what a new
     replica costs in time before it serves. None when no pod tells."""
     took = []
     for pod in pods:
-        created = _timestamp(pod["metadata"].get("creationTimestamp"))
+        created = parse_timestamp(pod["metadata"].get("creationTimestamp"))
         ready = next((c for c in (pod.get("status") or {}).get("conditions", [])
                       if c.get("type") == "Ready" and c.get("status") == "True"), None)
-        became = _timestamp(ready.get("lastTransitionTime")) if ready else None
+        became = parse_timestamp(ready.get("lastTransitionTime")) if ready else None
         if created is not None and became is not None and became >= created:
             took.append(became - created)
     return statistics.median(took) if took else None
@@ -180,13 +158,13 @@ class Autoscaler:
                 by_role[role].append(pod)
         thinker_pods = (sizing.get("thinker") or {}).get("podsPerReplica", 1)
         # Pending shards count against their replica whatever their rank: a replica needs all of them.
-        unschedulable = {role: sum(1 for p in role_pods if _unschedulable(p)) for role, role_pods in by_role.items()}
-        unschedulable["thinker"] = -(-unschedulable["thinker"] // thinker_pods)  # in replicas
+        pending = {role: sum(1 for p in role_pods if unschedulable(p) is not None) for role, role_pods in by_role.items()}
+        pending["thinker"] = -(-pending["thinker"] // thinker_pods)  # in replicas
         if thinker_pods > 1:  # only rank 0 of a multi-node replica serves and reports load
             by_role["thinker"] = [p for p in by_role["thinker"]
                                   if p["metadata"].get("labels", {}).get(POD_INDEX_LABEL) == "0"]
 
-        pages = self._scrape([p for role in SCALED_ROLES for p in by_role[role] if _pod_ready(p)])
+        pages = self._scrape([p for role in SCALED_ROLES for p in by_role[role] if pod_ready(p)])
         gateway_waiting: dict[str, float] = {}
         for pod in by_role["gateway"]:
             page = pages.get(pod["metadata"]["name"])
@@ -202,18 +180,18 @@ class Autoscaler:
                 continue
             if role == "thinker" and spec.replicas is not None:
                 continue  # pinned through the scale subresource
-            loads = [load for p in by_role[role] if _pod_ready(p)
+            loads = [load for p in by_role[role] if pod_ready(p)
                      and (load := parse_pod_metrics(p["metadata"]["name"], pages.get(p["metadata"]["name"]) or "",
                                                     role)) is not None]
             other = {"thinker": "talker", "talker": "thinker"}.get(role)
             state = RoleState(
                 current=current[role], ready=(status.get(role) or {}).get("readyReplicas", 0),
-                unschedulable=unschedulable[role], gpus_per_replica=gpus.get(role, 0),
+                unschedulable=pending[role], gpus_per_replica=gpus.get(role, 0),
                 other_roles_gpus=gpus.get(other, 0) * current.get(other, 0) if other else 0,
                 gpu_budget=spec.autoscaling.gpu_budget if role != "gateway" else None,
                 gateway_waiting=gateway_waiting.get(role, 0.0))
             history = self.histories.setdefault((ns, name, role), History())
-            startup = startup_seconds([p for p in by_role[role] if _pod_ready(p)])
+            startup = startup_seconds([p for p in by_role[role] if pod_ready(p)])
             decision = decide(now, loads, state, policy_for(spec, role, startup), history)
             if decision.changed(state.current):
                 decisions[role] = decision

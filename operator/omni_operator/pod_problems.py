@@ -37,16 +37,28 @@ def _short(text: str) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
 
 
-def _ready(pod: dict[str, Any]) -> bool:
+def pod_ready(pod: dict[str, Any]) -> bool:
+    """Ready and not being deleted."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
     return any(c.get("type") == "Ready" and c.get("status") == "True"
                for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def unschedulable(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The scheduler's PodScheduled=False condition of a Pending pod no node can take."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Pending":
+        return None
+    return next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"
+                 and c.get("status") == "False" and c.get("reason") == "Unschedulable"), None)
 
 
 def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
     """What keeps one pod from running, if its status says."""
     name = pod["metadata"]["name"]
     status = pod.get("status") or {}
-    if pod["metadata"].get("deletionTimestamp") or _ready(pod) or status.get("phase") in ("Succeeded", "Failed"):
+    if pod["metadata"].get("deletionTimestamp") or pod_ready(pod) or status.get("phase") in ("Succeeded", "Failed"):
         return None
     found: list[PodProblem] = []
     for ctr in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
@@ -63,9 +75,9 @@ def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
             if last.get("message"):
                 cause += f": {last['message'].strip().splitlines()[-1]}"
         found.append(PodProblem(reason, _short(f"pod {name} container {ctr.get('name')}: {cause or waiting['reason']}")))
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
-            found.append(PodProblem("Unschedulable", _short(f"pod {name}: {cond.get('message', '')}")))
+    scheduled = unschedulable(pod)
+    if scheduled is not None:
+        found.append(PodProblem("Unschedulable", _short(f"pod {name}: {scheduled.get('message', '')}")))
     return min(found, key=lambda p: _ORDER.index(p.reason)) if found else None
 
 

@@ -7,7 +7,8 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[mkMGTPE])?$"
+# The grammar Kubernetes parses (wider than the CRD's pattern for strings, api.QUANTITY).
+_GRAMMAR = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[mkMGTPE])?$"
 LARGEST = Decimal(2) ** 60  # 1Ei: far above any request, well inside what the apiserver stores
 
 _BINARY = {f"{p}i": Decimal(1024) ** (i + 1) for i, p in enumerate("KMGTPE")}
@@ -20,7 +21,7 @@ def parse_quantity(value: str | int | float) -> Decimal:
     if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"{value!r} is not a quantity")
     text = repr(value) if isinstance(value, float) else str(value)
-    m = re.match(QUANTITY, text)
+    m = re.match(_GRAMMAR, text)
     if not m:
         raise ValueError(f"{value!r} is not a quantity")
     number, suffix = text[: m.start(3)] if m.group(3) else text, m.group(3) or ""

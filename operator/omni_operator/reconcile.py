@@ -8,7 +8,6 @@ the spec can't be sized.
 
 from __future__ import annotations
 
-import calendar
 import logging
 import threading
 import time
@@ -24,7 +23,7 @@ from .pod_problems import PodProblem, role_problems
 from .sizing import sizing_status
 from .render import ROLES, gpus_for, instance_selector, role_selector
 from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
-                     transitions)
+                     parse_timestamp, transitions)
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,8 @@ def _now() -> str:
 
 def _age(stamp: str | None) -> float:
     """Seconds since a timestamp this operator wrote (0 when there is none)."""
-    try:
-        return max(0.0, time.time() - calendar.timegm(time.strptime(stamp or "", "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return 0.0
+    at = parse_timestamp(stamp)
+    return 0.0 if at is None else max(0.0, time.time() - at)
 
 
 def _component(obj: dict[str, Any]) -> str | None:

@@ -7,6 +7,8 @@ of being pruned by the apiserver). The reconciler does the I/O around it.
 
 from __future__ import annotations
 
+import calendar
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +56,16 @@ def is_subset(want: Any, have: Any) -> bool:
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences", []))
+
+
+def parse_timestamp(value: str | None) -> float | None:
+    """Seconds since the epoch of an API timestamp ("2026-01-02T03:04:05Z"); None if there is none."""
+    if not value:
+        return None
+    try:
+        return calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
 
 
 # ----------------------------------------------------------------------------- roles
