@@ -13,7 +13,9 @@ same run).
   3. p50/p99 time to first audio at the talker with 1, 4 and 8 concurrent streamed
      requests whose text arrives at a thinker's pace.
 
-    .venv/bin/python -m bench.speech_bench [--rounds 3]
+    .venv/bin/python -m bench.speech_bench [--rounds 3] [--device cuda]
+
+`--device cuda` runs the thinker and talker on the GPU (bf16) instead.
 
 Needs `make setup-runtime`. Prints figures; the last line holds the ratios.
 """
@@ -138,6 +140,7 @@ async def talker_ttfa_at(url: str, prompt_ids, concurrency: int, rounds: int) ->
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
     args = ap.parse_args()
 
     from omni_runtime.tiny import build_tiny_model
@@ -148,7 +151,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model)
     prompt_ids = tok.apply_chat_template([{"role": "user", "content": "Say something."}], add_generation_prompt=True,
                                          tokenize=True, return_dict=True)["input_ids"]
-    common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": "cpu", "OMNI_SERVED_MODEL_NAME": "tiny"}
+    common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": args.device, "OMNI_SERVED_MODEL_NAME": "tiny"}
     roles = []
     try:
         thinker = RuntimeProcess("thinker", {**common, "OMNI_ROLE": "thinker"}, work / "thinker.log",
@@ -171,7 +174,8 @@ def main() -> int:
         asyncio.run(talker_throughput(synth, prompt_ids, 2, 1))  # warm-up
         asyncio.run(gateway_ttfa(gateways["streamed"].url, 8))
 
-        print(f"# tiny model, CPU ({os.cpu_count()} cores), OMP_NUM_THREADS=1 per process; logs in {work}")
+        where = "CPU" if args.device == "cpu" else args.device
+        print(f"# tiny model, {where} ({os.cpu_count()} cores), OMP_NUM_THREADS=1 per process; logs in {work}")
         print(f"1. time to first audio through the gateway ({CODES} codes of speech, median of {args.rounds})")
         ratios = {}
         for name, gw in gateways.items():

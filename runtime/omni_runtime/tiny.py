@@ -69,7 +69,10 @@ def token_ids() -> dict[str, int]:
     return ids
 
 
-def build_config():
+def build_config(sizes: dict[str, dict] | None = None):
+    """The tiny model's config. `sizes` replaces fields per section (thinker_text, audio, vision,
+    talker_text, predictor, talker, code2wav), keeping the tiny token layout: the full-size
+    architecture of bench.model_memory_bench is built this way."""
     from transformers import Qwen3OmniMoeConfig
 
     ids = token_ids()
@@ -133,6 +136,10 @@ def build_config():
         upsample_rates=[8, 5, 4, 3], upsampling_ratios=[2, 2], sliding_window=8,
         max_position_embeddings=2048,
     )
+    sections = {"thinker_text": thinker_text, "audio": audio, "vision": vision, "talker_text": talker_text,
+                "predictor": predictor, "talker": talker, "code2wav": code2wav}
+    for section, values in (sizes or {}).items():
+        sections[section].update(values)
     return Qwen3OmniMoeConfig(
         thinker_config=thinker, talker_config=talker, code2wav_config=code2wav,
         im_start_token_id=ids["<|im_start|>"], im_end_token_id=ids["<|im_end|>"],
@@ -205,6 +212,16 @@ def build_feature_extractor():
     return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=30, n_fft=400)
 
 
+def draw_skipped_weights(model, torch, std: float) -> None:
+    """transformers' weight init (5.24) skips the talker's MoE router and experts: they keep
+    whatever memory `torch.empty` returned, zeros on one machine and NaN on another. Draw them
+    like the other weights, from the same seeded generator."""
+    with torch.no_grad():
+        for name, p in model.talker.named_parameters():
+            if ".mlp.experts." in name or name.endswith(".mlp.gate.weight"):
+                p.normal_(0.0, std)
+
+
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random-weight Qwen3-Omni checkpoint to `out_dir` and return it."""
     import torch
@@ -215,6 +232,7 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = build_config()
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
+    draw_skipped_weights(model, torch, config.talker_config.initializer_range)
     # Random weights leave the waveform near 1e-6; rescale the last convolution so the
     # tiny model's speech is audible PCM (tests check the audio is not silence).
     with torch.no_grad():
