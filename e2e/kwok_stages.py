@@ -5,9 +5,10 @@ that never ran would look successful. Here the node agent (e2e/node_agent.py) ru
 operator's loader pods for real and reports their exit, so ``pod-complete`` is limited to
 pods the operator does not manage; other Jobs (a chart's hook Job, a test's) complete as before.
 
-A container whose configuration cannot be resolved (a missing Secret) never starts on a real
-node: its pod stays Pending with ``CreateContainerConfigError``. The node agent reports that,
-and ``pod-ready`` must then not flip the pod back to Running.
+A container whose configuration cannot be resolved (a missing Secret) or whose image cannot be
+pulled never starts on a real node: its pod stays Pending with ``CreateContainerConfigError``,
+``ErrImagePull`` or ``ImagePullBackOff``. The node agent reports that, and ``pod-ready`` must
+then not flip the pod back to Running.
 
 The defaults are YAML; the standard library has no YAML parser, so each extra requirement is
 inserted as text under the stage's ``matchExpressions`` (the pinned kwok's layout), and the
@@ -23,12 +24,13 @@ from e2e.procs import ClusterError
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 OPERATOR_NAME = "omni-operator"
 CONFIG_ERROR = "CreateContainerConfigError"
+NOT_STARTED = (CONFIG_ERROR, "ErrImagePull", "ImagePullBackOff")  # waiting reasons of a container that never starts
 
 # (stage name, gojq query, NotIn values). A label key with dots and a slash needs jq's
 # bracket form; a query that yields nothing (no such label, no container statuses) matches NotIn.
 EXTRA_REQUIREMENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("pod-complete", f'.metadata.labels["{MANAGED_BY_LABEL}"]', (OPERATOR_NAME,)),
-    ("pod-ready", ".status.containerStatuses.[].state.waiting.reason", (CONFIG_ERROR,)),
+    ("pod-ready", ".status.containerStatuses.[].state.waiting.reason", NOT_STARTED),
 )
 
 

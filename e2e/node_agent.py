@@ -8,6 +8,8 @@ About every half second it
 - runs the operator's weight-loader pods for real and reports their exit (e2e/kubelet.py),
 - while ``serving.json`` names a model (``{"model": DIR}``, written by ``serve_pods``):
   runs the serving pods (thinker, talker, gateway) as a kubelet would (e2e/serving_kubelet.py),
+  from the images its registry holds (``"images"``, by default the operator's default images;
+  any other image fails to pull),
   keeps the stand-in cluster DNS's records (e2e/service_dns.py), and its hub serves DIR as the
   default repo,
 and for its whole life serves a stand-in Hugging Face hub (e2e/hub.py) whose default repo is a
@@ -29,12 +31,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from e2e.hub import HubStandIn, write_placeholder_checkpoint
 from e2e.kubeapi import TRANSPORT_ERRORS, KubeApi
 from e2e.kubelet import LoaderKubelet
-from e2e.serving_kubelet import ServingKubelet
+from e2e.serving_kubelet import DEFAULT_IMAGES, ServingKubelet
 from e2e.service_dns import ServiceDns
 from e2e.volumes import HostPathProvisioner
 
@@ -68,12 +70,16 @@ def read_serving(state_dir: Path) -> dict:
         return {}
 
 
-def serve_pods(state_dir: Path, model: Path | None) -> None:
-    """Switch serving on with `model` as the hub's default repo, or off with None."""
+def serve_pods(state_dir: Path, model: Path | None, *, images: Iterable[str] | None = None) -> None:
+    """Switch serving on with `model` as the hub's default repo, or off with None. `images`: the
+    references this node can pull (default: the images the operator renders by default)."""
     if model is None:
         (state_dir / SERVING_FILE).unlink(missing_ok=True)
         return
-    _write_file(state_dir, SERVING_FILE, {"model": str(Path(model).resolve())})
+    settings: dict = {"model": str(Path(model).resolve())}
+    if images is not None:
+        settings["images"] = sorted(images)
+    _write_file(state_dir, SERVING_FILE, settings)
 
 
 def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> None:
@@ -96,6 +102,7 @@ def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> No
             if wanted != serving:
                 if not wanted:
                     serving_kubelet.stop_pods()
+                serving_kubelet.images = frozenset(wanted["images"]) if "images" in wanted else DEFAULT_IMAGES
                 try:
                     hub.set_default(Path(wanted["model"]) if wanted else placeholder)
                 except OSError as e:

@@ -7,7 +7,12 @@ The loader kubelet (e2e/kubelet.py) runs a pod's ``omni-runtime`` command once; 
   StatefulSet's ready count and the OmniDeployment's Ready condition follow the real process;
 - restarted after it exits, with a doubling back-off (``CrashLoopBackOff`` in the meantime, the
   exit code and the log tail in ``lastState``);
-- stopped (SIGTERM, then SIGKILL after the grace period) when the pod is deleted.
+- stopped (SIGTERM, then SIGKILL after the grace period) when the pod is deleted;
+- not started at all when its image cannot be pulled: this node's registry holds only the images
+  the operator renders by default (``ghcr.io/qwen3-omni/<role>:<operator version>``, or the list
+  ``serve_pods(images=...)`` gives); any other reference is reported as a kubelet reports a missing
+  image, ``ErrImagePull`` (the registry's "not found"), then ``ImagePullBackOff`` until the pull is
+  retried with the same doubling back-off, the pod Pending and no process started.
 
 The fake GPU nodes have no GPU, so this node overrides what only a GPU could honour (its
 ``node_env``): ``OMNI_DEVICE=cpu`` and the thinker's transformers engine (vLLM's sizing args
@@ -32,12 +37,18 @@ from typing import Any
 from urllib.parse import quote
 
 from e2e.kubelet import Container, LoaderKubelet, exit_code, now, pod_ready, termination_message
+from omni_operator import __version__
+from omni_operator.render import DEFAULT_IMAGE_REPOSITORY, ROLES
 
 SERVING_SELECTOR = ("app.kubernetes.io/managed-by=omni-operator,"
                     "app.kubernetes.io/component in (thinker,talker,gateway)")
 POD_DNS_DIR = Path(__file__).resolve().parent / "pod_dns"
 BACKOFF_START, BACKOFF_MAX = 5.0, 60.0  # a kubelet starts at 10 s and caps at 300 s
 GRACE_MAX = 30.0  # the demo does not wait a production grace period (the operator renders minutes)
+
+# What this node's registry holds: the images the operator renders when a role names none.
+DEFAULT_IMAGES = frozenset(f"{DEFAULT_IMAGE_REPOSITORY}/{role}:{__version__}" for role in ROLES)
+ERR_IMAGE_PULL, IMAGE_PULL_BACKOFF = "ErrImagePull", "ImagePullBackOff"
 
 log = logging.getLogger("node-agent.serving")
 
@@ -56,6 +67,14 @@ class Probe:
 
 
 @dataclass
+class Pull:
+    """An image this node could not pull, waiting for its next try."""
+
+    at: float
+    count: int
+
+
+@dataclass
 class Restart:
     """A crashed container waiting for its back-off."""
 
@@ -70,6 +89,8 @@ class ServingKubelet(LoaderKubelet):
         self.probes: dict[str, Probe] = {}        # pod uid -> readiness of its running container
         self.restarts: dict[str, Restart] = {}    # pod uid -> its last exit, while it waits to restart
         self.restart_counts: dict[str, int] = {}  # pod uid -> restarts so far
+        self.pulls: dict[str, Pull] = {}          # pod uid -> its failed image pull
+        self.images: frozenset[str] = DEFAULT_IMAGES  # what can be pulled here
 
     def _node_env(self, pod: dict[str, Any]) -> dict[str, str]:
         return {
@@ -120,7 +141,7 @@ class ServingKubelet(LoaderKubelet):
         for d in c.volume_dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.finished.pop(uid, None)
-        for table in (self.probes, self.restarts, self.restart_counts):
+        for table in (self.probes, self.restarts, self.restart_counts, self.pulls):
             table.pop(uid, None)
 
     @staticmethod
@@ -135,6 +156,8 @@ class ServingKubelet(LoaderKubelet):
 
     def _start(self, pod: dict[str, Any]) -> None:
         uid = pod["metadata"]["uid"]
+        if not self._pulled(pod):
+            return
         c = self._launch(pod)
         if c is None:
             return
@@ -143,6 +166,33 @@ class ServingKubelet(LoaderKubelet):
         self.probes[uid] = _probe_of(ctr)
         c.grace = min(float(pod["spec"].get("terminationGracePeriodSeconds", 30)), GRACE_MAX)
         self._report(pod, c, ready=False)
+
+    def _pulled(self, pod: dict[str, Any]) -> bool:
+        """True when the container's image is here; else the pull's failure is reported as a
+        kubelet reports it: ErrImagePull on each try, ImagePullBackOff between tries."""
+        uid, ctr = pod["metadata"]["uid"], pod["spec"]["containers"][0]
+        image = ctr.get("image", "")
+        if image in self.images:
+            self.pulls.pop(uid, None)
+            return True
+        pull = self.pulls.get(uid)
+        if pull is None or time.monotonic() >= pull.at:
+            count = (pull.count if pull else 0) + 1
+            self.pulls[uid] = Pull(time.monotonic() + min(BACKOFF_START * 2 ** (count - 1), BACKOFF_MAX), count)
+            waiting = {"reason": ERR_IMAGE_PULL, "message": pull_error(image)}
+        else:
+            waiting = {"reason": IMAGE_PULL_BACKOFF, "message": f'Back-off pulling image "{image}"'}
+        statuses = pod.get("status", {}).get("containerStatuses") or [{}]
+        if pod["status"].get("phase") == "Pending" and not pod_ready(pod) \
+                and statuses[0].get("state", {}).get("waiting") == waiting:
+            return False  # already reported
+        if waiting["reason"] == ERR_IMAGE_PULL:
+            log.info("cannot pull %s for %s/%s", image, pod["metadata"]["namespace"], pod["metadata"]["name"])
+        self._patch_status(pod, "Pending", False, {
+            "name": ctr["name"], "image": image, "imageID": "", "ready": False, "started": False,
+            "restartCount": self.restart_counts.get(uid, 0), "state": {"waiting": waiting}},
+            reason="ContainersNotReady")
+        return False
 
     def _probe(self, pod: dict[str, Any], c: Container) -> None:
         probe = self.probes[c.uid]
@@ -186,6 +236,12 @@ class ServingKubelet(LoaderKubelet):
         if restart is not None:
             status["lastState"] = restart.last_state
         return self._patch_status(pod, "Running", ready, status, reason=None if ready else "ContainersNotReady")
+
+
+def pull_error(image: str) -> str:
+    """containerd's words, through the kubelet, for a reference its registry does not have."""
+    return (f'rpc error: code = NotFound desc = failed to pull and unpack image "{image}": '
+            f'failed to resolve reference "{image}": {image}: not found')
 
 
 def _probe_of(ctr: dict[str, Any]) -> Probe:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from omni_operator.pod_problems import MESSAGE_CHARS, PodProblem, pod_problem, role_problems
+from omni_operator.pod_problems import (MESSAGE_CHARS, PodProblem, failed_create, missing_pods, pod_problem,
+                                         role_problems)
 from omni_operator.status import RoleObservation, compute_conditions
 
 
@@ -72,3 +73,47 @@ def test_ready_condition_carries_the_first_roles_reason_and_every_cause():
     assert ready["message"] == ('thinker 0/1 ready, gateway 0/1 ready (MissingSecret: pod g-0 container gateway: '
                                 'secret "k" not found)')
     assert RoleObservation(1, 1, 0, False).as_status(problems["gateway"]).wire()["reason"] == "MissingSecret"
+
+
+def statefulset(replicas=1, pods=0, uid="u1"):
+    return {"kind": "StatefulSet", "metadata": {"name": "a-thinker", "uid": uid},
+            "spec": {"replicas": replicas}, "status": {"replicas": pods}}
+
+
+def failed_create_event(message, at, uid="u1", reason="FailedCreate", type_="Warning"):
+    return {"reason": reason, "type": type_, "message": message, "lastTimestamp": at,
+            "involvedObject": {"kind": "StatefulSet", "name": "a-thinker", "uid": uid}}
+
+
+FORBIDDEN = ('create Pod a-thinker-0 in StatefulSet a-thinker failed error: pods "a-thinker-0" is forbidden: '
+             'no PriorityClass with name gpu-high was found')
+
+
+def test_a_pod_the_statefulset_cannot_create_is_named_by_its_newest_failedcreate_event():
+    events = [failed_create_event("an older cause", "2026-01-01T00:00:00Z"),
+              failed_create_event(FORBIDDEN, "2026-01-01T00:05:00Z"),
+              failed_create_event("a predecessor's", "2026-01-01T00:09:00Z", uid="old"),
+              failed_create_event("not a failure", "2026-01-01T00:09:00Z", reason="SuccessfulCreate", type_="Normal")]
+    assert failed_create(statefulset(), events) == PodProblem("FailedCreate", FORBIDDEN)
+    # Every pod exists (the event is history), or no event says why: nothing to report.
+    assert failed_create(statefulset(replicas=2, pods=2), events) is None
+    assert failed_create(statefulset(), []) is None
+    assert missing_pods(statefulset(replicas=2, pods=1)) and not missing_pods(statefulset(replicas=0))
+
+
+def test_a_deployment_says_it_in_its_replica_failure_condition():
+    deployment = {"kind": "Deployment", "metadata": {"name": "a-gateway", "uid": "u2"}, "spec": {"replicas": 1},
+                  "status": {"conditions": [{"type": "Available", "status": "False"},
+                                            {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                             "message": 'pods "a-gateway-5d9-x" is forbidden: exceeded quota'}]}}
+    assert failed_create(deployment, []) == PodProblem("FailedCreate", 'pods "a-gateway-5d9-x" is forbidden: exceeded quota')
+    deployment["status"]["conditions"][1]["status"] = "False"
+    assert failed_create(deployment, []) is None
+
+
+def test_a_pod_that_cannot_be_created_comes_before_the_problems_of_those_that_were():
+    problems = role_problems([pod("t-0", waiting={"reason": "CrashLoopBackOff"}, last={"exitCode": 1}),
+                              pod("g-0", role="gateway", waiting={"reason": "ImagePullBackOff", "message": "x"})],
+                             {"thinker": PodProblem("FailedCreate", FORBIDDEN)})
+    assert problems["thinker"] == PodProblem("FailedCreate", FORBIDDEN)
+    assert problems["gateway"].reason == "ImagePullBackOff"

@@ -95,3 +95,56 @@ def test_status_names_the_schedulers_reason_for_a_pod_no_node_takes(serving_clus
         message = obj["status"]["thinker"]["message"]
         assert message.startswith("pod nowhere-thinker-0: 0/") and "node(s) didn't match" in message, message
         assert condition(obj, "Ready")["reason"] == "Unschedulable"
+
+
+def test_status_names_the_missing_priority_class_no_pod_can_be_created_without(serving_cluster, tmp_path):
+    """The Priority admission plugin refuses the pods, so none exists to read: the StatefulSet
+    controller's FailedCreate event and the Deployment's ReplicaFailure condition say why."""
+    c = serving_cluster
+    with OperatorProcess(c, tmp_path / "operator.log", "--namespace", NAMESPACE, "--pods-checked-after", "3") as op:
+        c.kubectl("apply", "-f", "-", input=omni(
+            "unranked",
+            thinker={"nodePool": {"nodeSelector": {"omni.qwen.ai/pool": "thinker"}, "priorityClassName": "gpu-first"}},
+            gateway={"nodePool": {"nodeSelector": {"omni.qwen.ai/pool": "cpu"}, "priorityClassName": "gpu-first"}}))
+        obj = wait("the thinker's and the gateway's FailedCreate",
+                   lambda: role_reason(c, "unranked", "thinker", "FailedCreate")
+                   and role_reason(c, "unranked", "gateway", "FailedCreate"), timeout=120, operator=op)
+        thinker, gateway = obj["status"]["thinker"], obj["status"]["gateway"]
+        assert thinker["message"] == ('Create Pod unranked-thinker-0 in StatefulSet unranked-thinker failed error: '
+                                      'pods "unranked-thinker-0" is forbidden: no PriorityClass with name gpu-first '
+                                      'was found'), thinker
+        assert 'is forbidden: no PriorityClass with name gpu-first was found' in gateway["message"], gateway
+        ready = condition(obj, "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "FailedCreate"
+        assert "thinker 0/1 ready (FailedCreate: Create Pod unranked-thinker-0" in ready["message"]
+
+        # The PriorityClass appears: the controllers create the pods, and the reason goes away.
+        c.kubectl("create", "priorityclass", "gpu-first", "--value=1000")
+        try:
+            wait("the thinker's reason to change", lambda: (o := kget(c, "omni", "unranked", "-n", NAMESPACE))
+                 and (o["status"].get("thinker") or {}).get("reason") not in (None, "FailedCreate") and o,
+                 timeout=120, operator=op)
+        finally:
+            c.kubectl("delete", "priorityclass", "gpu-first", check=False)
+
+
+def test_status_names_the_image_the_node_cannot_pull(serving_cluster, tmp_path):
+    """This node's registry holds only the images the operator renders by default
+    (e2e/serving_kubelet.py): another one fails to pull as on a real node, and nothing runs."""
+    c = serving_cluster
+    image = "registry.example/omni/thinker:no-such-tag"
+    with OperatorProcess(c, tmp_path / "operator.log", "--namespace", NAMESPACE, "--pods-checked-after", "3") as op:
+        c.kubectl("apply", "-f", "-", input=omni("unpulled", thinker={
+            "image": image, "nodePool": {"nodeSelector": {"omni.qwen.ai/pool": "thinker"}}}))
+        obj = wait("the thinker's ImagePullBackOff", lambda: role_reason(c, "unpulled", "thinker", "ImagePullBackOff"),
+                   timeout=120, operator=op)
+        message = obj["status"]["thinker"]["message"]
+        assert message.startswith("pod unpulled-thinker-0 container thinker: ") and f'"{image}"' in message, message
+        assert condition(obj, "Ready")["reason"] == "ImagePullBackOff"
+        pod = kget(c, "pod", "unpulled-thinker-0", "-n", NAMESPACE)
+        waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]
+        assert pod["status"]["phase"] == "Pending" and waiting["reason"] in ("ErrImagePull", "ImagePullBackOff")
+        assert not (c.node_dir / "pods" / pod["metadata"]["uid"] / "thinker.log").exists(), "no process was started"
+        # The gateway's image is one the node has: it runs.
+        wait("the gateway ready", lambda: ((kget(c, "omni", "unpulled", "-n", NAMESPACE) or {}).get("status", {})
+                                           .get("gateway") or {}).get("readyReplicas") == 1, timeout=120, operator=op)

@@ -612,9 +612,10 @@ class RoleStatus(ApiModel):
     ready: str | None = Field(default=None, description="'ready/desired' replicas (printer column).")
     reason: str | None = Field(default=None, description=(
         "Why the role's pods are not running, once it has been short of ready replicas for a while: "
-        "Unschedulable, ImagePullBackOff, MissingSecret, CreateContainerConfigError, CreateContainerError "
-        "or CrashLoopBackOff."))
-    message: str | None = Field(default=None, description="The pod and the cause, as the scheduler or kubelet said.")
+        "FailedCreate, Unschedulable, ImagePullBackOff, MissingSecret, CreateContainerConfigError, "
+        "CreateContainerError or CrashLoopBackOff."))
+    message: str | None = Field(default=None, description=(
+        "The pod and the cause, as the scheduler or kubelet said (FailedCreate: as the workload controller said)."))
 
 
 class ScaleDecision(ApiModel):

@@ -61,6 +61,15 @@ class KubeError(Exception):
         self.reason = reason
         self.body = body
 
+    @property
+    def message(self) -> str:
+        """The apiserver's own words (a Status' message names the field it refused), else the error."""
+        try:
+            found = json.loads(self.body).get("message")
+        except (ValueError, AttributeError):
+            found = None
+        return found if isinstance(found, str) and found else str(self)
+
 
 def load_api_client() -> client.ApiClient:
     """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config."""
@@ -93,9 +102,10 @@ class Kube:
         return path
 
     def request(self, method: str, path: str, *, query: dict[str, Any] | None = None, body: Any = None,
-                content_type: str = "application/json", retries: int = 4, timeout: float | None = None) -> Any:
+                content_type: str = "application/json", retries: int = 4, timeout: float | None = None,
+                with_status: bool = False) -> Any:
         """`timeout`: seconds for each attempt instead of the client's default (the leader elector
-        bounds its requests by its renew deadline)."""
+        bounds its requests by its renew deadline). `with_status`: (HTTP status, body)."""
         if query:
             path += "?" + urlencode(query)
         headers = {"Accept": "application/json"}
@@ -105,7 +115,8 @@ class Kube:
             # The client serialises JSON content types itself; apply patches go as text (JSON is YAML).
             payload = body if "json" in content_type else json.dumps(body)
         with self._lock:
-            (self.reads if method == "GET" else self.writes)[f"{method} {path.split('?')[0]}"] += 1
+            dry = " dryRun" if query and query.get("dryRun") else ""  # a check, counted apart from writes
+            (self.reads if method == "GET" else self.writes)[f"{method} {path.split('?')[0]}{dry}"] += 1
         delay = 0.2
         for attempt in range(retries + 1):
             try:
@@ -116,7 +127,8 @@ class Kube:
                 data = resp.read() if hasattr(resp, "read") else resp.data
                 if resp.status >= 400:
                     raise _api_exception(resp.status, resp.reason, data or b"")
-                return json.loads(data) if data else None
+                parsed = json.loads(data) if data else None
+                return (resp.status, parsed) if with_status else parsed
             except ApiException as err:
                 if err.status in RETRYABLE and attempt < retries and not (err.status == 409 and method == "POST"):
                     time.sleep(delay)
@@ -134,12 +146,13 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[dict[str, Any]]:
+    def list(self, kind: str, namespace: str | None, label_selector: str | None = None, *,
+             field_selector: str | None = None) -> list[dict[str, Any]]:
         """Items of a kind; none when the kind is not served (e.g. KEDA not installed), which is
         remembered for a while so every reconcile does not ask again."""
         if self._unserved.get(kind, 0.0) > time.monotonic():
             return []
-        query = {"labelSelector": label_selector} if label_selector else None
+        query = {k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v}
         try:
             result = self.request("GET", self.path(kind, namespace), query=query)
         except KubeError as err:
@@ -155,6 +168,15 @@ class Kube:
         query = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
         return self.request("PATCH", self.path(obj["kind"], meta.get("namespace"), meta["name"]), query=query,
                             body=obj, content_type="application/apply-patch+yaml")
+
+    def exists_by_dry_run(self, obj: dict[str, Any], *, force: bool) -> bool:
+        """Admit `obj` as a server-side apply without storing it (dryRun=All): True when it exists
+        already (200), False when the apply would create it (201); a refusal raises KubeError."""
+        meta = obj["metadata"]
+        query = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false", "dryRun": "All"}
+        status, _ = self.request("PATCH", self.path(obj["kind"], meta.get("namespace"), meta["name"]), query=query,
+                                 body=obj, content_type="application/apply-patch+yaml", with_status=True)
+        return status != 201
 
     def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> bool:
         """Delete, only if the object is still the one we saw (uid precondition). False when gone."""

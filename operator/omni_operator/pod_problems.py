@@ -3,6 +3,9 @@ status (pure): the reason the Ready condition and the role's status then carry.
 
 Only pods that are not Ready are looked at. One problem per role: the first pod's (by name)
 of the most telling kind, since one bad Secret or image makes every pod of the role fail alike.
+A pod that could not even be created (a missing PriorityClass, a quota) has no status to read:
+the workload controller says why, in a StatefulSet's `FailedCreate` events and a Deployment's
+`ReplicaFailure` condition (`FailedCreate`, the first reason of all).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ _WAITING = {
     "CreateContainerError": "CreateContainerError",
     "CrashLoopBackOff": "CrashLoopBackOff",
 }
-_ORDER = ("MissingSecret", "CreateContainerConfigError", "ImagePullBackOff", "CreateContainerError",
+_ORDER = ("FailedCreate", "MissingSecret", "CreateContainerConfigError", "ImagePullBackOff", "CreateContainerError",
           "CrashLoopBackOff", "Unschedulable")
 
 
@@ -81,9 +84,37 @@ def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
     return min(found, key=lambda p: _ORDER.index(p.reason)) if found else None
 
 
-def role_problems(pods: list[dict[str, Any]]) -> dict[str, PodProblem]:
-    """role -> the problem of its pods, for roles that have one."""
-    out: dict[str, PodProblem] = {}
+def missing_pods(workload: dict[str, Any]) -> bool:
+    """A StatefulSet with fewer pods than its replicas (the ones it could not create)."""
+    return (workload.get("status") or {}).get("replicas", 0) < (workload.get("spec") or {}).get("replicas", 1)
+
+
+def _stamp(event: dict[str, Any]) -> str:
+    # core/v1 Events of the legacy recorder carry lastTimestamp; events.k8s.io ones a series or eventTime.
+    return (event.get("lastTimestamp") or (event.get("series") or {}).get("lastObservedTime")
+            or event.get("eventTime") or "")
+
+
+def failed_create(workload: dict[str, Any], events: list[dict[str, Any]]) -> PodProblem | None:
+    """Why the workload controller could not create a pod: a Deployment's ReplicaFailure condition,
+    or the newest FailedCreate Warning event of a StatefulSet short of pods."""
+    if workload.get("kind") == "Deployment":
+        cond = next((c for c in (workload.get("status") or {}).get("conditions") or []
+                     if c.get("type") == "ReplicaFailure" and c.get("status") == "True"), None)
+        return PodProblem("FailedCreate", _short(cond.get("message", ""))) if cond else None
+    uid = workload["metadata"].get("uid")
+    mine = [e for e in events if e.get("reason") == "FailedCreate" and e.get("type") == "Warning"
+            and (e.get("involvedObject") or {}).get("uid") in (None, uid)]  # not a same-named predecessor's
+    if not mine or not missing_pods(workload):
+        return None
+    return PodProblem("FailedCreate", _short(max(mine, key=_stamp).get("message", "")))
+
+
+def role_problems(pods: list[dict[str, Any]],
+                  failures: dict[str, PodProblem] | None = None) -> dict[str, PodProblem]:
+    """role -> the problem of its pods, for roles that have one. `failures`: role -> why its
+    workload could not create pods (`failed_create`)."""
+    out: dict[str, PodProblem] = dict(failures or {})
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         role = (pod["metadata"].get("labels") or {}).get(COMPONENT_LABEL)
         problem = pod_problem(pod)

@@ -32,6 +32,8 @@ RULES: list[dict] = [
     # Pods are read for readiness and scraped for queue depth; never written.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # A StatefulSet's FailedCreate events: why it could not create a role's pods (e.g. a missing PriorityClass).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
     # kopf discovers the resources it serves and watches namespaces in cluster-wide mode.
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},

@@ -19,7 +19,7 @@ from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus
 from .cache import ObjectCache
 from .kube import BUILTIN_KINDS, Kube, KubeError, api_version
 from .plan import Plan, PlanError, make_plan
-from .pod_problems import PodProblem, role_problems
+from .pod_problems import PodProblem, failed_create, missing_pods, role_problems
 from .sizing import sizing_status
 from .render import ROLES, gpus_for, instance_selector, role_selector
 from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
@@ -183,43 +183,48 @@ class Reconciler:
         return live
 
     def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> str | None:
-        # First check every object, so that a name taken by someone else stops the whole plan
-        # before anything is written (never half-applied).
-        current: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # Every write is checked before the first one, so that a name taken by someone else or a
+        # child the apiserver refuses stops the whole plan before anything is written (never half-applied).
         if plan.weights.rerun_loader:  # its PVC is gone: a new Job must fill the new one
             for key in [("Job", o["metadata"]["name"]) for o in plan.objects if o["kind"] == "Job"]:
                 if key in live and owned_by(live[key], uid):
                     self.kube.delete("Job", namespace, key[1], uid=live.pop(key)["metadata"].get("uid"))
-        for obj in plan.objects:
-            key = (obj["kind"], obj["metadata"]["name"])
-            found = live.get(key)
-            if found is None:
-                # Not labelled as ours: a same-named object may still exist and belong to someone else.
-                # Asked of the API, not the cache: one the watch has not shown yet (ours, written by a
-                # previous leader a moment ago, or someone else's) must be seen for what it is.
-                found = self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
-            if found is not None and not owned_by(found, uid):
-                return _not_owned(key, namespace)
-            current[key] = found
-        created: list[dict[str, Any]] = []
-        for obj in plan.objects:
-            key = (obj["kind"], obj["metadata"]["name"])
-            new = current[key] is None
-            if not new and (is_subset(obj, current[key]) or key[0] in CREATE_ONLY_KINDS):
-                continue
+        current: dict[tuple[str, str], dict[str, Any] | None] = {_key(o): live.get(_key(o)) for o in plan.objects}
+        writes = [o for o in plan.objects if _needs_write(o, current[_key(o)])]
+        # Each write is first admitted without being stored (dryRun=All), so a child the apiserver
+        # refuses (a rule our schema does not know, an admission policy) stops the plan before its
+        # first write. A single write of a child we hold cannot half-apply, and the steady state
+        # writes nothing: neither pays for the check.
+        # A child the cache does not hold may still exist: not labelled as ours (someone else's),
+        # or not shown by the watch yet (written by a previous leader a moment ago). Its dry run,
+        # without force, says which without a read: 201 would create it; 200, or a conflict with
+        # another field manager, means it exists, and only then is it read to see whose it is.
+        for obj in writes if len(writes) > 1 else [o for o in writes if current[_key(o)] is None]:
+            key, unseen = _key(obj), current[_key(obj)] is None
             try:
-                # A new object is applied without force: if someone else's appeared since the
-                # lookup, any field we disagree on is a conflict and nothing is written.
+                exists = self.kube.exists_by_dry_run(obj, force=not unseen)
+            except KubeError as err:
+                if not (unseen and err.status == 409):
+                    return _apply_error(obj, current, namespace, err, checked=True)
+                exists = True
+            if unseen and exists:
+                found = self.kube.get(key[0], namespace, key[1])
+                if found is not None and not owned_by(found, uid):
+                    return _not_owned(key, namespace)
+                current[key] = found
+        writes = [o for o in writes if _needs_write(o, current[_key(o)])]
+        created: list[dict[str, Any]] = []
+        for obj in writes:
+            key = _key(obj)
+            new = current[key] is None
+            try:
+                # A new object is applied without force: if someone else's appeared since its dry
+                # run, any field we disagree on is a conflict and nothing is written.
                 applied = self.kube.apply(obj, force=not new)
             except KubeError as err:
                 if new and err.status == 409:
                     self._undo(created, namespace)
-                    return _not_owned(key, namespace)
-                if err.status == 404 and key[0] not in BUILTIN_KINDS:
-                    return (f"the {obj['apiVersion']} {key[0]} API is not served by this cluster, so "
-                            f"{key[0]} {obj['metadata']['name']} cannot be created: install its provider "
-                            f"({_PROVIDERS.get(key[0], 'its CRD')}) or choose another spec.autoscaling.mode")
-                return f"applying {obj['kind']} {obj['metadata']['name']} failed: {err}"
+                return _apply_error(obj, current, namespace, err, checked=False)
             if new:
                 created.append(applied)
             live[key] = applied
@@ -273,10 +278,11 @@ class Reconciler:
             roles[role] = observe_role(desired, workloads[role], pods)
         return roles
 
-    def _pod_problems(self, resource: dict[str, Any], roles: dict[str, RoleObservation],
+    def _pod_problems(self, resource: dict[str, Any], roles: dict[str, RoleObservation], live: dict,
                       outcome: Outcome) -> dict[str, PodProblem]:
-        """Why roles are short of ready replicas, read from their pods once Ready has been False
-        for `pods_checked_after` seconds; until then, a look again when that time has passed."""
+        """Why roles are short of ready replicas, read from their pods (and from the events of a
+        StatefulSet that could not create them) once Ready has been False for `pods_checked_after`
+        seconds; until then, a look again when that time has passed."""
         if all(o.ready >= o.desired for o in roles.values()):
             return {}
         ready = next((c for c in (resource.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
@@ -288,14 +294,32 @@ class Reconciler:
             return {}
         outcome.requeue_after = min(outcome.requeue_after or self.pods_checked_after, self.pods_checked_after)
         meta = resource["metadata"]
-        return role_problems(self.kube.list("Pod", meta["namespace"], instance_selector(meta["name"])))
+        pods = self.kube.list("Pod", meta["namespace"], instance_selector(meta["name"]))
+        return role_problems(pods, self._failed_creates(meta["namespace"], roles, live))
+
+    def _failed_creates(self, namespace: str, roles: dict[str, RoleObservation], live: dict) -> dict[str, PodProblem]:
+        """role -> why its workload could not create pods. A StatefulSet says so only in its events,
+        read for one with fewer pods than replicas; a Deployment in its ReplicaFailure condition."""
+        failures: dict[str, PodProblem] = {}
+        for (kind, name), obj in sorted(live.items()):
+            role = _component(obj)
+            if kind not in ("StatefulSet", "Deployment") or role not in roles or role in failures \
+                    or roles[role].ready >= roles[role].desired:
+                continue
+            events = []
+            if kind == "StatefulSet" and missing_pods(obj):
+                events = self.kube.list("Event", namespace, field_selector=(
+                    f"involvedObject.kind=StatefulSet,involvedObject.name={name},reason=FailedCreate,type=Warning"))
+            if (problem := failed_create(obj, events)) is not None:
+                failures[role] = problem
+        return failures
 
     def _write_status(self, resource: dict[str, Any], plan: Plan | None, live: dict, sizing_error: str | None,
                       invalid_spec: bool, outcome: Outcome) -> None:
         meta = resource["metadata"]
         previous = resource.get("status") or {}
         roles = self._observe(plan, live, previous)
-        problems = self._pod_problems(resource, roles, outcome)
+        problems = self._pod_problems(resource, roles, live, outcome)
         generation = meta.get("generation")
         weights_decision = plan.weights if plan else None
         conditions = compute_conditions(
@@ -356,6 +380,29 @@ class Reconciler:
 
 
 _PROVIDERS = {"ScaledObject": "KEDA, https://keda.sh/docs/latest/deploy/"}
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def _needs_write(obj: dict[str, Any], found: dict[str, Any] | None) -> bool:
+    return found is None or not (is_subset(obj, found) or obj["kind"] in CREATE_ONLY_KINDS)
+
+
+def _apply_error(obj: dict[str, Any], current: dict, namespace: str, err: KubeError, *, checked: bool) -> str:
+    """Degraded's message for a child the apiserver did not take. `checked`: refused by the dry
+    run, so nothing of the plan was written."""
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    if current[(kind, name)] is None and err.status == 409:
+        return _not_owned((kind, name), namespace)
+    if err.status == 404 and kind not in BUILTIN_KINDS:
+        return (f"the {obj['apiVersion']} {kind} API is not served by this cluster, so "
+                f"{kind} {name} cannot be created: install its provider "
+                f"({_PROVIDERS.get(kind, 'its CRD')}) or choose another spec.autoscaling.mode")
+    if checked:
+        return f"the apiserver refused {kind} {name}, so nothing was applied: {err.message}"
+    return f"applying {kind} {name} failed: {err.message}"
 
 
 def _not_owned(key: tuple[str, str], namespace: str) -> str:
