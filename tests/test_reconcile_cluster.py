@@ -3,6 +3,8 @@ operator process beside it, so every request counted is the reconciler's own."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from kubernetes import config as kube_config
 
@@ -166,3 +168,30 @@ def _plan_objects(kube: Kube, namespace: str, name: str) -> list[dict]:
 
     resource = kube.get("OmniDeployment", namespace, name)
     return make_plan(name, namespace, resource["metadata"]["uid"], resource["spec"], None).objects
+
+
+def test_a_not_ready_objects_pods_are_read_at_most_once_per_check_interval(cluster, namespace, kube):
+    """Its reconciles come often (child events, resyncs); its pods are listed for the status'
+    reasons once per `pods_checked_after`, and the reasons found are kept in between."""
+    resource = omni("slow", namespace)
+    resource["spec"]["gateway"]["nodePool"] = {"nodeSelector": {"omni.qwen.ai/pool": "none-such"}}
+    resource["spec"]["model"] = {"pvc": {"claimName": "weights-of-their-own"}}  # no loader whose pods are read
+    apply(cluster, resource)
+    reconciler = Reconciler(kube, pods_checked_after=2.0)
+    assert reconciler.reconcile(namespace, "slow").error is None  # children written, Ready=False
+    time.sleep(2.5)
+
+    def pod_lists() -> int:
+        return sum(n for k, n in kube.reads.items() if k.endswith("/pods"))
+
+    kube.reads.clear()
+    first = reconciler.reconcile(namespace, "slow")
+    assert pod_lists() == 1 and first.requeue_after <= 2.0
+    again = reconciler.reconcile(namespace, "slow")
+    assert pod_lists() == 1, "read again within the interval"
+    assert 0 < again.requeue_after <= 2.1
+    status = kget(cluster, "omni", "slow", "-n", namespace)["status"]
+    assert status["gateway"]["reason"] == "Unschedulable", status["gateway"]  # kept, not forgotten
+    time.sleep(again.requeue_after)
+    reconciler.reconcile(namespace, "slow")
+    assert pod_lists() == 2

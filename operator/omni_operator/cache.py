@@ -5,12 +5,17 @@ Fed by the kopf event handlers (handlers.py) and by the responses of the operato
 writes (write-through), primed once by one LIST per kind at start. An update never
 replaces a newer copy: resourceVersions are compared when both are numbers (etcd
 revisions, as every apiserver in practice hands out), so a late watch event cannot undo
-a write-through. Readers get deep copies: the reconciler mutates what it reads.
+a write-through. Readers get their own copies: the reconciler mutates what it reads.
+
+Children are kept as compact JSON text, parsed on each read: seven children per
+OmniDeployment held as Python dicts cost several times their JSON size, and a reconcile
+reads one owner's children only.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 from typing import Any
@@ -35,14 +40,17 @@ def _slim(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
 
 
-def _newer_or_same(have: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """True unless `have` is known to be newer than `new`."""
-    if have is None:
+def _newer_or_same(have_rv: str | None, new_rv: str) -> bool:
+    """True unless the copy at `have_rv` is known to be newer than one at `new_rv`."""
+    if have_rv is None:
         return True
-    old_rv, new_rv = have["metadata"].get("resourceVersion", ""), new["metadata"].get("resourceVersion", "")
-    if old_rv.isdigit() and new_rv.isdigit():
-        return int(new_rv) >= int(old_rv)
+    if have_rv.isdigit() and new_rv.isdigit():
+        return int(new_rv) >= int(have_rv)
     return True
+
+
+def _rv(body: dict[str, Any]) -> str:
+    return body["metadata"].get("resourceVersion", "")
 
 
 class ObjectCache:
@@ -50,7 +58,8 @@ class ObjectCache:
         self.child_kinds = child_kinds
         self._lock = threading.Lock()
         self._omni: dict[Key, dict[str, Any]] = {}
-        self._children: dict[Key, dict[Key, dict[str, Any]]] = {}  # (ns, instance) -> (kind, name) -> body
+        # (ns, instance) -> (kind, name) -> (resourceVersion, the body as compact JSON)
+        self._children: dict[Key, dict[Key, tuple[str, str]]] = {}
         self.primed = threading.Event()
 
     # -- feeding ---------------------------------------------------------------------
@@ -60,7 +69,7 @@ class ObjectCache:
         with self._lock:
             if deleted:
                 self._omni.pop(key, None)
-            elif _newer_or_same(self._omni.get(key), body):
+            elif _newer_or_same(_rv(self._omni[key]) if key in self._omni else None, _rv(body)):
                 self._omni[key] = _slim(body)
 
     def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> None:
@@ -73,14 +82,15 @@ class ObjectCache:
             return
         owner = (meta["namespace"], instance)
         key = (kind, meta["name"])
+        text = None if deleted else json.dumps(_slim(body), separators=(",", ":"))
         with self._lock:
             children = self._children.setdefault(owner, {})
             if deleted:
                 children.pop(key, None)
                 if not children:
                     self._children.pop(owner, None)
-            elif _newer_or_same(children.get(key), body):
-                children[key] = _slim(body)
+            elif _newer_or_same(children[key][0] if key in children else None, _rv(body)):
+                children[key] = (_rv(body), text)
 
     def prime(self, omnis: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> None:
         """Seed from one LIST of each kind; from then on the cache answers reads."""
@@ -105,7 +115,7 @@ class ObjectCache:
     def children(self, namespace: str, instance: str) -> dict[Key, dict[str, Any]]:
         with self._lock:
             found = dict(self._children.get((namespace, instance)) or {})
-        return {key: copy.deepcopy(body) for key, body in found.items()}
+        return {key: json.loads(text) for key, (_, text) in found.items()}
 
 
 def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], selector: str) -> None:

@@ -88,6 +88,10 @@ class Reconciler:
         self.kube = kube
         self.cache = cache
         self.pods_checked_after = pods_checked_after
+        # (namespace, name) -> when its pods were last read and what they showed: read at most once
+        # per `pods_checked_after`, however often the object is reconciled meanwhile.
+        self._pods_checked: dict[tuple[str, str], tuple[float, dict[str, PodProblem]]] = {}
+        self._pods_checked_lock = threading.Lock()
         self.fetch = fetch  # GET a loader's /metrics page; None: progress is not read
         self.image_repository = image_repository
         self.image_tag = image_tag
@@ -102,6 +106,8 @@ class Reconciler:
         if resource is None:
             outcome.skipped = "gone"
             metrics.forget(namespace, name)
+            with self._pods_checked_lock:
+                self._pods_checked.pop((namespace, name), None)
             return outcome
         if resource["metadata"].get("deletionTimestamp"):
             outcome.skipped = "deleting"  # children go with it (owner references)
@@ -283,7 +289,11 @@ class Reconciler:
         """Why roles are short of ready replicas, read from their pods (and from the events of a
         StatefulSet that could not create them) once Ready has been False for `pods_checked_after`
         seconds; until then, a look again when that time has passed."""
+        meta = resource["metadata"]
+        key = (meta["namespace"], meta["name"])
         if all(o.ready >= o.desired for o in roles.values()):
+            with self._pods_checked_lock:
+                self._pods_checked.pop(key, None)
             return {}
         ready = next((c for c in (resource.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
                      None)
@@ -292,10 +302,19 @@ class Reconciler:
             later = self.pods_checked_after - waited + 1.0
             outcome.requeue_after = min(outcome.requeue_after or later, later)
             return {}
+        now = time.monotonic()
+        with self._pods_checked_lock:
+            checked = self._pods_checked.get(key)
+        if checked is not None and now - checked[0] < self.pods_checked_after:
+            later = checked[0] + self.pods_checked_after - now + 0.1
+            outcome.requeue_after = min(outcome.requeue_after or later, later)
+            return checked[1]
         outcome.requeue_after = min(outcome.requeue_after or self.pods_checked_after, self.pods_checked_after)
-        meta = resource["metadata"]
         pods = self.kube.list("Pod", meta["namespace"], instance_selector(meta["name"]))
-        return role_problems(pods, self._failed_creates(meta["namespace"], roles, live))
+        problems = role_problems(pods, self._failed_creates(meta["namespace"], roles, live))
+        with self._pods_checked_lock:
+            self._pods_checked[key] = (now, problems)
+        return problems
 
     def _failed_creates(self, namespace: str, roles: dict[str, RoleObservation], live: dict) -> dict[str, PodProblem]:
         """role -> why its workload could not create pods. A StatefulSet says so only in its events,
@@ -419,98 +438,3 @@ def _comparable(status: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), dict):
             out[key] = {k: v for k, v in out[key].items() if v is not None}
     return out
-
-
-class WorkQueue:
-    """Deduplicating work queue: a key is never reconciled twice at once, and a key added
-    while it is being reconciled is reconciled once more afterwards (nothing is lost).
-    A key whose reconcile raises is retried with exponential backoff."""
-
-    MAX_BACKOFF = 60.0
-
-    def __init__(self, handler, workers: int = 4):
-        self._handler = handler
-        self._failures: dict[tuple[str, str], int] = {}
-        self._cond = threading.Condition()
-        self._pending: list[tuple[str, str]] = []
-        self._queued: set[tuple[str, str]] = set()
-        self._active: set[tuple[str, str]] = set()
-        self._dirty: set[tuple[str, str]] = set()
-        self._soon: set[tuple[str, str]] = set()
-        self._stopped = False
-        self._threads = [threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
-                         for i in range(workers)]
-        for t in self._threads:
-            t.start()
-
-    def add(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        with self._cond:
-            if key in self._active:
-                self._dirty.add(key)
-            else:
-                self._enqueue_locked(key)
-
-    def add_after(self, namespace: str, name: str, seconds: float) -> None:
-        """Reconcile again later (a loader's progress is polled this way)."""
-        timer = threading.Timer(seconds, self.add, args=(namespace, name))
-        timer.daemon = True
-        timer.start()
-
-    def add_soon(self, namespace: str, name: str, seconds: float) -> None:
-        """Reconcile once after `seconds`, however many times this is called meanwhile: a
-        burst of child events (a rollout touches a StatefulSet many times) is one reconcile."""
-        key = (namespace, name)
-        with self._cond:
-            if key in self._soon:
-                return
-            self._soon.add(key)
-
-        def fire():
-            with self._cond:
-                self._soon.discard(key)
-            self.add(namespace, name)
-
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        timer.start()
-
-    def _enqueue_locked(self, key: tuple[str, str]) -> None:
-        if key not in self._queued:
-            self._queued.add(key)
-            self._pending.append(key)
-            self._cond.notify()
-
-    def depth(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                key = self._pending.pop(0)
-                self._queued.discard(key)
-                self._active.add(key)
-            try:
-                self._handler(*key)
-                self._failures.pop(key, None)
-            except Exception:  # never let one object take the worker down
-                failures = self._failures[key] = self._failures.get(key, 0) + 1
-                delay = min(self.MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
-                log.exception("reconcile of %s/%s failed (%d in a row); retrying in %.1fs", *key, failures, delay)
-                self.add_after(*key, delay)
-            finally:
-                with self._cond:
-                    self._active.discard(key)
-                    if key in self._dirty:
-                        self._dirty.discard(key)
-                        self._enqueue_locked(key)
