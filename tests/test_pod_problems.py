@@ -44,6 +44,17 @@ def test_ready_finished_starting_and_deleted_pods_have_no_problem():
     assert pod_problem(gone) is None
 
 
+def test_a_crash_looping_container_running_between_two_back_offs_is_still_crash_looping():
+    between = pod("a-0", last={"exitCode": 1, "message": "OSError: no weights in /models"})
+    between["status"]["containerStatuses"][0]["restartCount"] = 3
+    assert pod_problem(between) == PodProblem("CrashLoopBackOff",
+                                              "pod a-0 container thinker: exited with 1: OSError: no weights in /models")
+    between["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] = 0  # it was stopped, not failing
+    assert pod_problem(between) is None
+    first_start = pod("a-0", last={"exitCode": 1})  # no restart yet: still starting
+    assert pod_problem(first_start) is None
+
+
 def test_one_problem_per_role_the_most_telling_then_the_first_pod():
     problems = role_problems([
         pod("t-1", scheduled="0/3 nodes are available.", phase="Pending"),

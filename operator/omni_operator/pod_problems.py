@@ -67,6 +67,10 @@ def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
     for ctr in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         waiting = (ctr.get("state") or {}).get("waiting") or {}
         reason = _WAITING.get(waiting.get("reason", ""))
+        if reason is None and _restarting_after_failure(ctr):
+            # Between two back-offs a crash-looping container runs for a moment, not yet ready:
+            # still the same crash loop, not a role without a reason.
+            reason = "CrashLoopBackOff"
         if reason is None:
             continue
         cause = waiting.get("message", "")
@@ -82,6 +86,12 @@ def pod_problem(pod: dict[str, Any]) -> PodProblem | None:
     if scheduled is not None:
         found.append(PodProblem("Unschedulable", _short(f"pod {name}: {scheduled.get('message', '')}")))
     return min(found, key=lambda p: _ORDER.index(p.reason)) if found else None
+
+
+def _restarting_after_failure(ctr: dict[str, Any]) -> bool:
+    """A container started again after it failed, and not ready yet."""
+    last = (ctr.get("lastState") or {}).get("terminated") or {}
+    return not ctr.get("ready") and (ctr.get("restartCount") or 0) > 0 and last.get("exitCode", 0) != 0
 
 
 def missing_pods(workload: dict[str, Any]) -> bool:
