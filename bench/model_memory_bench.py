@@ -70,9 +70,11 @@ DECODE_TOKENS = 16
 
 def cache_bytes(cache) -> tuple[int, int]:
     """(bytes, tokens) of a transformers KV cache."""
+    from omni_runtime.talker_engine import kv_layers
+
     total, tokens = 0, 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
+    for keys, values in kv_layers(cache):
+        for t in (keys, values):
             if t is not None and t.numel():
                 total += t.numel() * t.element_size()
                 tokens = max(tokens, t.shape[-2])

@@ -164,19 +164,20 @@ class Kube:
 
     def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         """Server-side apply under the operator's single field manager."""
-        meta = obj["metadata"]
-        query = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
-        return self.request("PATCH", self.path(obj["kind"], meta.get("namespace"), meta["name"]), query=query,
-                            body=obj, content_type="application/apply-patch+yaml")
+        return self._apply(obj, force=force, dry_run=False)[1]
 
     def exists_by_dry_run(self, obj: dict[str, Any], *, force: bool) -> bool:
         """Admit `obj` as a server-side apply without storing it (dryRun=All): True when it exists
         already (200), False when the apply would create it (201); a refusal raises KubeError."""
+        return self._apply(obj, force=force, dry_run=True)[0] != 201
+
+    def _apply(self, obj: dict[str, Any], *, force: bool, dry_run: bool) -> tuple[int, dict[str, Any]]:
         meta = obj["metadata"]
-        query = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false", "dryRun": "All"}
-        status, _ = self.request("PATCH", self.path(obj["kind"], meta.get("namespace"), meta["name"]), query=query,
-                                 body=obj, content_type="application/apply-patch+yaml", with_status=True)
-        return status != 201
+        query = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
+        if dry_run:
+            query["dryRun"] = "All"
+        return self.request("PATCH", self.path(obj["kind"], meta.get("namespace"), meta["name"]), query=query,
+                            body=obj, content_type="application/apply-patch+yaml", with_status=True)
 
     def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> bool:
         """Delete, only if the object is still the one we saw (uid precondition). False when gone."""
