@@ -332,7 +332,8 @@ def report(r: BenchResult) -> str:
             ("  writes to objects converged before the kill", _writes(s.writes_elsewhere)),
         ]
     if r.quiet:
-        rows.append(("  operator API reads (expected: only the autoscaler's pod lists)", _writes(r.quiet.operator_reads)))
+        rows.append(("  operator API reads (expected 0: pods and children come from watches)",
+                     _writes(r.quiet.operator_reads)))
     rows.append(("operator log: failed reconciles, other ERROR lines", f"{r.failed_reconciles}, {r.log_errors}"))
     burst = next((b for b in r.bursts if r.direct and b.count == r.direct.count), None)
     if r.direct:

@@ -38,3 +38,17 @@ def test_only_our_children_are_kept():
     cache.prime([], {"StatefulSet": [sts("omni-thinker", "1"), sts("db", "3", labels={}), helm]})
     # Another tool's object that happens to carry the same instance label is not a child.
     assert list(cache.children("ns", "omni")) == [("StatefulSet", "omni-thinker")]
+
+
+def test_an_omni_copy_says_whether_it_brings_a_new_spec():
+    """What puts a reconcile in the work queue's first lane: a new object or a new generation,
+    not a status echo nor a late copy."""
+    def omni(rv: str, generation: int) -> dict:
+        return {"metadata": {"name": "o", "namespace": "ns", "resourceVersion": rv, "generation": generation}}
+    cache = ObjectCache(("StatefulSet",))
+    assert cache.observe_omni(omni("10", 1)) is True
+    assert cache.observe_omni(omni("11", 1)) is False  # a status write
+    assert cache.observe_omni(omni("12", 2)) is True
+    assert cache.observe_omni(omni("9", 3)) is False  # older than what is held
+    assert cache.observe_omni(omni("13", 2), deleted=True) is False
+    assert cache.omni("ns", "o") is None

@@ -26,8 +26,8 @@ def kube(cluster) -> Kube:
     return Kube(kube_config.new_client_from_config(config_file=str(cluster.kubeconfig)))
 
 
-def primed_cache(kube: Kube, namespace: str) -> ObjectCache:
-    cache = ObjectCache(tuple(kind for kind, *_ in WATCHED_CHILDREN))
+def primed_cache(kube: Kube, namespace: str, pods: bool = False) -> ObjectCache:
+    cache = ObjectCache(tuple(kind for kind, *_ in WATCHED_CHILDREN), pods=pods)
     prime_from_api(cache, kube, "OmniDeployment", [namespace], ",".join(f"{k}={v}" for k, v in MANAGED.items()))
     return cache
 
@@ -193,5 +193,49 @@ def test_a_not_ready_objects_pods_are_read_at_most_once_per_check_interval(clust
     status = kget(cluster, "omni", "slow", "-n", namespace)["status"]
     assert status["gateway"]["reason"] == "Unschedulable", status["gateway"]  # kept, not forgotten
     time.sleep(again.requeue_after)
-    reconciler.reconcile(namespace, "slow")
+    second = reconciler.reconcile(namespace, "slow")
     assert pod_lists() == 2
+    # the pods show the same as before: the next look waits twice as long, then four times
+    assert 3.9 <= second.requeue_after <= 4.1, second.requeue_after
+    time.sleep(2.5)
+    reconciler.reconcile(namespace, "slow")
+    assert pod_lists() == 2, "read again before the stretched interval passed"
+    time.sleep(1.6)
+    third = reconciler.reconcile(namespace, "slow")
+    assert pod_lists() == 3 and 7.9 <= third.requeue_after <= 8.1, third.requeue_after
+    time.sleep(0.1)
+    assert reconciler.reconcile(namespace, "slow").requeue_after > 7.0
+    # a spec change starts over: its pods are read at once and again after the first interval
+    resource["spec"]["gateway"]["nodePool"] = {"nodeSelector": {"omni.qwen.ai/pool": "none-either"}}
+    apply(cluster, resource)
+    changed = reconciler.reconcile(namespace, "slow")
+    assert pod_lists() == 4 and changed.requeue_after <= 2.0
+
+
+def test_a_cache_that_watches_pods_answers_the_pod_checks(cluster, namespace, kube):
+    """The operator watches its pods: a not-ready object's reasons come from the cache, with no
+    pod LIST (at a thousand stuck objects those lists were most of the operator's reads)."""
+    resource = omni("cached-pods", namespace)
+    resource["spec"]["gateway"]["nodePool"] = {"nodeSelector": {"omni.qwen.ai/pool": "none-such"}}
+    resource["spec"]["model"] = {"pvc": {"claimName": "weights-of-their-own"}}
+    apply(cluster, resource)
+    assert Reconciler(kube).reconcile(namespace, "cached-pods").error is None
+
+    def gateway_unschedulable() -> bool:
+        pods = kget(cluster, "pods", "-n", namespace, "-l",
+                    "app.kubernetes.io/instance=cached-pods,app.kubernetes.io/component=gateway")["items"]
+        return any(c.get("reason") == "Unschedulable" for p in pods for c in p["status"].get("conditions", []))
+    deadline = time.monotonic() + 60
+    while not gateway_unschedulable():
+        assert time.monotonic() < deadline, "the scheduler never marked the gateway pod"
+        time.sleep(0.5)
+    time.sleep(1.5)  # Ready has been False for longer than the check interval
+    cache = primed_cache(kube, namespace, pods=True)
+    assert {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in cache.pods(namespace, "cached-pods")} \
+        >= {"gateway"}
+    assert ("Pod" not in {kind for kind, _ in cache.children(namespace, "cached-pods")}), "pods are not children"
+    kube.reads.clear()
+    Reconciler(kube, cache=cache, pods_checked_after=1.0).reconcile(namespace, "cached-pods")
+    assert not [k for k in kube.reads if k.endswith("/pods")], kube.reads
+    status = kget(cluster, "omni", "cached-pods", "-n", namespace)["status"]
+    assert status["gateway"]["reason"] == "Unschedulable", status["gateway"]

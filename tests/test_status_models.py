@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from omni_operator.api import Condition, OmniDeploymentStatus, RoleStatus, ScaleDecision
-from omni_operator.status import RoleObservation, compute_conditions, condition
+from omni_operator.status import RoleObservation, compute_conditions, condition, condition_events
 
 
 @pytest.mark.parametrize("build", [
@@ -67,3 +67,33 @@ def test_status_sizing_carries_the_memory_breakdown_and_fits_the_crd():
     validate_against_crd({**resource, "status": status.patch()})
     role_schema = crd_schema()["properties"]["status"]["properties"]["sizing"]["properties"]["thinker"]["properties"]
     assert set(thinker) <= set(role_schema) and role_schema["kvCacheBytesPerGPU"]["type"] == "integer"
+
+
+def _cond(type_: str, status: str, reason: str) -> dict:
+    return {"type": type_, "status": status, "reason": reason, "message": "m"}
+
+
+def test_a_new_object_reports_its_first_conditions_without_events():
+    """Its first status says SizingValid=True and Ready=False while pods start: no Event each."""
+    first = [_cond("SizingValid", "True", "Sized"), _cond("Ready", "False", "ReplicasNotReady"),
+             _cond("Degraded", "False", "AsExpected"), _cond("Progressing", "True", "Rollout"),
+             _cond("WeightsReady", "True", "OnUserVolume")]
+    assert condition_events([], first) == []
+
+
+def test_changes_and_first_warnings_are_events():
+    before = [_cond("Ready", "False", "ReplicasNotReady"), _cond("Degraded", "False", "AsExpected"),
+              _cond("Progressing", "True", "Rollout")]
+    after = [_cond("Ready", "True", "AllReplicasReady"), _cond("Degraded", "False", "AsExpected"),
+             _cond("Progressing", "False", "Done"), _cond("SizingValid", "False", "DoesNotFit"),
+             _cond("WeightsReady", "False", "LoaderFailed")]
+    events = condition_events(before, after, ("LoaderFailed",))
+    assert [(t, c["type"], c["reason"]) for t, c in events] == [
+        ("Normal", "Ready", "AllReplicasReady"), ("Warning", "SizingValid", "DoesNotFit"),
+        ("Warning", "WeightsReady", "LoaderFailed")]
+    # the same reason again is no news
+    assert condition_events(after, after, ("LoaderFailed",)) == []
+    # a change of reason with the same status is
+    degraded = [_cond("Degraded", "True", "ApplyFailed")]
+    assert [(t, c["reason"]) for t, c in condition_events(degraded, [_cond("Degraded", "True", "MissingSecret")])] \
+        == [("Warning", "MissingSecret")]

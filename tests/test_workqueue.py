@@ -76,6 +76,21 @@ def test_keys_have_timers_of_their_own(make_queue):
     assert len(calls.times) == 2
 
 
+def test_waiting_keys_share_one_delay_thread(make_queue):
+    """A thousand objects waiting on their pods cost no thread each; all of them still come back."""
+    calls = Calls()
+    queue = make_queue(calls)
+    threads = threading.active_count()
+    for i in range(1000):
+        queue.add_after("ns", f"o{i}", 0.3 + (i % 7) / 100)
+        queue.add_soon("ns", f"s{i}", 0.3)
+    assert threading.active_count() == threads
+    deadline = time.monotonic() + 10
+    while len(calls.times) < 2000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(calls.times) == 2000
+
+
 def test_a_key_added_while_it_runs_runs_once_more_afterwards(make_queue):
     calls = Calls(hold=0.3)
     queue = make_queue(calls)
@@ -94,3 +109,30 @@ def test_a_failing_reconcile_is_retried_with_backoff(make_queue):
     time.sleep(2.5)
     assert len(calls.times) == 3
     assert calls.times[1] - calls.times[0] >= 0.45 and calls.times[2] - calls.times[1] >= 0.95
+
+
+def test_a_new_spec_goes_ahead_of_follow_ups_and_runs_once(make_queue):
+    order: list[str] = []
+    gate = threading.Event()
+
+    def handler(namespace: str, name: str) -> None:
+        if name.startswith("busy"):
+            gate.wait(5)
+        else:
+            order.append(name)
+    queue = make_queue(handler)
+    queue.add("ns", "busy1")
+    queue.add("ns", "busy2")  # both workers held
+    time.sleep(0.2)
+    queue.add("ns", "follow-up-1")
+    queue.add("ns", "follow-up-2")
+    queue.add("ns", "new", first=True)
+    queue.add("ns", "follow-up-2", first=True)  # its spec changed meanwhile: moved ahead, not doubled
+    assert queue.depth() == 3
+    gate.set()
+    deadline = time.monotonic() + 5
+    while len(order) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    # the two freed workers take the first lane's keys, in order, before the rest
+    assert order[:2] in (["new", "follow-up-2"], ["follow-up-2", "new"]) and order[2:] == ["follow-up-1"]

@@ -88,8 +88,12 @@ def policy_for(spec: OmniDeploymentSpec, role: str, startup: float | None = None
 
 class Autoscaler:
     def __init__(self, kube: Kube, enqueue: Callable[[str, str], None], *, scrape_timeout: float = 2.0,
-                 fetch: Callable[[str, float], str | None] = fetch_metrics, clock: Callable[[], float] = time.monotonic):
+                 fetch: Callable[[str, float], str | None] = fetch_metrics, clock: Callable[[], float] = time.monotonic,
+                 pods: Callable[[str, str], list[dict[str, Any]]] | None = None):
+        """`pods(namespace, name)`: an OmniDeployment's pods as the watch keeps them; without it,
+        each pass LISTs the operator's pods of each namespace it ticks."""
         self.kube = kube
+        self.pods = pods
         self.enqueue = enqueue
         self.scrape_timeout = scrape_timeout
         self.fetch = fetch
@@ -120,13 +124,17 @@ class Autoscaler:
                 poll = ((resource.get("spec") or {}).get("autoscaling") or {}).get("pollSeconds", 5)
                 self.next_tick[key] = now + poll
                 due.append(resource)
-        # One pod LIST per namespace per pass, filtered by the apiserver to the operator's pods.
-        pods_by_ns = {ns: self.kube.list("Pod", ns, MANAGED_PODS)
-                      for ns in sorted({r["metadata"]["namespace"] for r in due})}
+        pods_by_ns: dict[str, list[dict[str, Any]]] = {}
+        if self.pods is None:  # one pod LIST per namespace per pass, filtered by the apiserver
+            pods_by_ns = {ns: self.kube.list("Pod", ns, MANAGED_PODS)
+                          for ns in sorted({r["metadata"]["namespace"] for r in due})}
         for resource in due:
             meta = resource["metadata"]
-            pods = [p for p in pods_by_ns[meta["namespace"]]
-                    if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == meta["name"]]
+            if self.pods is not None:
+                pods = self.pods(meta["namespace"], meta["name"])
+            else:
+                pods = [p for p in pods_by_ns[meta["namespace"]]
+                        if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == meta["name"]]
             self.tick(resource, pods)
         live = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in resources}
         current_specs = {(r["metadata"].get("uid"), r["metadata"].get("generation")) for r in resources}

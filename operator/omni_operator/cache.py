@@ -1,5 +1,6 @@
-"""What the watches delivered: every OmniDeployment, and the children of each one by owner,
-so a reconcile of an unchanged object and the periodic resync cost no API calls.
+"""What the watches delivered: every OmniDeployment, and the children and pods of each one by
+owner, so a reconcile of an unchanged object, the periodic resync and the autoscaler's passes
+cost no API calls.
 
 Fed by the kopf event handlers (handlers.py) and by the responses of the operator's own
 writes (write-through), primed once by one LIST per kind at start. An update never
@@ -29,6 +30,7 @@ INSTANCE_LABEL = "app.kubernetes.io/instance"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 Key = tuple[str, str]
+POD = "Pod"  # kept beside the children, by the same instance label, read apart from them
 
 
 def _slim(body: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +56,12 @@ def _rv(body: dict[str, Any]) -> str:
 
 
 class ObjectCache:
-    def __init__(self, child_kinds: tuple[str, ...]):
+    """`child_kinds`: the watched kinds of children. `pods`: the operator's pods are watched too
+    (the reconciler's pod checks and the autoscaler read them here)."""
+
+    def __init__(self, child_kinds: tuple[str, ...], pods: bool = False):
         self.child_kinds = child_kinds
+        self.watches_pods = pods
         self._lock = threading.Lock()
         self._omni: dict[Key, dict[str, Any]] = {}
         # (ns, instance) -> (kind, name) -> (resourceVersion, the body as compact JSON)
@@ -63,18 +69,24 @@ class ObjectCache:
         self.primed = threading.Event()
 
     # -- feeding ---------------------------------------------------------------------
-    def observe_omni(self, body: dict[str, Any], deleted: bool = False) -> None:
+    def observe_omni(self, body: dict[str, Any], deleted: bool = False) -> bool:
+        """Keep the newer copy; True when it brings a spec the cache did not hold (a new object
+        or a new generation), False for a status change or a copy already seen."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         with self._lock:
+            had = self._omni.get(key)
             if deleted:
                 self._omni.pop(key, None)
-            elif _newer_or_same(_rv(self._omni[key]) if key in self._omni else None, _rv(body)):
-                self._omni[key] = _slim(body)
+                return False
+            if not _newer_or_same(_rv(had) if had is not None else None, _rv(body)):
+                return False
+            self._omni[key] = _slim(body)
+            return had is None or had["metadata"].get("generation") != meta.get("generation")
 
     def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> None:
-        """A child kind's object, kept only when it is labelled as managed by this operator
-        (the label selector the children are read by)."""
+        """A child kind's object (or a pod, kind POD), kept only when it is labelled as managed
+        by this operator (the label selector the children are read by)."""
         meta = body["metadata"]
         labels = meta.get("labels") or {}
         instance = labels.get(INSTANCE_LABEL)
@@ -101,6 +113,9 @@ class ObjectCache:
                 self.observe_child(kind, body)
         self.primed.set()
 
+    def answers_pods(self) -> bool:
+        return self.watches_pods and self.primed.is_set()
+
     # -- reading ---------------------------------------------------------------------
     def omni(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -114,8 +129,17 @@ class ObjectCache:
 
     def children(self, namespace: str, instance: str) -> dict[Key, dict[str, Any]]:
         with self._lock:
-            found = dict(self._children.get((namespace, instance)) or {})
-        return {key: json.loads(text) for key, (_, text) in found.items()}
+            found = [(key, text) for key, (_, text) in (self._children.get((namespace, instance)) or {}).items()
+                     if key[0] != POD]
+        return {key: json.loads(text) for key, text in found}
+
+    def pods(self, namespace: str, instance: str) -> list[dict[str, Any]]:
+        """One OmniDeployment's pods (its workloads' and its loaders'), as a LIST by its
+        instance label would return them."""
+        with self._lock:
+            found = [text for key, (_, text) in (self._children.get((namespace, instance)) or {}).items()
+                     if key[0] == POD]
+        return [json.loads(text) for text in found]
 
 
 def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], selector: str) -> None:
@@ -124,7 +148,7 @@ def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], s
     scopes = namespaces or [None]
     omnis = [o for ns in scopes for o in kube.list(kind, ns)]
     children = {}
-    for child in cache.child_kinds:
+    for child in cache.child_kinds + ((POD,) if cache.watches_pods else ()):
         items = [o for ns in scopes for o in kube.list(child, ns, selector)]
         for obj in items:  # list items carry no kind of their own
             obj.setdefault("kind", child)

@@ -13,7 +13,7 @@ import logging
 import kopf
 
 from .api import GROUP, KIND, PLURAL, VERSION
-from .cache import MANAGED_BY_LABEL, ObjectCache
+from .cache import MANAGED_BY_LABEL, POD, ObjectCache
 from .render import MANAGER
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,19 @@ WATCHED_CHILDREN = (("StatefulSet", "apps", "v1", "statefulsets"), ("Deployment"
 COALESCE_SECONDS = 0.5  # child events of one owner within this become one reconcile
 
 
+def watch_only_managed(settings: kopf.OperatorSettings) -> None:
+    """Have the apiserver filter the child and pod watches to the operator's own objects: a
+    handler's `labels=` filters on the client, after every Service and pod of the cluster has
+    been sent, decoded and remembered per object by kopf."""
+    selector = ",".join(f"{k}={v}" for k, v in MANAGED.items())
+    for _, group, version, plural in WATCHED_CHILDREN:
+        settings.watching.label_selectors[group, version, plural] = selector
+    settings.watching.label_selectors["", "v1", "pods"] = selector
+
+
 def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: ObjectCache | None = None) -> None:
-    """Attach the handlers to `registry`: `enqueue(namespace, name)` schedules a reconcile now,
+    """Attach the handlers to `registry`: `enqueue(namespace, name, first=)` schedules a reconcile
+    now (`first`: ahead of the rest, for a new or changed spec),
     `enqueue_soon(namespace, name, seconds)` once after a short delay (bursts coalesce), and
     `cache` (if given) keeps what the watches deliver."""
 
@@ -41,9 +52,10 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     def omni_changed(event, body, name, namespace, **_):
-        if cache is not None:
-            cache.observe_omni(dict(body), deleted=event.get("type") == "DELETED")
-        enqueue(namespace, name)
+        deleted = event.get("type") == "DELETED"
+        # A new or changed spec goes ahead of follow-ups (status echoes, child events, resyncs).
+        new_spec = cache.observe_omni(dict(body), deleted=deleted) if cache is not None else not deleted
+        enqueue(namespace, name, first=new_spec)
 
     def child_handler(kind: str):
         def child_changed(event, body, namespace, **_):
@@ -57,3 +69,10 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
     for kind, group, version, plural in WATCHED_CHILDREN:
         kopf.on.event(group, version, plural, labels=MANAGED, registry=registry,
                       id=f"child-{plural}")(child_handler(kind))
+
+    if cache is not None and cache.watches_pods:
+        # Pods only feed the cache (their status reasons, the autoscaler's inputs): what a
+        # reconcile needs of them it reads when it runs, so their events enqueue nothing.
+        @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
+        def pod_changed(event, body, **_):
+            cache.observe_child(POD, dict(body), deleted=event.get("type") == "DELETED")

@@ -82,7 +82,7 @@ def run_operator(args: argparse.Namespace) -> int:
         elector.fence(kube)  # once the lease is lost, no write leaves this process (the autoscaler's too)
         elector.acquire()
 
-    cache = ObjectCache(tuple(kind for kind, *_ in handlers.WATCHED_CHILDREN))
+    cache = ObjectCache(tuple(kind for kind, *_ in handlers.WATCHED_CHILDREN), pods=True)
     reconciler = Reconciler(kube, image_repository=args.image_repository, image_tag=args.image_tag,
                             fetch=fetch_metrics, cache=cache, pods_checked_after=args.pods_checked_after)
 
@@ -108,12 +108,13 @@ def run_operator(args: argparse.Namespace) -> int:
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_):
         settings.posting.level = logging.WARNING  # our own Events carry the transitions
+        handlers.watch_only_managed(settings)
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
 
     stop = threading.Event()
     threading.Thread(target=_resync_loop, args=(cache, queue, stop), daemon=True, name="resync").start()
-    autoscaler = Autoscaler(kube, queue.add)
+    autoscaler = Autoscaler(kube, queue.add, pods=cache.pods)
     threading.Thread(target=autoscaler.run, args=(stop, cache.items), daemon=True, name="autoscaler").start()
     try:
         kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace,

@@ -22,8 +22,8 @@ from .plan import Plan, PlanError, make_plan
 from .pod_problems import PodProblem, failed_create, missing_pods, role_problems
 from .sizing import sizing_status
 from .render import ROLES, gpus_for, instance_selector, role_selector
-from .status import (RoleObservation, compute_conditions, is_subset, merge_conditions, observe_role, owned_by,
-                     parse_timestamp, transitions)
+from .status import (RoleObservation, compute_conditions, condition_events, is_subset, merge_conditions,
+                     observe_role, owned_by, parse_timestamp)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,20 @@ def wanted_replicas(resource: dict[str, Any]) -> dict[str, int] | None:
 # A role short of ready replicas this long gets its pods read for the reason (pods starting
 # normally are not read: a rollout costs no extra calls).
 PODS_CHECKED_AFTER = 30.0
+# While what the pods show stays the same, each check waits twice as long as the one before,
+# up to this many times PODS_CHECKED_AFTER: a thousand objects stuck on Unschedulable pods
+# would otherwise cost a thousand pod lists every interval. A spec change starts over.
+PODS_CHECK_STRETCH = 4
+
+
+@dataclass(frozen=True)
+class PodCheck:
+    """The last look at one object's pods: when, what it found, how long until the next one."""
+
+    at: float  # monotonic
+    problems: dict[str, PodProblem]
+    interval: float
+    generation: int | None
 
 
 @dataclass
@@ -88,9 +102,9 @@ class Reconciler:
         self.kube = kube
         self.cache = cache
         self.pods_checked_after = pods_checked_after
-        # (namespace, name) -> when its pods were last read and what they showed: read at most once
-        # per `pods_checked_after`, however often the object is reconciled meanwhile.
-        self._pods_checked: dict[tuple[str, str], tuple[float, dict[str, PodProblem]]] = {}
+        # (namespace, name) -> the last look at its pods: read at most once per interval, however
+        # often the object is reconciled meanwhile.
+        self._pods_checked: dict[tuple[str, str], PodCheck] = {}
         self._pods_checked_lock = threading.Lock()
         self.fetch = fetch  # GET a loader's /metrics page; None: progress is not read
         self.image_repository = image_repository
@@ -153,8 +167,7 @@ class Reconciler:
         or more than one cache exists, so a settled OmniDeployment costs no extra reads."""
         meta = resource["metadata"]
         recorded = (resource.get("status") or {}).get("weights")
-        pods = self.kube.list("Pod", meta["namespace"], instance_selector(meta["name"])) \
-            if weights.pods_needed(live, recorded) else []
+        pods = self._pods(meta["namespace"], meta["name"]) if weights.pods_needed(live, recorded) else []
         observed = weights.observe(live, pods, recorded=recorded)
         urls = weights.loaders_to_scrape(observed) if self.fetch else {}
         if not urls:
@@ -162,6 +175,11 @@ class Reconciler:
         progress = {key: p for key, url in urls.items()
                     if (p := weights.parse_progress(self.fetch(url, 2.0))) is not None}
         return replace(observed, progress=progress)
+
+    def _pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        if self.cache is not None and self.cache.answers_pods():
+            return self.cache.pods(namespace, name)
+        return self.kube.list("Pod", namespace, instance_selector(name))
 
     def _live_children(self, resource: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
         meta = resource["metadata"]
@@ -305,15 +323,20 @@ class Reconciler:
         now = time.monotonic()
         with self._pods_checked_lock:
             checked = self._pods_checked.get(key)
-        if checked is not None and now - checked[0] < self.pods_checked_after:
-            later = checked[0] + self.pods_checked_after - now + 0.1
+        if checked is not None and checked.generation != meta.get("generation"):
+            checked = None  # the spec changed: look afresh
+        if checked is not None and now - checked.at < checked.interval:
+            later = checked.at + checked.interval - now + 0.1
             outcome.requeue_after = min(outcome.requeue_after or later, later)
-            return checked[1]
-        outcome.requeue_after = min(outcome.requeue_after or self.pods_checked_after, self.pods_checked_after)
-        pods = self.kube.list("Pod", meta["namespace"], instance_selector(meta["name"]))
+            return checked.problems
+        pods = self._pods(meta["namespace"], meta["name"])
         problems = role_problems(pods, self._failed_creates(meta["namespace"], roles, live))
+        interval = self.pods_checked_after
+        if checked is not None and checked.problems == problems:
+            interval = min(checked.interval * 2, self.pods_checked_after * PODS_CHECK_STRETCH)
         with self._pods_checked_lock:
-            self._pods_checked[key] = (now, problems)
+            self._pods_checked[key] = PodCheck(now, problems, interval, meta.get("generation"))
+        outcome.requeue_after = min(outcome.requeue_after or interval, interval)
         return problems
 
     def _failed_creates(self, namespace: str, roles: dict[str, RoleObservation], live: dict) -> dict[str, PodProblem]:
@@ -388,14 +411,9 @@ class Reconciler:
         if self.cache is not None and written:
             self.cache.observe_omni(written)
         outcome.status_written = True
-        for cond in transitions(previous.get("conditions") or [], conditions):
-            if cond["type"] in ("Ready", "SizingValid", "Degraded", weights.WEIGHTS_READY):
-                warn = (cond["type"] == "Degraded" and cond["status"] == "True") or \
-                       (cond["type"] == "SizingValid" and cond["status"] == "False") or \
-                       (cond["type"] == weights.WEIGHTS_READY and cond["reason"] in weights.WARNING_REASONS)
-                self.kube.create_event(meta["namespace"], resource, reason=cond["reason"],
-                                       message=f"{cond['type']}={cond['status']}: {cond['message']}",
-                                       type_="Warning" if warn else "Normal")
+        for type_, cond in condition_events(previous.get("conditions") or [], conditions, weights.WARNING_REASONS):
+            self.kube.create_event(meta["namespace"], resource, reason=cond["reason"],
+                                   message=f"{cond['type']}={cond['status']}: {cond['message']}", type_=type_)
 
 
 _PROVIDERS = {"ScaledObject": "KEDA, https://keda.sh/docs/latest/deploy/"}

@@ -185,8 +185,22 @@ def merge_conditions(previous: list[dict[str, Any]], new: list[dict[str, Any]], 
     return merged
 
 
-def transitions(previous: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Conditions whose status or reason changed (worth an Event)."""
+def condition_events(previous: list[dict[str, Any]], new: list[dict[str, Any]],
+                     weights_warnings: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(Event type, condition) for each condition worth an Event: one whose status or reason
+    changed, or a warning on its first report. A first report that is fine (SizingValid=True,
+    Ready=False while pods start) is in the status already; an Event for each would be four
+    writes per new object, most of the operator's writes in a burst."""
     before = {c.get("type"): c for c in previous or []}
-    return [c for c in new if (before.get(c["type"]) or {}).get("status") != c["status"]
-            or (before.get(c["type"]) or {}).get("reason") != c["reason"]]
+    events = []
+    for cond in new:
+        if cond["type"] not in (READY, SIZING_VALID, DEGRADED, WEIGHTS_READY):
+            continue
+        warn = (cond["type"] == DEGRADED and cond["status"] == "True") or \
+               (cond["type"] == SIZING_VALID and cond["status"] == "False") or \
+               (cond["type"] == WEIGHTS_READY and cond["reason"] in weights_warnings)
+        was = before.get(cond["type"])
+        changed = was is not None and (was.get("status"), was.get("reason")) != (cond["status"], cond["reason"])
+        if changed or (was is None and warn):
+            events.append(("Warning" if warn else "Normal", cond))
+    return events

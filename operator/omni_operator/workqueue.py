@@ -1,112 +1,154 @@
 """The reconciler's work queue: one reconcile per key at a time, bursts coalesced, retries
-backed off, and one requeue timer per key."""
+backed off, one pending delay per key (all delays kept by one thread), and a first lane for
+what users changed."""
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections import deque
 import threading
 import time
 
 log = logging.getLogger(__name__)
 
+Key = tuple[str, str]
+
 
 class WorkQueue:
     """Deduplicating work queue: a key is never reconciled twice at once, and a key added
     while it is being reconciled is reconciled once more afterwards (nothing is lost).
-    A key whose reconcile raises is retried with exponential backoff."""
+    A key whose reconcile raises is retried with exponential backoff.
+
+    Two lanes: `add(..., first=True)` (a new or changed spec) goes ahead of everything else
+    (child events, requeues, the resync), as controller-runtime's priority queue does; in a
+    burst of new objects, each one's children are created before earlier ones' follow-ups.
+
+    Delayed adds wait in one heap served by one thread (as client-go's delaying queue): a
+    timer thread per waiting object would cost a thread start per requeue and a stack per
+    object, thousands of them when many objects wait on their pods."""
 
     MAX_BACKOFF = 60.0
 
     def __init__(self, handler, workers: int = 4):
         self._handler = handler
-        self._failures: dict[tuple[str, str], int] = {}
-        self._cond = threading.Condition()
-        self._pending: list[tuple[str, str]] = []
-        self._queued: set[tuple[str, str]] = set()
-        self._active: set[tuple[str, str]] = set()
-        self._dirty: set[tuple[str, str]] = set()
-        self._soon: set[tuple[str, str]] = set()
-        self._after: dict[tuple[str, str], float] = {}  # key -> when its one timer fires (monotonic)
+        self._failures: dict[Key, int] = {}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # workers wait here for keys
+        self._delay_changed = threading.Condition(self._lock)  # the delay thread waits here
+        # Each queued key is in one lane per `_queued` (True: the first lane). A key moved to the
+        # first lane leaves a stale entry in the other, skipped when it comes up.
+        self._first: deque[Key] = deque()
+        self._rest: deque[Key] = deque()
+        self._queued: dict[Key, bool] = {}
+        self._active: set[Key] = set()
+        self._dirty: dict[Key, bool] = {}  # added while being reconciled (and whether first)
+        self._soon: set[Key] = set()
+        self._after: dict[Key, float] = {}  # key -> when its one requeue is due (monotonic)
+        # (due, seq, key, is_soon); entries replaced in _after are skipped when they come up
+        self._delayed: list[tuple[float, int, Key, bool]] = []
+        self._seq = 0
         self._stopped = False
         self._threads = [threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
                          for i in range(workers)]
+        self._threads.append(threading.Thread(target=self._release_due, name="reconcile-delays", daemon=True))
         for t in self._threads:
             t.start()
 
-    def add(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        with self._cond:
-            if key in self._active:
-                self._dirty.add(key)
-            else:
-                self._enqueue_locked(key)
+    def add(self, namespace: str, name: str, first: bool = False) -> None:
+        with self._lock:
+            self._add_locked((namespace, name), first)
 
     def add_after(self, namespace: str, name: str, seconds: float) -> None:
-        """Reconcile again within `seconds` (a loader's progress, a pod check, a retry). One timer
-        per key: while one is due sooner, a later request is folded into it (that reconcile asks
-        again for what it still needs); a sooner one replaces it. Otherwise every reconcile of a
-        waiting object (child events, the resync) would start a timer chain of its own."""
+        """Reconcile again within `seconds` (a loader's progress, a pod check, a retry). One pending
+        requeue per key: while one is due sooner, a later request is folded into it (that
+        reconcile asks again for what it still needs); a sooner one replaces it. Otherwise every
+        reconcile of a waiting object (child events, the resync) would start a chain of its own."""
         key = (namespace, name)
         due = time.monotonic() + seconds
-        with self._cond:
+        with self._lock:
             pending = self._after.get(key)
             if pending is not None and pending <= due:
                 return
             self._after[key] = due
-
-        def fire():
-            with self._cond:
-                if self._after.get(key) != due:
-                    return  # replaced by a sooner one
-                del self._after[key]
-            self.add(namespace, name)
-
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        timer.start()
+            self._delay_locked(due, key, is_soon=False)
 
     def add_soon(self, namespace: str, name: str, seconds: float) -> None:
         """Reconcile once after `seconds`, however many times this is called meanwhile: a
         burst of child events (a rollout touches a StatefulSet many times) is one reconcile."""
         key = (namespace, name)
-        with self._cond:
+        with self._lock:
             if key in self._soon:
                 return
             self._soon.add(key)
+            self._delay_locked(time.monotonic() + seconds, key, is_soon=True)
 
-        def fire():
-            with self._cond:
-                self._soon.discard(key)
-            self.add(namespace, name)
+    def _add_locked(self, key: Key, first: bool = False) -> None:
+        if key in self._active:
+            self._dirty[key] = first or self._dirty.get(key, False)
+        else:
+            self._enqueue_locked(key, first)
 
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        timer.start()
+    def _delay_locked(self, due: float, key: Key, is_soon: bool) -> None:
+        self._seq += 1
+        heapq.heappush(self._delayed, (due, self._seq, key, is_soon))
+        if self._delayed[0][1] == self._seq:  # due before everything else: wake the delay thread
+            self._delay_changed.notify()
 
-    def _enqueue_locked(self, key: tuple[str, str]) -> None:
-        if key not in self._queued:
-            self._queued.add(key)
-            self._pending.append(key)
+    def _release_due(self) -> None:
+        with self._lock:
+            while not self._stopped:
+                if not self._delayed:
+                    self._delay_changed.wait()
+                    continue
+                due, _, key, is_soon = self._delayed[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._delay_changed.wait(wait)
+                    continue
+                heapq.heappop(self._delayed)
+                if is_soon:
+                    self._soon.discard(key)
+                elif self._after.get(key) == due:
+                    del self._after[key]
+                else:
+                    continue  # replaced by a sooner one
+                self._add_locked(key)
+
+    def _enqueue_locked(self, key: Key, first: bool = False) -> None:
+        queued_first = self._queued.get(key)
+        if queued_first is None or (first and not queued_first):
+            self._queued[key] = first
+            (self._first if first else self._rest).append(key)
             self._cond.notify()
 
+    def _next_locked(self) -> Key | None:
+        for lane, is_first in ((self._first, True), (self._rest, False)):
+            while lane:
+                key = lane.popleft()
+                if self._queued.get(key) is is_first:
+                    del self._queued[key]
+                    return key
+        return None
+
     def depth(self) -> int:
-        with self._cond:
-            return len(self._pending)
+        with self._lock:
+            return len(self._queued)
 
     def stop(self) -> None:
-        with self._cond:
+        with self._lock:
             self._stopped = True
             self._cond.notify_all()
+            self._delay_changed.notify_all()
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopped:
+                while not self._queued and not self._stopped:
                     self._cond.wait()
                 if self._stopped:
                     return
-                key = self._pending.pop(0)
-                self._queued.discard(key)
+                key = self._next_locked()
                 self._active.add(key)
             try:
                 self._handler(*key)
@@ -120,5 +162,4 @@ class WorkQueue:
                 with self._cond:
                     self._active.discard(key)
                     if key in self._dirty:
-                        self._dirty.discard(key)
-                        self._enqueue_locked(key)
+                        self._enqueue_locked(key, self._dirty.pop(key))
