@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import deque
 import threading
 import time
+from collections import deque
 
 log = logging.getLogger(__name__)
 
