@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import kopf
-from kopf._cogs.structs.references import Resource
+from kopf import Resource
 
 from omni_operator.api import GROUP, PLURAL, VERSION
 from omni_operator.handlers import MANAGED, WATCHED_CHILDREN, watch_only_managed
