@@ -63,7 +63,7 @@ def wanted_replicas(resource: dict[str, Any]) -> dict[str, int] | None:
 PODS_CHECKED_AFTER = 30.0
 # While what the pods show stays the same, each check waits twice as long as the one before,
 # up to this many times PODS_CHECKED_AFTER: a thousand objects stuck on Unschedulable pods
-# would otherwise cost a thousand pod lists every interval. A spec change starts over.
+# would otherwise each be reconciled again every interval. A spec change starts over.
 PODS_CHECK_STRETCH = 4
 
 
@@ -91,8 +91,8 @@ class Outcome:
 
 
 class Reconciler:
-    """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment
-    and its children are read from it (an unchanged object costs no API call); a child that is
+    """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment,
+    its children and its pods are read from it (an unchanged object costs no API call); a child that is
     not in the cache is looked up in the API before it is created, so a same-named object of
     someone else stops the plan. Without it (tests, the CLI) every reconcile reads from the API."""
 
