@@ -92,9 +92,10 @@ class Outcome:
 
 class Reconciler:
     """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment,
-    its children and its pods are read from it (an unchanged object costs no API call); a child that is
-    not in the cache is looked up in the API before it is created, so a same-named object of
-    someone else stops the plan. Without it (tests, the CLI) every reconcile reads from the API."""
+    its children and its pods are read from it (an unchanged object costs no API call); a child
+    that is not in the cache gets a dry run (and a read if its name is taken) before it is
+    created, so a same-named object of someone else stops the plan. Without it (tests, the CLI)
+    every reconcile reads from the API."""
 
     def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
                  fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None,
