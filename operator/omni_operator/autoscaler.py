@@ -24,13 +24,12 @@ from .api import KIND, AutoscalingMode, OmniDeploymentSpec, RoleStatus, ScaleDec
 from .autoscale import Decision, History, Policy, RoleState, decide, parse_gateway_waiting, parse_pod_metrics
 from .kube import Kube, KubeError
 from .pod_problems import pod_ready, unschedulable
-from .render import APP_NAME, MANAGER, METRICS_PORT, POD_INDEX_LABEL, names, thinker_statefulset_name
+from .render import METRICS_PORT, POD_INDEX_LABEL, names, thinker_statefulset_name
 from .status import parse_timestamp
 
 log = logging.getLogger(__name__)
 
 MAX_DECISIONS_KEPT = 10
-MANAGED_PODS = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/managed-by={MANAGER}"
 SCALED_ROLES = ("thinker", "talker", "gateway")
 
 
@@ -87,11 +86,11 @@ def policy_for(spec: OmniDeploymentSpec, role: str, startup: float | None = None
 
 
 class Autoscaler:
-    def __init__(self, kube: Kube, enqueue: Callable[[str, str], None], *, scrape_timeout: float = 2.0,
-                 fetch: Callable[[str, float], str | None] = fetch_metrics, clock: Callable[[], float] = time.monotonic,
-                 pods: Callable[[str, str], list[dict[str, Any]]] | None = None):
-        """`pods(namespace, name)`: an OmniDeployment's pods as the watch keeps them; without it,
-        each pass LISTs the operator's pods of each namespace it ticks."""
+    def __init__(self, kube: Kube, enqueue: Callable[[str, str], None],
+                 pods: Callable[[str, str], list[dict[str, Any]]], *, scrape_timeout: float = 2.0,
+                 fetch: Callable[[str, float], str | None] = fetch_metrics, clock: Callable[[], float] = time.monotonic):
+        """`pods(namespace, name)`: an OmniDeployment's pods as the watch keeps them (a pass
+        makes no pod LIST)."""
         self.kube = kube
         self.pods = pods
         self.enqueue = enqueue
@@ -124,18 +123,9 @@ class Autoscaler:
                 poll = ((resource.get("spec") or {}).get("autoscaling") or {}).get("pollSeconds", 5)
                 self.next_tick[key] = now + poll
                 due.append(resource)
-        pods_by_ns: dict[str, list[dict[str, Any]]] = {}
-        if self.pods is None:  # one pod LIST per namespace per pass, filtered by the apiserver
-            pods_by_ns = {ns: self.kube.list("Pod", ns, MANAGED_PODS)
-                          for ns in sorted({r["metadata"]["namespace"] for r in due})}
         for resource in due:
             meta = resource["metadata"]
-            if self.pods is not None:
-                pods = self.pods(meta["namespace"], meta["name"])
-            else:
-                pods = [p for p in pods_by_ns[meta["namespace"]]
-                        if p["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == meta["name"]]
-            self.tick(resource, pods)
+            self.tick(resource, self.pods(meta["namespace"], meta["name"]))
         live = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in resources}
         current_specs = {(r["metadata"].get("uid"), r["metadata"].get("generation")) for r in resources}
         self._specs = {k: v for k, v in self._specs.items() if k in current_specs}

@@ -128,18 +128,18 @@ class ObjectCache:
             return list(self._omni.values())
 
     def children(self, namespace: str, instance: str) -> dict[Key, dict[str, Any]]:
-        with self._lock:
-            found = [(key, text) for key, (_, text) in (self._children.get((namespace, instance)) or {}).items()
-                     if key[0] != POD]
-        return {key: json.loads(text) for key, text in found}
+        return {key: json.loads(text) for key, text in self._owned(namespace, instance, pods=False)}
 
     def pods(self, namespace: str, instance: str) -> list[dict[str, Any]]:
         """One OmniDeployment's pods (its workloads' and its loaders'), as a LIST by its
         instance label would return them."""
+        return [json.loads(text) for _, text in self._owned(namespace, instance, pods=True)]
+
+    def _owned(self, namespace: str, instance: str, pods: bool) -> list[tuple[Key, str]]:
+        """(key, JSON text) of one owner's pods, or of its other children."""
         with self._lock:
-            found = [text for key, (_, text) in (self._children.get((namespace, instance)) or {}).items()
-                     if key[0] == POD]
-        return [json.loads(text) for text in found]
+            owned = self._children.get((namespace, instance)) or {}
+            return [(key, text) for key, (_, text) in owned.items() if (key[0] == POD) == pods]
 
 
 def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], selector: str) -> None:

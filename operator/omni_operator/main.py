@@ -114,7 +114,7 @@ def run_operator(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     threading.Thread(target=_resync_loop, args=(cache, queue, stop), daemon=True, name="resync").start()
-    autoscaler = Autoscaler(kube, queue.add, pods=cache.pods)
+    autoscaler = Autoscaler(kube, queue.add, cache.pods)
     threading.Thread(target=autoscaler.run, args=(stop, cache.items), daemon=True, name="autoscaler").start()
     try:
         kopf.run(registry=registry, standalone=True, clusterwide=not args.namespace,
