@@ -6,7 +6,7 @@ import kopf
 from kopf import Resource
 
 from omni_operator.api import GROUP, PLURAL, VERSION
-from omni_operator.handlers import MANAGED, WATCHED_CHILDREN, watch_only_managed
+from omni_operator.handlers import MANAGED, WATCHED_CHILDREN, NoDiffBase, watch_only_managed
 
 
 def test_child_and_pod_watches_are_filtered_by_the_apiserver_and_omnideployments_are_not():
@@ -20,3 +20,13 @@ def test_child_and_pod_watches_are_filtered_by_the_apiserver_and_omnideployments
                      Resource(group="metrics.k8s.io", version="v1beta1", plural="pods"),
                      Resource(group="", version="v1", plural="namespaces")]:
         assert settings.watching.label_selectors.collect(resource) == [], resource
+
+
+def test_event_handlers_keep_no_diff_base():
+    """Only change handlers read a diff; the event handlers' diff base neither copies the body nor
+    recalls a previous state, so kopf has nothing to diff."""
+    storage = NoDiffBase()
+    body = kopf.Body({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "s", "annotations": {
+        "kopf.zalando.org/last-handled-configuration": '{"spec": {"replicas": 2}}'}}, "spec": {"replicas": 3}})
+    assert storage.build(body=body) == {} and storage.fetch(body=body) is None
+    assert kopf.AnnotationsDiffBaseStorage().fetch(body=body) == {"spec": {"replicas": 2}}  # what the default reads

@@ -16,11 +16,24 @@ def sts(name: str, rv: str, replicas: int = 1, labels: dict | None = None) -> di
 
 def test_a_late_watch_event_never_replaces_a_newer_copy():
     cache = ObjectCache(("StatefulSet",))
-    cache.observe_child("StatefulSet", sts("omni-thinker", "120", replicas=2))  # our write
-    cache.observe_child("StatefulSet", sts("omni-thinker", "95", replicas=1))  # older event
+    assert cache.observe_child("StatefulSet", sts("omni-thinker", "120", replicas=2))  # our write
+    assert not cache.observe_child("StatefulSet", sts("omni-thinker", "95", replicas=1))  # older event
     assert cache.children("ns", "omni")[("StatefulSet", "omni-thinker")]["spec"]["replicas"] == 2
-    cache.observe_child("StatefulSet", sts("omni-thinker", "121"), deleted=True)
+    assert cache.observe_child("StatefulSet", sts("omni-thinker", "121"), deleted=True)
     assert cache.children("ns", "omni") == {}
+
+
+def test_a_child_copy_says_whether_it_brings_anything_to_reconcile():
+    """The watch's echo of the operator's own write, and the deletion of a child the operator
+    deleted (and forgot) itself, enqueue no reconcile; a controller's change or someone else's
+    delete does."""
+    cache = ObjectCache(("StatefulSet",))
+    assert cache.observe_child("StatefulSet", sts("omni-thinker", "10"))  # the write's response
+    assert not cache.observe_child("StatefulSet", sts("omni-thinker", "10"))  # its watch echo
+    assert cache.observe_child("StatefulSet", sts("omni-thinker", "11", replicas=2))  # a controller's change
+    assert cache.observe_child("StatefulSet", sts("omni-thinker", "12"), deleted=True)  # someone deleted it
+    assert not cache.observe_child("StatefulSet", sts("omni-thinker", "12"), deleted=True)  # already forgotten
+    assert not cache.observe_child("StatefulSet", sts("db", "13", labels={}))  # not ours
 
 
 def test_readers_get_copies():
@@ -52,3 +65,21 @@ def test_an_omni_copy_says_whether_it_brings_a_new_spec():
     assert cache.observe_omni(omni("9", 3)) is False  # older than what is held
     assert cache.observe_omni(omni("13", 2), deleted=True) is False
     assert cache.omni("ns", "o") is None
+
+
+def test_a_child_keeps_only_whether_our_create_still_owns_fields():
+    """Field managers are dropped (as large as the spec), except the one fact the reconciler
+    needs: a child created, not yet applied, must have its create's fields taken over first."""
+    def entry(manager: str, operation: str, subresource: str | None = None) -> dict:
+        return {"manager": manager, "operation": operation, "fieldsV1": {"f:spec": {"f:replicas": {}}},
+                **({"subresource": subresource} if subresource else {})}
+    cache = ObjectCache(("StatefulSet",))
+    created, applied = sts("created", "1"), sts("applied", "2")
+    created["metadata"]["managedFields"] = [entry("omni-operator", "Update"), entry("kcm", "Update", "status")]
+    applied["metadata"]["managedFields"] = [entry("omni-operator", "Apply"), entry("omni-operator", "Update", "scale"),
+                                            entry("kubectl", "Update")]
+    cache.prime([], {"StatefulSet": [created, applied]})
+    children = cache.children("ns", "omni")
+    assert children[("StatefulSet", "created")]["metadata"]["managedFields"] == [
+        {"manager": "omni-operator", "operation": "Update"}]
+    assert "managedFields" not in children[("StatefulSet", "applied")]["metadata"]

@@ -469,9 +469,12 @@ def test_switching_autoscaling_mode_keeps_a_single_writer_of_replicas(cluster, n
     # The StatefulSet comes once the weights are cached.
     sts = wait("the thinker StatefulSet", lambda: kget(cluster, "statefulset", "modes-thinker", "-n", namespace,
                                                        "--show-managed-fields"), operator=operator)
-    managers = {m["manager"] for m in sts["metadata"]["managedFields"]
+    # Created with POST, the StatefulSet's defaulted replicas sit in the create's entry until the HPA
+    # scales it (an Update steals them) or the operator's first apply releases them; the operator's
+    # apply never claims them.
+    managers = {(m["manager"], m["operation"]) for m in sts["metadata"]["managedFields"]
                 if "f:replicas" in json.dumps(m.get("fieldsV1", {}).get("f:spec", {}))}
-    assert "omni-operator" not in managers, "with an HPA in charge the operator must not own spec.replicas"
+    assert ("omni-operator", "Apply") not in managers, "with an HPA in charge the operator must not own spec.replicas"
     # The HPA's choice is the target the status reports against (someone else scaling is not drift).
     wait("the talker StatefulSet", lambda: kget(cluster, "statefulset", "modes-talker", "-n", namespace),
          operator=operator)  # applied right after the thinker's, in the same reconcile

@@ -3,6 +3,7 @@ operator process beside it, so every request counted is the reconciler's own."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from e2e.operator_process import install_crd
 from omni_operator.cache import ObjectCache, prime_from_api
 from omni_operator.handlers import MANAGED, WATCHED_CHILDREN
 from omni_operator.kube import Kube
-from omni_operator.reconcile import Reconciler
+from omni_operator.reconcile import POD_STARTING_KINDS, Reconciler
 from omni_operator.render import MANAGER
 
 from .test_operator_cluster import apply, condition, kget, omni
@@ -39,6 +40,12 @@ def owned_children(cluster, namespace: str, name: str) -> list[str]:
     return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in items)
 
 
+def _count(kube: Kube, method: str, *, dry_run: bool) -> int:
+    """Requests of one method to children, dry runs or not (Events are not children)."""
+    return sum(n for k, n in kube.writes.items()
+               if k.startswith(method) and k.endswith("dryRun") == dry_run and not k.endswith("/events"))
+
+
 def test_a_new_object_reads_nothing_before_creating_its_children(cluster, namespace, kube):
     apply(cluster, omni("fresh", namespace))
     reconciler = Reconciler(kube, cache=primed_cache(kube, namespace))
@@ -46,26 +53,44 @@ def test_a_new_object_reads_nothing_before_creating_its_children(cluster, namesp
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "fresh")
     assert outcome.error is None and "Service/fresh-gateway" in outcome.applied
-    # Whether a name is free is the dry run's answer (201), not a read of each child.
+    # Whether a name is free is its create's answer, not a read of each child.
     assert sum(kube.reads.values()) == 0, kube.reads
-    assert sum(n for k, n in kube.writes.items() if k.endswith("dryRun")) == len(outcome.applied), kube.writes
+    assert _count(kube, "POST", dry_run=False) == len(outcome.applied), kube.writes
+    assert not [k for k in kube.writes if k.startswith("PATCH") and not k.endswith("/status")], kube.writes
+    # Only the pod-starting children after the first are checked before the first write.
+    starting = [a for a in outcome.applied if a.split("/")[0] in POD_STARTING_KINDS]
+    assert len(starting) > 1 and _count(kube, "POST", dry_run=True) == len(starting) - 1, kube.writes
     assert set(outcome.applied) <= set(owned_children(cluster, namespace, "fresh"))
+    # Creates come first, and those that start pods last.
+    kinds = [a.split("/")[0] for a in outcome.applied]
+    assert kinds.index("PodDisruptionBudget") < min(i for i, k in enumerate(kinds) if k in POD_STARTING_KINDS)
+
+
+def _versions(cluster, namespace: str, name: str) -> dict[str, tuple]:
+    """Each owned child's generation and labels (controllers write status, so not its resourceVersion)."""
+    selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={MANAGER}"
+    items = kget(cluster, "statefulsets,deployments,services,poddisruptionbudgets,jobs,persistentvolumeclaims",
+                 "-n", namespace, "-l", selector)["items"]
+    return {f"{o['kind']}/{o['metadata']['name']}": (o["metadata"].get("generation"), o["metadata"]["labels"])
+            for o in items}
 
 
 def test_a_child_a_previous_leader_wrote_that_the_watch_has_not_shown_is_read_not_rewritten(cluster, namespace,
                                                                                                kube):
     """The cache is primed before another reconciler (a previous leader) writes the children, so
-    they are not in it: each one's dry run answers 200, the read shows it is ours and as planned,
-    and nothing is written again."""
+    they are not in it: each one's create finds the name taken, the read shows it is ours and as
+    planned, and nothing is written again."""
     apply(cluster, omni("handover", namespace))
     stale = primed_cache(kube, namespace)
     first = Reconciler(kube).reconcile(namespace, "handover")
     assert first.error is None and first.applied
+    before = _versions(cluster, namespace, "handover")
     kube.reads.clear()
     kube.writes.clear()
     outcome = Reconciler(kube, cache=stale).reconcile(namespace, "handover")
     assert (outcome.error, outcome.applied, outcome.pruned) == (None, [], [])
-    assert not [k for k in kube.writes if not k.endswith(("dryRun", "/status"))], kube.writes
+    assert not [k for k in kube.writes if not k.startswith("POST") and not k.endswith("/status")], kube.writes
+    assert _versions(cluster, namespace, "handover") == before, "no child was written"
     # One read per child (the stale cache's OmniDeployment is read again for its status write).
     assert sum(n for k, n in kube.reads.items() if "/omnideployments/" not in k) == len(first.applied), kube.reads
 
@@ -89,7 +114,9 @@ def _untouched(cluster, namespace: str, before: dict) -> None:
     assert (after["spec"]["ports"], after["spec"]["selector"]) == (before["spec"]["ports"], before["spec"]["selector"])
 
 
-def test_someone_elses_object_of_a_childs_name_stops_the_plan_unwritten(cluster, namespace, kube):
+def test_someone_elses_object_of_a_childs_name_stops_the_plan_and_nothing_is_kept(cluster, namespace, kube):
+    """The gateway's Service comes after four other Services in the plan: they are created, the
+    gateway's create finds its name taken, and they are deleted again."""
     apply(cluster, omni("taken", namespace))
     cache = primed_cache(kube, namespace)
     before = _their_service(kube, cluster, namespace, "taken")
@@ -98,31 +125,61 @@ def test_someone_elses_object_of_a_childs_name_stops_the_plan_unwritten(cluster,
     outcome = Reconciler(kube, cache=cache).reconcile(namespace, "taken")
 
     assert f"Service {namespace}/taken-gateway already exists and is not owned" in (outcome.error or "")
-    assert not [k for k in kube.writes if not k.endswith(("dryRun", "/status", "/events"))], "nothing was written"
+    assert outcome.applied == [], outcome.applied
+    assert _count(kube, "DELETE", dry_run=False) == 4, kube.writes
+    assert not [k for k in kube.writes if k.startswith("PATCH") and not k.endswith("/status")], kube.writes
     assert sum(kube.reads.values()) == 1, kube.reads  # the one child that exists, read to see whose it is
     _untouched(cluster, namespace, before)
     assert owned_children(cluster, namespace, "taken") == [], "nothing half-applied"
 
 
-def test_a_name_taken_between_the_dry_run_and_the_create_is_never_taken_over(cluster, namespace, kube):
-    """Someone else's Service appears between the dry run and the create: the create, applied
-    without force, conflicts on the selector, and what this reconcile created before it is
-    deleted again. The window is a few milliseconds, too short to hit for real, so the dry run
-    is made to miss the Service (the one stand-in in this test); everything else is the real
-    apiserver."""
-    apply(cluster, omni("late", namespace))
-    cache = primed_cache(kube, namespace)
-    before = _their_service(kube, cluster, namespace, "late")
-    original = kube.exists_by_dry_run
-    kube.exists_by_dry_run = lambda obj, **kw: False if (obj["kind"], obj["metadata"]["name"]) == (
-        "Service", "late-gateway") else original(obj, **kw)
+def test_someone_elses_workload_of_a_childs_name_is_found_before_any_write(cluster, namespace, kube):
+    """A pod-starting child after the first is checked by a dry-run create before anything is
+    written: a Deployment of someone else under the gateway's name stops the plan unwritten."""
+    apply(cluster, omni("held", namespace))
+    theirs = {"apiVersion": "apps/v1", "kind": "Deployment",
+              "metadata": {"name": "held-gateway", "namespace": namespace, "labels": {"team": "theirs"}},
+              "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "theirs"}},
+                       "template": {"metadata": {"labels": {"app": "theirs"}},
+                                    "spec": {"containers": [{"name": "c", "image": "example.com/theirs:1"}]}}}}
+    kube.request("POST", f"/apis/apps/v1/namespaces/{namespace}/deployments", body=theirs,
+                 query={"fieldManager": "kubectl"})
     kube.writes.clear()
-    outcome = Reconciler(kube, cache=cache).reconcile(namespace, "late")
+    outcome = Reconciler(kube, cache=primed_cache(kube, namespace)).reconcile(namespace, "held")
 
-    assert f"Service {namespace}/late-gateway already exists and is not owned" in (outcome.error or "")
-    assert any(k.startswith("DELETE") for k in kube.writes), "children created before the clash were undone"
-    _untouched(cluster, namespace, before)
-    assert owned_children(cluster, namespace, "late") == [], "nothing half-applied"
+    assert f"Deployment {namespace}/held-gateway already exists and is not owned" in (outcome.error or "")
+    assert _count(kube, "POST", dry_run=False) == 0 and _count(kube, "DELETE", dry_run=False) == 0, kube.writes
+    after = kget(cluster, "deployment", "held-gateway", "-n", namespace)
+    assert after["metadata"]["labels"] == {"team": "theirs"} and "ownerReferences" not in after["metadata"]
+    assert owned_children(cluster, namespace, "held") == []
+
+
+def test_the_first_pod_starting_child_refused_at_its_create_leaves_nothing(cluster, namespace, kube):
+    """The thinker's StatefulSet is the first pod-starting child (weights on the user's volume, so
+    no loader Job): it is not dry-run, and its own create is refused after the Services and
+    PodDisruptionBudgets were created. They are deleted again; no pod-starting child was written."""
+    resource = omni("first", namespace)
+    resource["spec"]["model"] = {"pvc": {"claimName": "weights"}}
+    resource["spec"]["thinker"]["resources"] = {"requests": {"example.com/nic": 1}, "limits": {"example.com/nic": 2}}
+    apply(cluster, resource)
+    kube.writes.clear()
+    reconciler = Reconciler(kube)
+    outcome = reconciler.reconcile(namespace, "first")
+
+    assert outcome.applied == [] and owned_children(cluster, namespace, "first") == [], "nothing half-applied"
+    assert _count(kube, "DELETE", dry_run=False) == _count(kube, "POST", dry_run=False) - 1 > 0, kube.writes
+    assert not [k for k in kube.writes if ("/statefulsets" in k or "/deployments" in k)
+                and k.startswith("POST") and not k.endswith(("dryRun", "/statefulsets"))], kube.writes
+    message = condition(kget(cluster, "omni", "first", "-n", namespace), "Degraded")["message"]
+    assert message.startswith("the apiserver refused StatefulSet first-thinker, so nothing was applied: "), message
+
+    # The refusal stays: the next try of the same spec checks every child first and writes nothing
+    # (no create and delete of children each time their events bring the object back).
+    kube.writes.clear()
+    again = reconciler.reconcile(namespace, "first")
+    assert again.error is not None and again.error.startswith("the apiserver refused StatefulSet first-thinker")
+    assert _count(kube, "POST", dry_run=False) == 0 and _count(kube, "DELETE", dry_run=False) == 0, kube.writes
+    assert _count(kube, "POST", dry_run=True) > 0, kube.writes
 
 
 def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(cluster, namespace, kube):
@@ -137,6 +194,7 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
 
     assert outcome.applied == [] and owned_children(cluster, namespace, "refused") == [], "nothing half-applied"
     assert not [k for k in kube.writes if k.startswith("PATCH") and not k.endswith(("dryRun", "/status"))], kube.writes
+    assert _count(kube, "POST", dry_run=False) == 0, kube.writes
     degraded = condition(kget(cluster, "omni", "refused", "-n", namespace), "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
     message = degraded["message"]
@@ -144,15 +202,28 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
     assert ('spec.template.spec.containers[0].resources.requests: Invalid value: "1": '
             "must be equal to example.com/nic limit of 2") in message, message
 
-    # Fixed: every child is checked once, then written; Degraded clears.
+    # Fixed: the pod-starting children after the first are checked, then all are created; Degraded clears.
     resource["spec"]["gateway"]["resources"]["requests"]["example.com/nic"] = 2
     apply(cluster, resource)
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "refused")
     assert outcome.error is None and len(outcome.applied) > 1
-    assert sum(n for k, n in kube.writes.items() if k.endswith("dryRun")) == len(outcome.applied), kube.writes
+    starting = [a for a in outcome.applied if a.split("/")[0] in POD_STARTING_KINDS]
+    assert _count(kube, "POST", dry_run=True) == len(starting) - 1, kube.writes
     assert set(outcome.applied) == set(owned_children(cluster, namespace, "refused"))
     assert condition(kget(cluster, "omni", "refused", "-n", namespace), "Degraded")["status"] == "False"
+
+    # A field the plan stops rendering goes, also from a child that was created, not applied:
+    # its first change moves the create's fields to the operator's apply first.
+    del resource["spec"]["gateway"]["resources"]
+    apply(cluster, resource)
+    outcome = reconciler.reconcile(namespace, "refused")
+    assert (outcome.error, outcome.applied) == (None, ["Deployment/refused-gateway"])
+    deployment = kget(cluster, "deployment", "refused-gateway", "-n", namespace, "--show-managed-fields")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "example.com/nic" not in json.dumps(container.get("resources")), container.get("resources")
+    assert [(m["operation"], m.get("subresource")) for m in deployment["metadata"]["managedFields"]
+            if m["manager"] == MANAGER] == [("Apply", None)]
 
     # A change of one child is one write, without a dry run.
     resource["spec"]["gateway"]["resources"] = {"requests": {"example.com/nic": 3}, "limits": {"example.com/nic": 3}}
@@ -160,7 +231,29 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "refused")
     assert (outcome.error, outcome.applied) == (None, ["Deployment/refused-gateway"])
-    assert not [k for k in kube.writes if k.endswith("dryRun")], kube.writes
+    assert [k for k in kube.writes if not k.endswith(("/status", "/events"))] == [
+        f"PATCH /apis/apps/v1/namespaces/{namespace}/deployments/refused-gateway"], kube.writes
+
+
+def test_replicas_an_autoscaler_decides_never_go_to_the_operators_apply(cluster, namespace, kube):
+    """In HPA mode the plan renders no replicas. Created with POST, the StatefulSet's defaulted
+    replicas are in the create's field-manager entry; the first change moves the create's fields
+    to the operator's apply, which leaves the replicas out and so releases them."""
+    resource = omni("scaled", namespace)
+    resource["spec"]["model"] = {"pvc": {"claimName": "weights"}}
+    resource["spec"]["autoscaling"] = {"mode": "HPA"}
+    apply(cluster, resource)
+    reconciler = Reconciler(kube)
+    assert reconciler.reconcile(namespace, "scaled").error is None
+    resource["spec"]["thinker"]["imagePullPolicy"] = "Always"
+    apply(cluster, resource)
+    outcome = reconciler.reconcile(namespace, "scaled")
+    assert outcome.error is None and "StatefulSet/scaled-thinker" in outcome.applied, outcome
+    sts = kget(cluster, "statefulset", "scaled-thinker", "-n", namespace, "--show-managed-fields")
+    ours = [m for m in sts["metadata"]["managedFields"] if m["manager"] == MANAGER and not m.get("subresource")]
+    assert [m["operation"] for m in ours] == ["Apply"], ours
+    assert "f:replicas" not in ours[0]["fieldsV1"]["f:spec"], "the operator's apply owns the HPA's replicas"
+    assert "f:imagePullPolicy" in json.dumps(ours[0]["fieldsV1"]), "the create's fields were moved"
 
 
 def _plan_objects(kube: Kube, namespace: str, name: str) -> list[dict]:

@@ -376,3 +376,19 @@ def test_a_gpu_budget_below_the_minimum_replicas_is_refused_with_the_arithmetic(
     assert err.value.invalid and "thinker 1 x" in str(err.value)
     raw["spec"]["autoscaling"] = {"gpuBudget": minimum}
     assert plan_offline(raw).gpus == minimum
+
+
+def test_every_child_carries_a_digest_of_what_was_rendered_for_it():
+    """A field the plan stops rendering must still read as a difference from the live child (the
+    reconciler writes a child whose live copy lacks something rendered); the digest changes."""
+    from omni_operator.plan import RENDERED_ANNOTATION
+
+    resource = example("omni.yaml")
+    resource["spec"]["gateway"]["resources"] = {"limits": {"memory": "3Gi"}}
+    with_limit = {(o["kind"], o["metadata"]["name"]): o for o in plan_offline(resource).objects}
+    del resource["spec"]["gateway"]["resources"]
+    without = {(o["kind"], o["metadata"]["name"]): o for o in plan_offline(resource).objects}
+    digests = {key: o["metadata"]["annotations"][RENDERED_ANNOTATION] for key, o in without.items()}
+    assert all(len(d) == 16 for d in digests.values())
+    changed = {key for key, o in with_limit.items() if o["metadata"]["annotations"][RENDERED_ANNOTATION] != digests[key]}
+    assert changed == {("Deployment", f"{resource['metadata']['name']}-gateway")}, changed

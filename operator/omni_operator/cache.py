@@ -21,7 +21,7 @@ import logging
 import threading
 from typing import Any
 
-from .kube import api_version
+from .kube import FIELD_MANAGER, api_version, holds_created_fields
 from .render import MANAGER
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,15 @@ POD = "Pod"  # kept beside the children, by the same instance label, read apart 
 
 def _slim(body: dict[str, Any]) -> dict[str, Any]:
     """What the reconciler reads of an object: all but its field managers (as large as the
-    spec itself for an applied object, and read only from write responses)."""
+    spec itself). Only whether our create still owns fields is kept, as a one-entry list: the
+    first apply to such a child takes them over first (Kube.own_created_fields)."""
     meta = body.get("metadata") or {}
     if "managedFields" not in meta:
         return body
-    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    slim = {k: v for k, v in meta.items() if k != "managedFields"}
+    if holds_created_fields(body):
+        slim["managedFields"] = [{"manager": FIELD_MANAGER, "operation": "Update"}]
+    return {**body, "metadata": slim}
 
 
 def _newer_or_same(have_rv: str | None, new_rv: str) -> bool:
@@ -84,25 +88,35 @@ class ObjectCache:
             self._omni[key] = _slim(body)
             return had is None or had["metadata"].get("generation") != meta.get("generation")
 
-    def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> None:
+    def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> bool:
         """A child kind's object (or a pod, kind POD), kept only when it is labelled as managed
-        by this operator (the label selector the children are read by)."""
+        by this operator (the label selector the children are read by). True when it changes
+        what the cache holds; False for a copy already held, such as the watch's echo of the
+        operator's own write, whose response the cache took already."""
         meta = body["metadata"]
         labels = meta.get("labels") or {}
         instance = labels.get(INSTANCE_LABEL)
         if instance is None or labels.get(MANAGED_BY_LABEL) != MANAGER:
-            return
+            return False
         owner = (meta["namespace"], instance)
         key = (kind, meta["name"])
+        rv = _rv(body)
+        with self._lock:
+            held = (self._children.get(owner) or {}).get(key)
+        if not deleted and held is not None and (held[0] == rv or not _newer_or_same(held[0], rv)):
+            return False
         text = None if deleted else json.dumps(_slim(body), separators=(",", ":"))
         with self._lock:
             children = self._children.setdefault(owner, {})
             if deleted:
-                children.pop(key, None)
+                had = children.pop(key, None) is not None
                 if not children:
                     self._children.pop(owner, None)
-            elif _newer_or_same(children[key][0] if key in children else None, _rv(body)):
-                children[key] = (_rv(body), text)
+                return had
+            if _newer_or_same(children[key][0] if key in children else None, rv):
+                children[key] = (rv, text)
+                return True
+            return False
 
     def prime(self, omnis: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> None:
         """Seed from one LIST of each kind; from then on the cache answers reads."""

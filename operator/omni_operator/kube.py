@@ -1,7 +1,7 @@
 """A small, explicit Kubernetes REST layer over the official client's connection.
 
-Only the calls the operator makes: get, list, server-side apply, delete with a
-uid precondition, status merge-patch and the scale subresource. Objects are
+Only the calls the operator makes: get, list, create, server-side apply, delete with
+a uid precondition, status merge-patch and the scale subresource. Objects are
 plain dicts (what the renderers produce), so there is no model conversion.
 Every write is counted, so tests and benchmarks can prove a no-op reconcile
 writes nothing.
@@ -42,6 +42,21 @@ RESOURCES: dict[str, tuple[str, str]] = {
 
 BUILTIN_KINDS = {"Service", "Pod", "Event", "Secret", "PersistentVolumeClaim", "StatefulSet", "Job", "Deployment",
                  "PodDisruptionBudget", "HorizontalPodAutoscaler", "Lease"}
+
+
+def holds_created_fields(obj: dict[str, Any]) -> bool:
+    """True while the fields our create wrote are still owned by that create (an Update entry of
+    our field manager) rather than by our applies: see Kube.own_created_fields."""
+    return any(e.get("manager") == FIELD_MANAGER and e.get("operation") == "Update" and not e.get("subresource")
+               for e in obj["metadata"].get("managedFields") or [])
+
+
+def _union(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Union of two managed-field sets (fieldsV1 tries: nested dicts, leaves are {})."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _union(out[key], value) if isinstance(out.get(key), dict) else value
+    return out
 
 
 def api_version(kind: str) -> str:
@@ -162,22 +177,55 @@ class Kube:
             raise
         return list(result.get("items") or [])
 
-    def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
-        """Server-side apply under the operator's single field manager."""
-        return self._apply(obj, force=force, dry_run=False)[1]
-
-    def exists_by_dry_run(self, obj: dict[str, Any], *, force: bool) -> bool:
-        """Admit `obj` as a server-side apply without storing it (dryRun=All): True when it exists
-        already (200), False when the apply would create it (201); a refusal raises KubeError."""
-        return self._apply(obj, force=force, dry_run=True)[0] != 201
-
-    def _apply(self, obj: dict[str, Any], *, force: bool, dry_run: bool) -> tuple[int, dict[str, Any]]:
+    def apply(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+        """Server-side apply under the operator's single field manager, with force: what the
+        operator renders is its own (a new child is created, never applied: see create).
+        `dry_run`: admitted, not stored (dryRun=All)."""
         meta = obj["metadata"]
-        query = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
+        query = {"fieldManager": FIELD_MANAGER, "force": "true"}
         if dry_run:
             query["dryRun"] = "All"
         return self.request("PATCH", self.path(obj["kind"], meta.get("namespace"), meta["name"]), query=query,
-                            body=obj, content_type="application/apply-patch+yaml", with_status=True)
+                            body=obj, content_type="application/apply-patch+yaml")
+
+    def create(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any] | None:
+        """POST under the operator's field manager: None when the name is taken (AlreadyExists).
+        Unlike an apply, a create never writes into an object that exists, so the name needs no
+        check first. `dry_run`: admitted, not stored (dryRun=All)."""
+        meta = obj["metadata"]
+        query = {"fieldManager": FIELD_MANAGER} | ({"dryRun": "All"} if dry_run else {})
+        try:
+            return self.request("POST", self.path(obj["kind"], meta.get("namespace")), query=query, body=obj)
+        except KubeError as err:
+            if err.status == 409:
+                return None
+            raise
+
+    def own_created_fields(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """Move the fields of our create's Update entry into our Apply entry. An apply removes
+        only fields that its own entry owns and the new config drops: without this, a field the
+        plan stops rendering would stay on a child we created, owned by the create. The create
+        also owns what the apiserver defaulted (an autoscaler's replicas among them): the next
+        apply, which leaves them out, releases them and they are defaulted again. Guarded by the
+        resourceVersion; None when the object is gone."""
+        for attempt in range(3):
+            live = self.get(kind, namespace, name)
+            if live is None or not holds_created_fields(live):
+                return live
+            entries = live["metadata"]["managedFields"]
+            ours = [e for e in entries if e.get("manager") == FIELD_MANAGER and not e.get("subresource")]
+            merged = {**ours[0], "operation": "Apply", "fieldsV1": {}}
+            for entry in ours:
+                merged["fieldsV1"] = _union(merged["fieldsV1"], entry.get("fieldsV1") or {})
+            managed = [e for e in entries if e not in ours] + [merged]
+            body = {"metadata": {"resourceVersion": live["metadata"]["resourceVersion"], "managedFields": managed}}
+            try:
+                return self.request("PATCH", self.path(kind, namespace, name), query={"fieldManager": FIELD_MANAGER},
+                                    body=body, content_type="application/merge-patch+json", retries=0)
+            except KubeError as err:
+                if err.status != 409 or attempt == 2:
+                    raise
+        return None
 
     def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> bool:
         """Delete, only if the object is still the one we saw (uid precondition). False when gone."""

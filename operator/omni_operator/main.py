@@ -109,6 +109,7 @@ def run_operator(args: argparse.Namespace) -> int:
     def configure(settings: kopf.OperatorSettings, **_):
         settings.posting.level = logging.WARNING  # our own Events carry the transitions
         handlers.watch_only_managed(settings)
+        settings.persistence.diffbase_storage = handlers.NoDiffBase()
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
 

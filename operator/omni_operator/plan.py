@@ -6,6 +6,8 @@ so what a user previews is exactly what the operator applies.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,11 @@ from .weights import LiveWeights, WeightsDecision
 
 # Offline renders have no apiserver-assigned uid; this one makes that obvious.
 OFFLINE_UID = "00000000-0000-0000-0000-000000000000"
+
+# A digest of everything rendered for a child, on the child. The reconciler writes a child whose
+# live copy lacks a rendered field or value; this makes a field that the plan stops rendering
+# a difference too (the apply then removes it).
+RENDERED_ANNOTATION = "omni.qwen.ai/rendered"
 
 
 class PlanError(Exception):
@@ -105,10 +112,17 @@ def make_plan(name: str, namespace: str, uid: str, raw_spec: dict[str, Any],
     cache_objects = weights.render_cache(inp, decision.desired_key) if decision.desired_key else []
     objects = render_all(inp)
     objects[_first_workload(objects):_first_workload(objects)] = cache_objects  # PVC and Job before the pods
+    for obj in objects:
+        _stamp(obj)
     keep = {(kind, claim) for claim in decision.keep_claims for kind in ("PersistentVolumeClaim", "Job")}
     if decision.hold_roles:
         keep |= live_roles
     return Plan(spec=spec, sizing=sizing, replicas=chosen, objects=objects, weights=decision, keep=frozenset(keep))
+
+
+def _stamp(obj: dict[str, Any]) -> None:
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    obj["metadata"].setdefault("annotations", {})[RENDERED_ANNOTATION] = digest
 
 
 def _first_workload(objects: list[dict[str, Any]]) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from . import metrics, weights
 from .api import KIND, AutoscalingMode, Condition, OmniDeploymentStatus
 from .cache import ObjectCache
-from .kube import BUILTIN_KINDS, Kube, KubeError, api_version
+from .kube import BUILTIN_KINDS, Kube, KubeError, api_version, holds_created_fields
 from .plan import Plan, PlanError, make_plan
 from .pod_problems import PodProblem, failed_create, missing_pods, role_problems
 from .sizing import sizing_status
@@ -32,6 +32,8 @@ CHILD_KINDS = ("Service", "PersistentVolumeClaim", "Job", "StatefulSet", "Deploy
 # Created once and never updated: a Job's template and most of a PVC's spec are immutable,
 # and a loader that ran must not run again because the operator's image changed.
 CREATE_ONLY_KINDS = ("Job", "PersistentVolumeClaim")
+# Created after every other new child of a plan: a child refused is met before a pod exists.
+POD_STARTING_KINDS = ("Job", "StatefulSet", "Deployment")
 
 
 def _now() -> str:
@@ -93,8 +95,8 @@ class Outcome:
 class Reconciler:
     """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment,
     its children and its pods are read from it (an unchanged object costs no API call); a child
-    that is not in the cache gets a dry run (and a read if its name is taken) before it is
-    created, so a same-named object of someone else stops the plan. Without it (tests, the CLI)
+    that is not in the cache is created, and read only if its name is taken, so a same-named
+    object of someone else stops the plan. Without it (tests, the CLI)
     every reconcile reads from the API."""
 
     def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
@@ -107,6 +109,9 @@ class Reconciler:
         # often the object is reconciled meanwhile.
         self._pods_checked: dict[tuple[str, str], PodCheck] = {}
         self._pods_checked_lock = threading.Lock()
+        # (namespace, name) -> the generation whose plan last failed to apply (one reconcile of a
+        # key runs at a time: the work queue's guarantee)
+        self._failed_plans: dict[tuple[str, str], int | None] = {}
         self.fetch = fetch  # GET a loader's /metrics page; None: progress is not read
         self.image_repository = image_repository
         self.image_tag = image_tag
@@ -123,6 +128,7 @@ class Reconciler:
             metrics.forget(namespace, name)
             with self._pods_checked_lock:
                 self._pods_checked.pop((namespace, name), None)
+            self._failed_plans.pop((namespace, name), None)
             return outcome
         if resource["metadata"].get("deletionTimestamp"):
             outcome.skipped = "deleting"  # children go with it (owner references)
@@ -158,9 +164,16 @@ class Reconciler:
 
         if plan is not None:
             outcome.requeue_after = plan.weights.poll_after
-            outcome.error = self._apply(plan, live, uid, namespace, outcome)
+            # A plan that failed is checked whole before its next try for the same spec: a refusal
+            # that stays (a policy, a name held by someone else) then costs dry runs, not a create
+            # and delete of children (whose events would bring the next try at once).
+            check_all = self._failed_plans.get((namespace, name)) == meta.get("generation")
+            outcome.error = self._apply(plan, live, uid, namespace, outcome, check_all=check_all)
             if outcome.error is None:
+                self._failed_plans.pop((namespace, name), None)
                 self._prune(plan, live, uid, namespace, outcome)
+            else:
+                self._failed_plans[(namespace, name)] = meta.get("generation")
         self._write_status(resource, plan, live, sizing_error, invalid_spec, outcome)
 
     def _observe_weights(self, resource: dict[str, Any], live: dict) -> weights.LiveWeights:
@@ -207,61 +220,84 @@ class Reconciler:
                     self.cache.observe_child(kind, obj)
         return live
 
-    def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> str | None:
-        # Every write is checked before the first one, so that a name taken by someone else or a
-        # child the apiserver refuses stops the whole plan before anything is written (never half-applied).
+    def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome, *,
+               check_all: bool = False) -> str | None:
+        """Write what differs from the plan, all or nothing. A new child is created (POST), which
+        never writes into an object that exists: a name someone else holds shows as a failed
+        create, and whatever this reconcile created before it is deleted again. Creates come
+        first and those that start pods last, so a refusal of any other child is met before a
+        pod exists. Every pod-starting create but the first, and every change of an existing
+        child when there are several writes, is admitted without being stored (dryRun=All)
+        before the first write (`check_all`: every write is). A single write, and the steady
+        state, pay for no check."""
         if plan.weights.rerun_loader:  # its PVC is gone: a new Job must fill the new one
             for key in [("Job", o["metadata"]["name"]) for o in plan.objects if o["kind"] == "Job"]:
                 if key in live and owned_by(live[key], uid):
                     self.kube.delete("Job", namespace, key[1], uid=live.pop(key)["metadata"].get("uid"))
         current: dict[tuple[str, str], dict[str, Any] | None] = {_key(o): live.get(_key(o)) for o in plan.objects}
         writes = [o for o in plan.objects if _needs_write(o, current[_key(o)])]
-        # Each write is first admitted without being stored (dryRun=All), so a child the apiserver
-        # refuses (a rule our schema does not know, an admission policy) stops the plan before its
-        # first write. A single write of a child we hold cannot half-apply, and the steady state
-        # writes nothing: neither pays for the check.
-        # A child the cache does not hold may still exist: not labelled as ours (someone else's),
-        # or not shown by the watch yet (written by a previous leader a moment ago). Its dry run,
-        # without force, says which without a read: 201 would create it; 200, or a conflict with
-        # another field manager, means it exists, and only then is it read to see whose it is.
-        for obj in writes if len(writes) > 1 else [o for o in writes if current[_key(o)] is None]:
-            key, unseen = _key(obj), current[_key(obj)] is None
-            try:
-                exists = self.kube.exists_by_dry_run(obj, force=not unseen)
-            except KubeError as err:
-                if not (unseen and err.status == 409):
-                    return _apply_error(obj, current, namespace, err, checked=True)
-                exists = True
-            if unseen and exists:
-                found = self.kube.get(key[0], namespace, key[1])
-                if found is not None and not owned_by(found, uid):
-                    return _not_owned(key, namespace)
-                current[key] = found
-        writes = [o for o in writes if _needs_write(o, current[_key(o)])]
-        created: list[dict[str, Any]] = []
-        for obj in writes:
+        creates = [o for o in writes if current[_key(o)] is None]
+        starting = [o for o in creates if o["kind"] in POD_STARTING_KINDS]
+        changes = [o for o in writes if current[_key(o)] is not None]
+        for obj in writes if check_all else starting[1:] + (changes if len(writes) > 1 else []):
             key = _key(obj)
-            new = current[key] is None
             try:
-                # A new object is applied without force: if someone else's appeared since its dry
-                # run, any field we disagree on is a conflict and nothing is written.
-                applied = self.kube.apply(obj, force=not new)
+                if current[key] is not None:
+                    self.kube.apply(obj, dry_run=True)
+                elif self.kube.create(obj, dry_run=True) is None and (error := self._taken(key, namespace, uid,
+                                                                                            current, live)):
+                    return error
             except KubeError as err:
-                if new and err.status == 409:
-                    self._undo(created, namespace)
-                return _apply_error(obj, current, namespace, err, checked=False)
-            if new:
-                created.append(applied)
+                return _apply_error(obj, err, checked=True)
+        created: list[dict[str, Any]] = []
+        for obj in [o for o in creates if o not in starting] + starting + changes:
+            key = _key(obj)
+            if not _needs_write(obj, current[key]):
+                continue  # found to be ours and as planned
+            try:
+                applied = self.kube.create(obj) if current[key] is None else self._change(obj, current[key], namespace)
+                if applied is None:  # the name is taken
+                    if error := self._taken(key, namespace, uid, current, live):
+                        self._undo(created, live, namespace, outcome)
+                        return error
+                    if not _needs_write(obj, current[key]):
+                        continue
+                    applied = self._change(obj, current[key], namespace)
+                elif current[key] is None:
+                    created.append(applied)
+            except KubeError as err:
+                self._undo(created, live, namespace, outcome)
+                return _apply_error(obj, err, checked=current[key] is None)
             live[key] = applied
             if self.cache is not None:
                 self.cache.observe_child(key[0], applied)
             outcome.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return None
 
-    def _undo(self, created: list[dict[str, Any]], namespace: str) -> None:
-        """Delete what this reconcile created before it found a name taken: all or nothing."""
+    def _taken(self, key: tuple[str, str], namespace: str, uid: str, current: dict, live: dict) -> str | None:
+        """A create found the name taken: read whose it is. Ours (written by a previous leader and
+        not shown by the watch yet) becomes the live copy; someone else's stops the plan."""
+        found = self.kube.get(key[0], namespace, key[1])
+        if found is None:
+            return f"{key[0]} {namespace}/{key[1]} is being deleted; it is created again once it is gone"
+        if not owned_by(found, uid):
+            return _not_owned(key, namespace)
+        current[key] = live[key] = found
+        return None
+
+    def _change(self, obj: dict[str, Any], found: dict[str, Any], namespace: str) -> dict[str, Any]:
+        """Apply a change to a child that exists. The first change of a child we created moves
+        its create's fields to our apply first, so that a field the plan dropped goes."""
+        if holds_created_fields(found):
+            self.kube.own_created_fields(obj["kind"], namespace, obj["metadata"]["name"])
+        return self.kube.apply(obj)
+
+    def _undo(self, created: list[dict[str, Any]], live: dict, namespace: str, outcome: Outcome) -> None:
+        """Delete what this reconcile created before a write failed: all or nothing."""
         for obj in created:
             self._delete_child(obj["kind"], namespace, obj)
+            live.pop(_key(obj), None)
+            outcome.applied.remove(f"{obj['kind']}/{obj['metadata']['name']}")
 
     def _prune(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome) -> None:
         planned = {(o["kind"], o["metadata"]["name"]) for o in plan.objects}
@@ -428,12 +464,10 @@ def _needs_write(obj: dict[str, Any], found: dict[str, Any] | None) -> bool:
     return found is None or not (is_subset(obj, found) or obj["kind"] in CREATE_ONLY_KINDS)
 
 
-def _apply_error(obj: dict[str, Any], current: dict, namespace: str, err: KubeError, *, checked: bool) -> str:
-    """Degraded's message for a child the apiserver did not take. `checked`: refused by the dry
-    run, so nothing of the plan was written."""
+def _apply_error(obj: dict[str, Any], err: KubeError, *, checked: bool) -> str:
+    """Degraded's message for a child the apiserver did not take. `checked`: refused by a dry
+    run or by its create, so nothing of the plan was kept (what was created before is deleted)."""
     kind, name = obj["kind"], obj["metadata"]["name"]
-    if current[(kind, name)] is None and err.status == 409:
-        return _not_owned((kind, name), namespace)
     if err.status == 404 and kind not in BUILTIN_KINDS:
         return (f"the {obj['apiVersion']} {kind} API is not served by this cluster, so "
                 f"{kind} {name} cannot be created: install its provider "
