@@ -92,24 +92,34 @@ class Answer:
             return w.getnframes() / w.getframerate()
 
 
+# A random-weight talker may end its speech at its first step (about one answer in twenty for
+# the demo's text question): the demo asks again, a few times at most, rather than show silence.
+SPOKEN_TRIES = 3
+
+
 def ask(url: str, model: str, out: Path, timeout: float = 120) -> Answer:
     """One question with a tone attached, speech out; the WAV is written to `out`. Retries while
-    the gateway answers 503 (its thinker or talker not resolvable yet)."""
+    the gateway answers 503 (its thinker or talker not resolvable yet), and asks again (up to
+    SPOKEN_TRIES answers) while the speech comes back empty."""
     body = speech_request(model, audio=tone_wav())
     deadline = time.monotonic() + timeout
+    answers = 0
     while True:
         try:
             status, raw = post(url, body)
         except OSError as e:  # the gateway's port not open yet
             status, raw = 0, str(e).encode()
         if status == 200:
-            break
+            message = json.loads(raw)["choices"][0]["message"]
+            answer = Answer(message["audio"].get("transcript") or message.get("content") or "",
+                            base64.b64decode(message["audio"]["data"]))
+            answers += 1
+            if answer.seconds > 0 or answers == SPOKEN_TRIES:
+                break
+            continue
         if status not in (0, 502, 503) or time.monotonic() > deadline:
             raise RuntimeError(f"the gateway at {url} answered {status}: {raw[:500].decode(errors='replace')}")
         time.sleep(1)
-    message = json.loads(raw)["choices"][0]["message"]
-    answer = Answer(message["audio"].get("transcript") or message.get("content") or "",
-                    base64.b64decode(message["audio"]["data"]))
     out.write_bytes(answer.wav)
     return answer
 
