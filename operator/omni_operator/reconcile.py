@@ -96,8 +96,8 @@ class Reconciler:
     """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment,
     its children and its pods are read from it (an unchanged object costs no API call); a child
     that is not in the cache is created, and read only if its name is taken, so a same-named
-    object of someone else stops the plan. Without it (tests, the CLI)
-    every reconcile reads from the API."""
+    object of someone else stops the plan. Without it (tests, the CLI) every reconcile reads
+    from the API."""
 
     def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
                  fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None,
