@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omni_operator.cache import ObjectCache
+from omni_operator.cache import Change, ObjectCache
 
 MANAGED = {"app.kubernetes.io/managed-by": "omni-operator"}
 
@@ -53,17 +53,19 @@ def test_only_our_children_are_kept():
     assert list(cache.children("ns", "omni")) == [("StatefulSet", "omni-thinker")]
 
 
-def test_an_omni_copy_says_whether_it_brings_a_new_spec():
-    """What puts a reconcile in the work queue's first lane: a new object or a new generation,
-    not a status echo nor a late copy."""
+def test_an_omni_copy_says_what_it_brings():
+    """A new object or a new generation goes to the work queue's first lane; a status change to
+    the other; the echo of a status write whose response the cache took, or a late copy, to none."""
     def omni(rv: str, generation: int) -> dict:
         return {"metadata": {"name": "o", "namespace": "ns", "resourceVersion": rv, "generation": generation}}
     cache = ObjectCache(("StatefulSet",))
-    assert cache.observe_omni(omni("10", 1)) is True
-    assert cache.observe_omni(omni("11", 1)) is False  # a status write
-    assert cache.observe_omni(omni("12", 2)) is True
-    assert cache.observe_omni(omni("9", 3)) is False  # older than what is held
-    assert cache.observe_omni(omni("13", 2), deleted=True) is False
+    assert cache.observe_omni(omni("10", 1)) is Change.SPEC
+    assert cache.observe_omni(omni("11", 1)) is Change.OTHER  # someone's status write (the autoscaler's)
+    assert cache.observe_omni(omni("11", 1)) is Change.NONE  # its echo, once the write's response was taken
+    assert cache.observe_omni(omni("12", 2)) is Change.SPEC
+    assert cache.observe_omni(omni("9", 3)) is Change.NONE  # older than what is held
+    assert cache.omni("ns", "o")["metadata"]["resourceVersion"] == "12"
+    assert cache.observe_omni(omni("13", 2), deleted=True) is Change.OTHER  # its reconcile forgets it
     assert cache.omni("ns", "o") is None
 
 

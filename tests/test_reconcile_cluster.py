@@ -13,7 +13,7 @@ from e2e.operator_process import install_crd
 from omni_operator.cache import ObjectCache, prime_from_api
 from omni_operator.handlers import MANAGED, WATCHED_CHILDREN
 from omni_operator.kube import Kube
-from omni_operator.reconcile import POD_STARTING_KINDS, Reconciler
+from omni_operator.reconcile import COSTLY_POD_KINDS, POD_STARTING_KINDS, Reconciler
 from omni_operator.render import MANAGER
 
 from .test_operator_cluster import apply, condition, kget, omni
@@ -46,8 +46,14 @@ def _count(kube: Kube, method: str, *, dry_run: bool) -> int:
                if k.startswith(method) and k.endswith("dryRun") == dry_run and not k.endswith("/events"))
 
 
+def _on_a_user_volume(resource: dict) -> dict:
+    """Weights on the user's volume: the thinker and talker are planned at once (no loader first)."""
+    resource["spec"]["model"] = {"pvc": {"claimName": "weights"}}
+    return resource
+
+
 def test_a_new_object_reads_nothing_before_creating_its_children(cluster, namespace, kube):
-    apply(cluster, omni("fresh", namespace))
+    apply(cluster, _on_a_user_volume(omni("fresh", namespace)))
     reconciler = Reconciler(kube, cache=primed_cache(kube, namespace))
     kube.reads.clear()
     kube.writes.clear()
@@ -57,13 +63,14 @@ def test_a_new_object_reads_nothing_before_creating_its_children(cluster, namesp
     assert sum(kube.reads.values()) == 0, kube.reads
     assert _count(kube, "POST", dry_run=False) == len(outcome.applied), kube.writes
     assert not [k for k in kube.writes if k.startswith("PATCH") and not k.endswith("/status")], kube.writes
-    # Only the pod-starting children after the first are checked before the first write.
-    starting = [a for a in outcome.applied if a.split("/")[0] in POD_STARTING_KINDS]
-    assert len(starting) > 1 and _count(kube, "POST", dry_run=True) == len(starting) - 1, kube.writes
+    # Only the creates of costly pods (loader, GPU workloads) after the first are checked first.
+    costly = [a for a in outcome.applied if a.split("/")[0] in COSTLY_POD_KINDS]
+    assert len(costly) > 1 and _count(kube, "POST", dry_run=True) == len(costly) - 1, kube.writes
     assert set(outcome.applied) <= set(owned_children(cluster, namespace, "fresh"))
-    # Creates come first, and those that start pods last.
+    # Creates come first, those that start pods last, and of those the gateway's cheap ones first.
     kinds = [a.split("/")[0] for a in outcome.applied]
-    assert kinds.index("PodDisruptionBudget") < min(i for i, k in enumerate(kinds) if k in POD_STARTING_KINDS)
+    assert kinds.index("PodDisruptionBudget") < kinds.index("Deployment") < kinds.index("StatefulSet")
+    assert [k for k in kinds if k in POD_STARTING_KINDS][1:] == [k for k in kinds if k in COSTLY_POD_KINDS]
 
 
 def _versions(cluster, namespace: str, name: str) -> dict[str, tuple]:
@@ -134,32 +141,31 @@ def test_someone_elses_object_of_a_childs_name_stops_the_plan_and_nothing_is_kep
 
 
 def test_someone_elses_workload_of_a_childs_name_is_found_before_any_write(cluster, namespace, kube):
-    """A pod-starting child after the first is checked by a dry-run create before anything is
-    written: a Deployment of someone else under the gateway's name stops the plan unwritten."""
-    apply(cluster, omni("held", namespace))
-    theirs = {"apiVersion": "apps/v1", "kind": "Deployment",
-              "metadata": {"name": "held-gateway", "namespace": namespace, "labels": {"team": "theirs"}},
+    """A create of costly pods after the first is checked by a dry-run create before anything is
+    written: a StatefulSet of someone else under the talker's name stops the plan unwritten."""
+    apply(cluster, _on_a_user_volume(omni("held", namespace)))
+    theirs = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+              "metadata": {"name": "held-talker", "namespace": namespace, "labels": {"team": "theirs"}},
               "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "theirs"}},
                        "template": {"metadata": {"labels": {"app": "theirs"}},
                                     "spec": {"containers": [{"name": "c", "image": "example.com/theirs:1"}]}}}}
-    kube.request("POST", f"/apis/apps/v1/namespaces/{namespace}/deployments", body=theirs,
+    kube.request("POST", f"/apis/apps/v1/namespaces/{namespace}/statefulsets", body=theirs,
                  query={"fieldManager": "kubectl"})
     kube.writes.clear()
     outcome = Reconciler(kube, cache=primed_cache(kube, namespace)).reconcile(namespace, "held")
 
-    assert f"Deployment {namespace}/held-gateway already exists and is not owned" in (outcome.error or "")
+    assert f"StatefulSet {namespace}/held-talker already exists and is not owned" in (outcome.error or "")
     assert _count(kube, "POST", dry_run=False) == 0 and _count(kube, "DELETE", dry_run=False) == 0, kube.writes
-    after = kget(cluster, "deployment", "held-gateway", "-n", namespace)
+    after = kget(cluster, "statefulset", "held-talker", "-n", namespace)
     assert after["metadata"]["labels"] == {"team": "theirs"} and "ownerReferences" not in after["metadata"]
     assert owned_children(cluster, namespace, "held") == []
 
 
 def test_the_first_pod_starting_child_refused_at_its_create_leaves_nothing(cluster, namespace, kube):
-    """The thinker's StatefulSet is the first pod-starting child (weights on the user's volume, so
-    no loader Job): it is not dry-run, and its own create is refused after the Services and
-    PodDisruptionBudgets were created. They are deleted again; no pod-starting child was written."""
-    resource = omni("first", namespace)
-    resource["spec"]["model"] = {"pvc": {"claimName": "weights"}}
+    """The thinker's StatefulSet is the first child of costly pods (weights on the user's volume,
+    so no loader Job): it is not dry-run, and its own create is refused after the Services, the
+    PodDisruptionBudgets and the gateway's Deployment were created. They are deleted again."""
+    resource = _on_a_user_volume(omni("first", namespace))
     resource["spec"]["thinker"]["resources"] = {"requests": {"example.com/nic": 1}, "limits": {"example.com/nic": 2}}
     apply(cluster, resource)
     kube.writes.clear()
@@ -168,8 +174,7 @@ def test_the_first_pod_starting_child_refused_at_its_create_leaves_nothing(clust
 
     assert outcome.applied == [] and owned_children(cluster, namespace, "first") == [], "nothing half-applied"
     assert _count(kube, "DELETE", dry_run=False) == _count(kube, "POST", dry_run=False) - 1 > 0, kube.writes
-    assert not [k for k in kube.writes if ("/statefulsets" in k or "/deployments" in k)
-                and k.startswith("POST") and not k.endswith(("dryRun", "/statefulsets"))], kube.writes
+    assert f"DELETE /apis/apps/v1/namespaces/{namespace}/deployments/first-gateway" in kube.writes, kube.writes
     message = condition(kget(cluster, "omni", "first", "-n", namespace), "Degraded")["message"]
     assert message.startswith("the apiserver refused StatefulSet first-thinker, so nothing was applied: "), message
 
@@ -184,10 +189,10 @@ def test_the_first_pod_starting_child_refused_at_its_create_leaves_nothing(clust
 
 def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(cluster, namespace, kube):
     """The schema takes an extended resource's request up to its limit; Pod validation wants the
-    two equal. The gateway comes late in the plan: without the dry run, the Services, the weight
-    cache and the thinker and talker would be written before its refusal."""
-    resource = omni("refused", namespace)
-    resource["spec"]["gateway"]["resources"] = {"requests": {"example.com/nic": 1}, "limits": {"example.com/nic": 2}}
+    two equal. The talker comes last in the plan: without the dry run, the Services, the
+    PodDisruptionBudgets, the gateway and the thinker would be written before its refusal."""
+    resource = _on_a_user_volume(omni("refused", namespace))
+    resource["spec"]["talker"]["resources"] = {"requests": {"example.com/nic": 1}, "limits": {"example.com/nic": 2}}
     apply(cluster, resource)  # admitted: 1 <= 2
     reconciler = Reconciler(kube)
     outcome = reconciler.reconcile(namespace, "refused")
@@ -198,41 +203,41 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
     degraded = condition(kget(cluster, "omni", "refused", "-n", namespace), "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
     message = degraded["message"]
-    assert message.startswith("the apiserver refused Deployment refused-gateway, so nothing was applied: "), message
+    assert message.startswith("the apiserver refused StatefulSet refused-talker, so nothing was applied: "), message
     assert ('spec.template.spec.containers[0].resources.requests: Invalid value: "1": '
             "must be equal to example.com/nic limit of 2") in message, message
 
-    # Fixed: the pod-starting children after the first are checked, then all are created; Degraded clears.
-    resource["spec"]["gateway"]["resources"]["requests"]["example.com/nic"] = 2
+    # Fixed: the costly creates after the first are checked, then all are created; Degraded clears.
+    resource["spec"]["talker"]["resources"]["requests"]["example.com/nic"] = 2
     apply(cluster, resource)
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "refused")
     assert outcome.error is None and len(outcome.applied) > 1
-    starting = [a for a in outcome.applied if a.split("/")[0] in POD_STARTING_KINDS]
-    assert _count(kube, "POST", dry_run=True) == len(starting) - 1, kube.writes
+    costly = [a for a in outcome.applied if a.split("/")[0] in COSTLY_POD_KINDS]
+    assert _count(kube, "POST", dry_run=True) == len(costly) - 1, kube.writes
     assert set(outcome.applied) == set(owned_children(cluster, namespace, "refused"))
     assert condition(kget(cluster, "omni", "refused", "-n", namespace), "Degraded")["status"] == "False"
 
     # A field the plan stops rendering goes, also from a child that was created, not applied:
     # its first change moves the create's fields to the operator's apply first.
-    del resource["spec"]["gateway"]["resources"]
+    del resource["spec"]["talker"]["resources"]
     apply(cluster, resource)
     outcome = reconciler.reconcile(namespace, "refused")
-    assert (outcome.error, outcome.applied) == (None, ["Deployment/refused-gateway"])
-    deployment = kget(cluster, "deployment", "refused-gateway", "-n", namespace, "--show-managed-fields")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert (outcome.error, outcome.applied) == (None, ["StatefulSet/refused-talker"])
+    talker = kget(cluster, "statefulset", "refused-talker", "-n", namespace, "--show-managed-fields")
+    container = talker["spec"]["template"]["spec"]["containers"][0]
     assert "example.com/nic" not in json.dumps(container.get("resources")), container.get("resources")
-    assert [(m["operation"], m.get("subresource")) for m in deployment["metadata"]["managedFields"]
+    assert [(m["operation"], m.get("subresource")) for m in talker["metadata"]["managedFields"]
             if m["manager"] == MANAGER] == [("Apply", None)]
 
     # A change of one child is one write, without a dry run.
-    resource["spec"]["gateway"]["resources"] = {"requests": {"example.com/nic": 3}, "limits": {"example.com/nic": 3}}
+    resource["spec"]["talker"]["resources"] = {"requests": {"example.com/nic": 3}, "limits": {"example.com/nic": 3}}
     apply(cluster, resource)
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "refused")
-    assert (outcome.error, outcome.applied) == (None, ["Deployment/refused-gateway"])
+    assert (outcome.error, outcome.applied) == (None, ["StatefulSet/refused-talker"])
     assert [k for k in kube.writes if not k.endswith(("/status", "/events"))] == [
-        f"PATCH /apis/apps/v1/namespaces/{namespace}/deployments/refused-gateway"], kube.writes
+        f"PATCH /apis/apps/v1/namespaces/{namespace}/statefulsets/refused-talker"], kube.writes
 
 
 def test_replicas_an_autoscaler_decides_never_go_to_the_operators_apply(cluster, namespace, kube):

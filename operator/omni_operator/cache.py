@@ -16,6 +16,7 @@ reads one owner's children only.
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import logging
 import threading
@@ -59,6 +60,14 @@ def _rv(body: dict[str, Any]) -> str:
     return body["metadata"].get("resourceVersion", "")
 
 
+class Change(enum.Enum):
+    """What a watched copy of an OmniDeployment brings."""
+
+    NONE = "none"  # a copy already held (the echo of the operator's own status write) or an older one
+    OTHER = "other"  # the same spec: a status or metadata change, or the object's deletion
+    SPEC = "spec"  # a new object or a new generation
+
+
 class ObjectCache:
     """`child_kinds`: the watched kinds of children. `pods`: the operator's pods are watched too
     (the reconciler's pod checks and the autoscaler read them here)."""
@@ -73,20 +82,21 @@ class ObjectCache:
         self.primed = threading.Event()
 
     # -- feeding ---------------------------------------------------------------------
-    def observe_omni(self, body: dict[str, Any], deleted: bool = False) -> bool:
-        """Keep the newer copy; True when it brings a spec the cache did not hold (a new object
-        or a new generation), False for a status change or a copy already seen."""
+    def observe_omni(self, body: dict[str, Any], deleted: bool = False) -> Change:
+        """Keep the newer copy, and say what it brings."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         with self._lock:
             had = self._omni.get(key)
             if deleted:
                 self._omni.pop(key, None)
-                return False
-            if not _newer_or_same(_rv(had) if had is not None else None, _rv(body)):
-                return False
+                return Change.OTHER
+            held_rv = _rv(had) if had is not None else None
+            if held_rv == _rv(body) or not _newer_or_same(held_rv, _rv(body)):
+                return Change.NONE
             self._omni[key] = _slim(body)
-            return had is None or had["metadata"].get("generation") != meta.get("generation")
+            new_spec = had is None or had["metadata"].get("generation") != meta.get("generation")
+            return Change.SPEC if new_spec else Change.OTHER
 
     def observe_child(self, kind: str, body: dict[str, Any], deleted: bool = False) -> bool:
         """A child kind's object (or a pod, kind POD), kept only when it is labelled as managed

@@ -2,8 +2,11 @@
 
 The reconciler (omni_operator.reconcile) does the work on its own worker
 threads, so handlers stay trivial and events for one OmniDeployment coalesce.
-Event handlers write nothing to the watched objects (no finalizers, no
-annotations): deleting an OmniDeployment never waits for the operator.
+The handlers are coroutines: they do no I/O (a cache update under a short lock,
+an enqueue), so kopf runs them on its event loop instead of handing each watch
+event to a thread and back. Event handlers write nothing to the watched objects
+(no finalizers, no annotations): deleting an OmniDeployment never waits for the
+operator.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import kopf
 
 from .api import GROUP, KIND, PLURAL, VERSION
-from .cache import MANAGED_BY_LABEL, POD, ObjectCache
+from .cache import MANAGED_BY_LABEL, POD, Change, ObjectCache
 from .render import MANAGER
 
 log = logging.getLogger(__name__)
@@ -67,14 +70,20 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def omni_changed(event, body, name, namespace, **_):
+    async def omni_changed(event, body, name, namespace, **_):
         deleted = event.get("type") == "DELETED"
-        # A new or changed spec goes ahead of follow-ups (status echoes, child events, resyncs).
-        new_spec = cache.observe_omni(dict(body), deleted=deleted) if cache is not None else not deleted
-        enqueue(namespace, name, first=new_spec)
+        if cache is None:
+            change = Change.OTHER if deleted else Change.SPEC
+        else:
+            change = cache.observe_omni(dict(body), deleted=deleted)
+        # The echo of the operator's own status write brings nothing (the cache took the write's
+        # response); the autoscaler's writes are not taken, so their copies do start a reconcile.
+        # A new or changed spec goes ahead of follow-ups (status changes, child events, resyncs).
+        if change is not Change.NONE:
+            enqueue(namespace, name, first=change is Change.SPEC)
 
     def child_handler(kind: str):
-        def child_changed(event, body, namespace, **_):
+        async def child_changed(event, body, namespace, **_):
             # The echo of the operator's own write (the cache took its response) brings nothing
             # to reconcile; nor does a child's deletion by a reconcile, which forgot it at once.
             if cache is not None and not cache.observe_child(kind, dict(body), deleted=event.get("type") == "DELETED"):
@@ -92,5 +101,5 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
         # Pods only feed the cache (their status reasons, the autoscaler's inputs): what a
         # reconcile needs of them it reads when it runs, so their events enqueue nothing.
         @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
-        def pod_changed(event, body, **_):
+        async def pod_changed(event, body, **_):
             cache.observe_child(POD, dict(body), deleted=event.get("type") == "DELETED")

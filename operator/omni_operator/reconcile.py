@@ -34,6 +34,9 @@ CHILD_KINDS = ("Service", "PersistentVolumeClaim", "Job", "StatefulSet", "Deploy
 CREATE_ONLY_KINDS = ("Job", "PersistentVolumeClaim")
 # Created after every other new child of a plan: a child refused is met before a pod exists.
 POD_STARTING_KINDS = ("Job", "StatefulSet", "Deployment")
+# Of those, the ones whose pods cost something to start in vain: the weight loader (a download)
+# and the GPU workloads. The gateway's Deployment (a few CPU pods) is created before them.
+COSTLY_POD_KINDS = ("Job", "StatefulSet")
 
 
 def _now() -> str:
@@ -225,11 +228,11 @@ class Reconciler:
         """Write what differs from the plan, all or nothing. A new child is created (POST), which
         never writes into an object that exists: a name someone else holds shows as a failed
         create, and whatever this reconcile created before it is deleted again. Creates come
-        first and those that start pods last, so a refusal of any other child is met before a
-        pod exists. Every pod-starting create but the first, and every change of an existing
-        child when there are several writes, is admitted without being stored (dryRun=All)
-        before the first write (`check_all`: every write is). A single write, and the steady
-        state, pay for no check."""
+        first and those that start pods last, the gateway's cheap ones before the costly ones,
+        so a refusal of any other child is met before a pod exists. Every create of costly pods
+        but the first, and every change of an existing child when there are several writes, is
+        admitted without being stored (dryRun=All) before the first write (`check_all`: every
+        write is). A single write, and the steady state, pay for no check."""
         if plan.weights.rerun_loader:  # its PVC is gone: a new Job must fill the new one
             for key in [("Job", o["metadata"]["name"]) for o in plan.objects if o["kind"] == "Job"]:
                 if key in live and owned_by(live[key], uid):
@@ -237,9 +240,11 @@ class Reconciler:
         current: dict[tuple[str, str], dict[str, Any] | None] = {_key(o): live.get(_key(o)) for o in plan.objects}
         writes = [o for o in plan.objects if _needs_write(o, current[_key(o)])]
         creates = [o for o in writes if current[_key(o)] is None]
-        starting = [o for o in creates if o["kind"] in POD_STARTING_KINDS]
+        starting = sorted((o for o in creates if o["kind"] in POD_STARTING_KINDS),
+                          key=lambda o: o["kind"] in COSTLY_POD_KINDS)
+        costly = [o for o in starting if o["kind"] in COSTLY_POD_KINDS]
         changes = [o for o in writes if current[_key(o)] is not None]
-        for obj in writes if check_all else starting[1:] + (changes if len(writes) > 1 else []):
+        for obj in writes if check_all else costly[1:] + (changes if len(writes) > 1 else []):
             key = _key(obj)
             try:
                 if current[key] is not None:
