@@ -1,6 +1,6 @@
 """Scale benchmark of the operator against the real local control plane (e2e.cluster).
 
-    python -m bench.operator_bench [--counts 1,50,200] [--restart-count 50] [--state-dir DIR]
+    python -m bench.operator_bench [--counts 1,50,200] [--rounds 1] [--restart-count 50] [--state-dir DIR]
 
 Figures:
 1. Reconcile latency: N OmniDeployments created by one server-side apply (a fresh
@@ -16,8 +16,11 @@ Figures:
    first children appear, start it again, time until every object of the batch is done.
 5. The physical limit (--direct-count): the same children and statuses of N objects written
    by a plain client with no operator running (bench/direct_apply.py), once before the
-   operator starts and once right after the burst of the same N (the operator stopped
-   meanwhile); the last line divides the operator's p99 by the mean of the two baseline p99s.
+   operator starts and once right after each burst of the same N (the operator stopped
+   meanwhile). Each burst's ratio divides its p99 by the mean of the two baseline p99s around
+   it; with --rounds R the burst of that N and the baseline after it run R times (each in a
+   fresh namespace), and the last line gives every round's ratio and their median: the
+   machine's pace drifts from minute to minute, one pair says less than several.
 
 The operator runs as `omni-operator run --all-namespaces` under a service account bound
 to its own RBAC rules (omni_operator.rbac), so its requests are the ones audited.
@@ -31,6 +34,7 @@ import argparse
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -79,6 +83,7 @@ SETTLE_SECONDS = 10.0  # no workload change and no operator write for this long:
 @dataclass
 class BurstResult:
     count: int
+    round: int
     apply_s: float
     p50_s: float
     p99_s: float
@@ -184,8 +189,8 @@ class Bench:
         self.objects += count
         return resources, ConvergenceWatch(self.api, namespace, expected)
 
-    def burst(self, count: int, namespace: str | None = None) -> BurstResult:
-        namespace = self.namespace(namespace or f"omni-bench-{count}")
+    def burst(self, count: int, namespace: str | None = None, round_: int = 1) -> BurstResult:
+        namespace = self.namespace(namespace or f"omni-bench-{count}" + (f"-{round_}" if round_ > 1 else ""))
         resources, watch = self.batch(namespace, count)
         mark, before = self.audit.mark(), Snapshot.take(self.op)
         started = time.monotonic()
@@ -202,7 +207,7 @@ class Bench:
         if invalid:
             raise RuntimeError(f"SizingValid is not True for {invalid[:5]}: {watch.conditions[invalid[0]]}")
         latencies = [t - started for t in watch.done_at.values()]
-        return BurstResult(count=count, apply_s=applied - started, p50_s=percentile(latencies, 50),
+        return BurstResult(count=count, round=round_, apply_s=applied - started, p50_s=percentile(latencies, 50),
                            p99_s=percentile(latencies, 99), max_s=last - started, until_done=before.until(done),
                            until_settled=before.until(settled), writes=self.audit.writes_since(mark),
                            reads=self.audit.reads_since(mark))
@@ -299,14 +304,14 @@ def report(r: BenchResult) -> str:
         "writes/obj, reconciles/obj: until the operator's workloads and writes stopped changing; "
         "op CPU, op RSS, machine busy: up to the last object done",
         "",
-        f"{'N':>5} {'apply s':>8} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'writes/obj':>10} "
+        f"{'N':>5} {'round':>5} {'apply s':>8} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'writes/obj':>10} "
         f"{'(children status events other)':>31} {'reads/obj':>9} {'reconciles/obj':>14} {'ms each':>8} "
         f"{'op CPU s':>9} {'op RSS MiB':>11} {'machine busy':>12}",
     ]
     for b in r.bursts:
         w, i, settled = writes_per_object(b.writes, b.count), b.until_done, b.until_settled
         breakdown = f"({w['children']:.1f} {w['status']:.1f} {w['events']:.1f} {w['other']:.1f})"
-        lines.append(f"{b.count:>5} {b.apply_s:>8.2f} {b.p50_s:>7.2f} {b.p99_s:>7.2f} {b.max_s:>7.2f} "
+        lines.append(f"{b.count:>5} {b.round:>5} {b.apply_s:>8.2f} {b.p50_s:>7.2f} {b.p99_s:>7.2f} {b.max_s:>7.2f} "
                      f"{sum(w.values()):>10.1f} {breakdown:>31} {sum(b.reads.values()) / b.count:>9.1f} "
                      f"{settled.reconciles / b.count:>14.1f} "
                      f"{1000 * settled.reconcile_s / max(settled.reconciles, 1):>8.0f} {i.operator_cpu_s:>9.1f} "
@@ -342,18 +347,21 @@ def report(r: BenchResult) -> str:
                      _writes(r.quiet.operator_reads)))
     rows.append(("operator log: failed reconciles, other ERROR lines", f"{r.failed_reconciles}, {r.log_errors}"))
     direct_count = r.directs[0].count if r.directs else None
-    burst = next((b for b in r.bursts if b.count == direct_count), None)
-    for d, when in zip(r.directs, ("before the operator started", "after its burst, operator stopped")):
+    compared = [b for b in r.bursts if b.count == direct_count]
+    for i, d in enumerate(r.directs):
+        when = "before the operator started" if i == 0 else f"after burst round {i}, operator stopped"
         rows.append((f"baseline {when}: {d.count} objects, same children and statuses, plain client",
                      f"p50 {d.p50_s:.2f} s, p99 {d.p99_s:.2f} s, max {d.max_s:.2f} s"))
     width = max(len(k) for k, _ in rows)
     lines += [""] + [f"{k:<{width}}  {v}" for k, v in rows]
     lines += ["", f"reproduce: {r.command}"]
-    if burst is not None:
-        direct_p99 = sum(d.p99_s for d in r.directs) / len(r.directs)
-        lines.append(f"ratio: operator p99 / direct p99 (mean of {len(r.directs)} baseline runs) for N={burst.count}: "
-                     f"{burst.p99_s / direct_p99:.2f} (goal <= 1.5); "
-                     f"operator reads per object {sum(burst.reads.values()) / burst.count:.1f}")
+    if compared and len(r.directs) > len(compared):
+        # each burst against the two baselines around it: the one before it and the one right after
+        ratios = [b.p99_s / ((r.directs[i].p99_s + r.directs[i + 1].p99_s) / 2) for i, b in enumerate(compared)]
+        reads = sum(sum(b.reads.values()) for b in compared) / sum(b.count for b in compared)
+        lines.append(f"ratio: operator p99 / direct p99 (mean of the baselines before and after the burst) for "
+                     f"N={direct_count}: {', '.join(f'{x:.2f}' for x in ratios)} over {len(ratios)} round(s), "
+                     f"median {statistics.median(ratios):.2f} (goal <= 1.5); operator reads per object {reads:.1f}")
     return "\n".join(lines)
 
 
@@ -364,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.operator_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", default="1,50,200", help="batch sizes, comma separated (default 1,50,200)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="bursts of the --direct-count N, each followed by a baseline (default 1)")
     parser.add_argument("--restart-count", type=int, default=50, help="batch size of the SIGKILL run; 0 skips it")
     parser.add_argument("--state-dir", type=Path, default=None, help="cluster state and logs, kept afterwards")
     parser.add_argument("--direct-count", type=int, default=200,
@@ -379,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         install_crd(cluster)
         op = OperatorProcess(operator_account(cluster), state_dir / "logs" / "operator.log", "--all-namespaces")
         try:
-            result = run(cluster, op, counts, args.restart_count, command, args.direct_count)
+            result = run(cluster, op, counts, args.restart_count, command, args.direct_count, args.rounds)
         finally:
             op.stop()
         print(report(result), flush=True)
@@ -391,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cluster: LocalCluster, op: OperatorProcess, counts: list[int], restart_count: int,
-        command: str, direct_count: int = 0) -> BenchResult:
+        command: str, direct_count: int = 0, rounds: int = 1) -> BenchResult:
     sample = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "x"}, "spec": SPEC}
     result = BenchResult(cores=os.cpu_count() or 0, kubernetes=cluster.api("GET", "/version")[1]["gitVersion"],
                          load_at_start=os.getloadavg()[0], command=command,
@@ -406,17 +416,18 @@ def run(cluster: LocalCluster, op: OperatorProcess, counts: list[int], restart_c
         progress("first object after the operator's start")
         result.first_object_s = bench.burst(1, "omni-bench-first").max_s
         for count in counts:
-            progress(f"burst of {count}")
-            result.bursts.append(bench.burst(count))
-            if count == direct_count:
-                # the baseline again right after the burst it is compared with (the machine's pace
-                # drifts, and later bursts leave pods for the scheduler to retry); the operator is
-                # stopped meanwhile, as it would reconcile the baseline's objects
-                op.stop()
-                progress(f"baseline again, the operator stopped: {direct_count} objects written by a plain client")
-                result.directs.append(bench.direct(direct_count, "after"))
-                op.start()
-                wait_until("the operator ready", op.ready, timeout=60)
+            for round_ in range(1, (rounds if count == direct_count else 1) + 1):
+                progress(f"burst of {count}" + (f", round {round_} of {rounds}" if count == direct_count else ""))
+                result.bursts.append(bench.burst(count, round_=round_))
+                if count == direct_count:
+                    # the baseline again right after the burst it is compared with (the machine's pace
+                    # drifts, and later bursts leave pods for the scheduler to retry); the operator is
+                    # stopped meanwhile, as it would reconcile the baseline's objects
+                    op.stop()
+                    progress(f"baseline again, the operator stopped: {direct_count} objects written by a plain client")
+                    result.directs.append(bench.direct(direct_count, f"after-{round_}"))
+                    op.start()
+                    wait_until("the operator ready", op.ready, timeout=60)
         progress(f"quiet period of {QUIET_SECONDS:.0f} s")
         result.quiet = bench.quiet()
         if restart_count:
