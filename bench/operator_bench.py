@@ -51,7 +51,7 @@ from bench.operator_bench_cluster import (CHILD_PATHS, OPERATOR_ACCOUNT, OPERATO
 from e2e.cluster import LocalCluster
 from e2e.operator_process import OperatorProcess, install_crd
 from omni_operator.api import GROUP, KIND, PLURAL, VERSION
-from omni_operator.main import RESYNC_SECONDS
+from omni_operator.reconcile import RESYNC_SECONDS
 from omni_operator.plan import plan_offline
 
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"

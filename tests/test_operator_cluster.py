@@ -363,6 +363,26 @@ def test_operator_killed_mid_reconcile_converges_after_restart(cluster, namespac
         second.stop()
 
 
+def test_a_restarted_operator_repairs_what_changed_while_none_ran(cluster, namespace, crd, tmp_path):
+    """No watch event tells a new operator that a child went while none ran, and the watch's first
+    copy of each object is the one its cache was primed with: it reconciles every object once at
+    start. The resync is an hour here, so nothing else brings the Service back."""
+    no_resync = ("--namespace", namespace, "--resync-seconds", "3600")
+    first = OperatorProcess(crd, tmp_path / "first.log", *no_resync).start()
+    try:
+        apply(cluster, omni("away", namespace))
+        wait_ready(cluster, namespace, "away", first)  # settled: no child event is on its way
+    finally:
+        first.stop()
+    cluster.kubectl("delete", "service", "away-gateway", "-n", namespace, "--wait=true")
+    second = OperatorProcess(crd, tmp_path / "second.log", *no_resync).start()
+    try:
+        wait("the gateway's Service created again",
+             lambda: "Service/away-gateway" in children(cluster, namespace, "away"), operator=second)
+    finally:
+        second.stop()
+
+
 def test_operator_metrics_report_sizing_and_replicas(cluster, namespace, operator):
     apply(cluster, omni("metrics", namespace))
     wait_ready(cluster, namespace, "metrics", operator)

@@ -337,3 +337,14 @@ def test_a_cache_that_watches_pods_answers_the_pod_checks(cluster, namespace, ku
     assert not [k for k in kube.reads if k.endswith("/pods")], kube.reads
     status = kget(cluster, "omni", "cached-pods", "-n", namespace)["status"]
     assert status["gateway"]["reason"] == "Unschedulable", status["gateway"]
+
+
+def test_the_lists_that_prime_the_cache_are_read_in_pages(cluster, namespace, kube):
+    for i in range(3):
+        kube.create({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": f"page-{i}", "namespace": namespace, "labels": {"page": "yes"}},
+                     "spec": {"ports": [{"port": 80}]}})
+    kube.reads.clear()
+    pages = list(kube.list_pages("Service", namespace, "page=yes", limit=2))
+    assert [sorted(s["metadata"]["name"] for s in page) for page in pages] == [["page-0", "page-1"], ["page-2"]]
+    assert sum(kube.reads.values()) == 2, kube.reads

@@ -112,6 +112,8 @@ class Autoscaler:
             try:
                 self.run_once(resources())
             except Exception:  # the loop must outlive any one bad object or API hiccup
+                if stop.is_set():
+                    return  # the process is stopping (its scrape pool too): a pass cut short is no failure
                 log.exception("autoscaling pass failed")
 
     def run_once(self, resources: list[dict[str, Any]]) -> None:

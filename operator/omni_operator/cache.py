@@ -137,6 +137,7 @@ class ObjectCache:
                 self.observe_child(kind, body)
         self.primed.set()
 
+
     def answers_pods(self) -> bool:
         return self.watches_pods and self.primed.is_set()
 
@@ -168,14 +169,19 @@ class ObjectCache:
 
 def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], selector: str) -> None:
     """One LIST of the OmniDeployments and of each child kind (per watched namespace, or
-    cluster-wide), then the cache answers reads."""
+    cluster-wide), read in pages, each taken into the cache before the next is read (the cache
+    keeps compact text; whole lists of a large cluster would be held at once as objects). Then
+    the cache answers reads."""
     scopes = namespaces or [None]
-    omnis = [o for ns in scopes for o in kube.list(kind, ns)]
-    children = {}
+    for ns in scopes:
+        for page in kube.list_pages(kind, ns):
+            for body in page:
+                cache.observe_omni(body)
     for child in cache.child_kinds + ((POD,) if cache.watches_pods else ()):
-        items = [o for ns in scopes for o in kube.list(child, ns, selector)]
-        for obj in items:  # list items carry no kind of their own
-            obj.setdefault("kind", child)
-            obj.setdefault("apiVersion", api_version(child))
-        children[child] = items
-    cache.prime(omnis, children)
+        for ns in scopes:
+            for page in kube.list_pages(child, ns, selector):
+                for obj in page:  # list items carry no kind of their own
+                    obj.setdefault("kind", child)
+                    obj.setdefault("apiVersion", api_version(child))
+                    cache.observe_child(child, obj)
+    cache.primed.set()

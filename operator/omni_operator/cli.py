@@ -11,7 +11,7 @@ import yaml
 
 from . import __version__
 from .sizing import QWEN3_OMNI_30B_A3B, ModelArchitecture, Sizing, SizingRequest, architecture_from_config, size
-from .reconcile import PODS_CHECKED_AFTER
+from .reconcile import PODS_CHECKED_AFTER, RESYNC_SECONDS
 from .sizing_table import gpus_per_replica_table
 
 EXIT_DOES_NOT_FIT = 2
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tag", default=None, help="default tag of the runtime images")
     p.add_argument("--pods-checked-after", type=float, default=PODS_CHECKED_AFTER, metavar="SECONDS",
                    help="read a role's pods for the reason once it has been short of ready replicas this long")
+    p.add_argument("--resync-seconds", type=float, default=RESYNC_SECONDS, metavar="SECONDS",
+                   help="reconcile every OmniDeployment this often, whatever the watches say")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=_cmd_run)
     return parser

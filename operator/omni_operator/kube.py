@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlencode
 
 from kubernetes import client, config
@@ -64,7 +64,8 @@ def api_version(kind: str) -> str:
     return prefix.removeprefix("/apis/").removeprefix("/api/")
 
 
-UNSERVED_RECHECK_SECONDS = 300.0  # an optional API (KEDA) installed later is noticed within this
+UNSERVED_RECHECK_SECONDS = 300.0
+LIST_PAGE = 500  # items per page of the LISTs that prime the watch cache (client-go's reflector pages by 500)  # an optional API (KEDA) installed later is noticed within this
 
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 
@@ -160,6 +161,31 @@ class Kube:
             if err.status == 404:
                 return None
             raise
+
+    def list_pages(self, kind: str, namespace: str | None, label_selector: str | None = None, *,
+                   limit: int = LIST_PAGE) -> Iterator[list[dict[str, Any]]]:
+        """Items of a kind, `limit` at a time (a LIST of everything at once is held whole in
+        memory, several times its size as Python objects). If the apiserver no longer serves
+        the rest of a list (410: it compacted past it), the whole list comes again in one page:
+        items already seen may come twice."""
+        if self._unserved.get(kind, 0.0) > time.monotonic():
+            return
+        query: dict[str, Any] = {"limit": limit, **({"labelSelector": label_selector} if label_selector else {})}
+        while True:
+            try:
+                result = self.request("GET", self.path(kind, namespace), query=query)
+            except KubeError as err:
+                if err.status == 410 and "continue" in query:
+                    yield self.list(kind, namespace, label_selector)
+                    return
+                if err.status == 404 and kind not in BUILTIN_KINDS:
+                    self._unserved[kind] = time.monotonic() + UNSERVED_RECHECK_SECONDS
+                    return
+                raise
+            yield list(result.get("items") or [])
+            query["continue"] = (result.get("metadata") or {}).get("continue")
+            if not query["continue"]:
+                return
 
     def list(self, kind: str, namespace: str | None, label_selector: str | None = None, *,
              field_selector: str | None = None) -> list[dict[str, Any]]:

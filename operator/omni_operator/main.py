@@ -23,15 +23,23 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger("omni_operator")
 
-RESYNC_SECONDS = 60.0
 
-
-def _resync_loop(cache: ObjectCache, queue: WorkQueue, stop: threading.Event) -> None:
+def _resync_loop(cache: ObjectCache, queue: WorkQueue, stop: threading.Event, every: float) -> None:
     """Re-enqueue every OmniDeployment now and then: a level-triggered safety net, read from
     the watch cache (a settled object's reconcile then costs no API call either)."""
-    while not stop.wait(RESYNC_SECONDS):
+    while not stop.wait(every):
         for item in cache.items():
             queue.add(item["metadata"]["namespace"], item["metadata"]["name"])
+
+
+def _enqueue_all(cache: ObjectCache, queue: WorkQueue) -> None:
+    """A new leader looks at every object once: what changed while no operator ran (a child
+    deleted, a spec edited) brings no watch event of its own, and the watch's first copies of
+    the objects are the ones the cache was primed with. Specs not acted on yet go first."""
+    for item in cache.items():
+        meta = item["metadata"]
+        pending = (item.get("status") or {}).get("observedGeneration") != meta.get("generation")
+        queue.add(meta["namespace"], meta["name"], first=pending)
 
 
 def _serve_health(port: int, ready: threading.Event) -> None:
@@ -104,6 +112,7 @@ def run_operator(args: argparse.Namespace) -> int:
     handlers.register(registry, queue.add, queue.add_soon, cache)
     # one LIST per kind, then reads come from the watches
     prime_from_api(cache, kube, KIND, args.namespace, ",".join(f"{k}={v}" for k, v in handlers.MANAGED.items()))
+    _enqueue_all(cache, queue)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_):
@@ -114,7 +123,8 @@ def run_operator(args: argparse.Namespace) -> int:
         settings.watching.client_timeout = 330
 
     stop = threading.Event()
-    threading.Thread(target=_resync_loop, args=(cache, queue, stop), daemon=True, name="resync").start()
+    threading.Thread(target=_resync_loop, args=(cache, queue, stop, args.resync_seconds), daemon=True,
+                     name="resync").start()
     autoscaler = Autoscaler(kube, queue.add, cache.pods)
     threading.Thread(target=autoscaler.run, args=(stop, cache.items), daemon=True, name="autoscaler").start()
     try:

@@ -63,6 +63,9 @@ def wanted_replicas(resource: dict[str, Any]) -> dict[str, int] | None:
     return {role: n for role, n in wanted.items() if isinstance(n, int)} or None
 
 
+# Every object is reconciled this often, whatever the watches say (a level-triggered safety net).
+RESYNC_SECONDS = 60.0
+
 # A role short of ready replicas this long gets its pods read for the reason (pods starting
 # normally are not read: a rollout costs no extra calls).
 PODS_CHECKED_AFTER = 30.0
