@@ -20,7 +20,7 @@ import enum
 import json
 import logging
 import threading
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .kube import FIELD_MANAGER, api_version, holds_created_fields
 from .render import MANAGER
@@ -128,15 +128,15 @@ class ObjectCache:
                 return True
             return False
 
-    def prime(self, omnis: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]) -> None:
-        """Seed from one LIST of each kind; from then on the cache answers reads."""
+    def prime(self, omnis: Iterable[dict[str, Any]], children: dict[str, Iterable[dict[str, Any]]]) -> None:
+        """Seed from one LIST of each kind, taking each item as it comes (the iterables may read
+        page after page); from then on the cache answers reads."""
         for body in omnis:
             self.observe_omni(body)
         for kind, items in children.items():
             for body in items:
                 self.observe_child(kind, body)
         self.primed.set()
-
 
     def answers_pods(self) -> bool:
         return self.watches_pods and self.primed.is_set()
@@ -173,15 +173,14 @@ def prime_from_api(cache: ObjectCache, kube, kind: str, namespaces: list[str], s
     keeps compact text; whole lists of a large cluster would be held at once as objects). Then
     the cache answers reads."""
     scopes = namespaces or [None]
-    for ns in scopes:
-        for page in kube.list_pages(kind, ns):
-            for body in page:
-                cache.observe_omni(body)
-    for child in cache.child_kinds + ((POD,) if cache.watches_pods else ()):
+
+    def listed(of: str, label_selector: str | None = None) -> Iterator[dict[str, Any]]:
         for ns in scopes:
-            for page in kube.list_pages(child, ns, selector):
+            for page in kube.list_pages(of, ns, label_selector):
                 for obj in page:  # list items carry no kind of their own
-                    obj.setdefault("kind", child)
-                    obj.setdefault("apiVersion", api_version(child))
-                    cache.observe_child(child, obj)
-    cache.primed.set()
+                    obj.setdefault("kind", of)
+                    obj.setdefault("apiVersion", api_version(of))
+                    yield obj
+
+    cache.prime(listed(kind), {child: listed(child, selector)
+                               for child in cache.child_kinds + ((POD,) if cache.watches_pods else ())})

@@ -64,8 +64,8 @@ def api_version(kind: str) -> str:
     return prefix.removeprefix("/apis/").removeprefix("/api/")
 
 
-UNSERVED_RECHECK_SECONDS = 300.0
-LIST_PAGE = 500  # items per page of the LISTs that prime the watch cache (client-go's reflector pages by 500)  # an optional API (KEDA) installed later is noticed within this
+UNSERVED_RECHECK_SECONDS = 300.0  # an optional API (KEDA) installed later is noticed within this
+LIST_PAGE = 500  # items per page of the LISTs that prime the watch cache (as client-go's reflector)
 
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 
