@@ -121,6 +121,11 @@ def run_operator(args: argparse.Namespace) -> int:
         settings.persistence.diffbase_storage = handlers.NoDiffBase()
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        # A new leader's first look at every object: kopf lists each watched kind whole by default,
+        # and keeps each object's worker (and its last body) 5 s after its event. With a thousand
+        # OmniDeployments that held every child and pod at once: 484 MiB against 247 MiB so.
+        settings.watching.chunk_size = 500
+        settings.queueing.idle_timeout = 0.5
 
     stop = threading.Event()
     threading.Thread(target=_resync_loop, args=(cache, queue, stop, args.resync_seconds), daemon=True,
