@@ -65,7 +65,7 @@ def api_version(kind: str) -> str:
 
 
 UNSERVED_RECHECK_SECONDS = 300.0  # an optional API (KEDA) installed later is noticed within this
-LIST_PAGE = 500  # items per page of the LISTs that prime the watch cache (as client-go's reflector)
+LIST_PAGE = 500  # items per page of the first LISTs of a new leader, its own and kopf's (as client-go's reflector)
 
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 
@@ -162,26 +162,36 @@ class Kube:
                 return None
             raise
 
+    def _list_once(self, kind: str, namespace: str | None, query: dict[str, Any]) -> dict[str, Any] | None:
+        """One LIST request; None when the kind is not served (e.g. KEDA not installed), which is
+        remembered for a while so every reconcile does not ask again."""
+        if self._unserved.get(kind, 0.0) > time.monotonic():
+            return None
+        try:
+            return self.request("GET", self.path(kind, namespace), query=query)
+        except KubeError as err:
+            if err.status == 404 and kind not in BUILTIN_KINDS:
+                self._unserved[kind] = time.monotonic() + UNSERVED_RECHECK_SECONDS
+                return None
+            raise
+
     def list_pages(self, kind: str, namespace: str | None, label_selector: str | None = None, *,
                    limit: int = LIST_PAGE) -> Iterator[list[dict[str, Any]]]:
         """Items of a kind, `limit` at a time (a LIST of everything at once is held whole in
         memory, several times its size as Python objects). If the apiserver no longer serves
         the rest of a list (410: it compacted past it), the whole list comes again in one page:
         items already seen may come twice."""
-        if self._unserved.get(kind, 0.0) > time.monotonic():
-            return
         query: dict[str, Any] = {"limit": limit, **({"labelSelector": label_selector} if label_selector else {})}
         while True:
             try:
-                result = self.request("GET", self.path(kind, namespace), query=query)
+                result = self._list_once(kind, namespace, query)
             except KubeError as err:
                 if err.status == 410 and "continue" in query:
                     yield self.list(kind, namespace, label_selector)
                     return
-                if err.status == 404 and kind not in BUILTIN_KINDS:
-                    self._unserved[kind] = time.monotonic() + UNSERVED_RECHECK_SECONDS
-                    return
                 raise
+            if result is None:
+                return
             yield list(result.get("items") or [])
             query["continue"] = (result.get("metadata") or {}).get("continue")
             if not query["continue"]:
@@ -189,19 +199,10 @@ class Kube:
 
     def list(self, kind: str, namespace: str | None, label_selector: str | None = None, *,
              field_selector: str | None = None) -> list[dict[str, Any]]:
-        """Items of a kind; none when the kind is not served (e.g. KEDA not installed), which is
-        remembered for a while so every reconcile does not ask again."""
-        if self._unserved.get(kind, 0.0) > time.monotonic():
-            return []
+        """Items of a kind; none when the kind is not served (see _list_once)."""
         query = {k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v}
-        try:
-            result = self.request("GET", self.path(kind, namespace), query=query)
-        except KubeError as err:
-            if err.status == 404 and kind not in BUILTIN_KINDS:
-                self._unserved[kind] = time.monotonic() + UNSERVED_RECHECK_SECONDS
-                return []
-            raise
-        return list(result.get("items") or [])
+        result = self._list_once(kind, namespace, query)
+        return list(result.get("items") or []) if result is not None else []
 
     def apply(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
         """Server-side apply under the operator's single field manager, with force: what the
