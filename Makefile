@@ -1,13 +1,14 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
-# Everything is installed into .venv; the control-plane binaries are built once
-# into $(OMNI_CACHE) (outside the repo) and reused.
+# Two entry points for a fresh machine: `make demo` and `make test`; and one target per test tier
+# (docs/development.md). Everything is installed into .venvs; the binaries are built once into
+# $(OMNI_CACHE) (outside the repo) and reused.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-runtime setup-vllm system-tools image-tools binaries demo test test-fast test-lowest images generate clean
+.PHONY: setup setup-runtime setup-vllm system-tools image-tools tools binaries demo test test-pure test-schema \
+	test-cluster test-runtime test-vllm test-images test-lowest generate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,11 @@ setup: $(VENV)/.installed
 setup-runtime: $(VENV)/.installed-runtime
 setup-vllm: $(VLLM_VENV)/.installed
 
+# kubectl, helm, promtool and actionlint: what the schema tier runs.
+tools:
+	bash e2e/build-binaries.sh --tools
+
+# The tools and the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok).
 binaries:
 	bash e2e/build-binaries.sh
 
@@ -77,25 +83,39 @@ image-tools:
 demo: setup-runtime system-tools binaries
 	$(PY) -m e2e.demo
 
-test: setup-runtime setup-vllm system-tools binaries
-	$(PY) -m pytest -m "not images"
+PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-# The pure, schema and control-plane tiers on the lowest allowed dependencies.
+# Every tier, then the lowest-versions run: the command CI runs (.ci/run).
+test: test-pure test-schema test-cluster test-runtime test-vllm test-images test-lowest
+
+test-pure: setup
+	$(PYTEST) --tier pure
+
+test-schema: setup system-tools tools
+	$(PYTEST) --tier schema
+
+test-cluster: setup system-tools binaries
+	$(PYTEST) --tier cluster
+
+test-runtime: setup-runtime system-tools binaries
+	$(PYTEST) --tier runtime
+
+test-vllm: setup-runtime setup-vllm
+	$(PYTEST) --tier vllm
+
+# The operator and gateway images built with buildah and started as their pods start them (read-only
+# root, the rendered user and env), probed on loopback; the chart's operator against the local control
+# plane. Needs root. Base tarball and wheels cached in $(OMNI_CACHE)/images.
+test-images: setup image-tools system-tools binaries
+	nice -n 10 $(PYTEST) --tier images
+
+# The pure, schema and control-plane tiers on the lowest version of every direct dependency that
+# pyproject.toml allows (uv's lowest-direct resolution), to keep the declared floors honest.
 test-lowest: $(LOWEST_VENV)/.installed system-tools binaries
-	$(LOWEST_VENV)/bin/python -m pytest -m "not runtime and not images" --ignore=tests/runtime -p no:cacheprovider
-
-# The image tier (tests/test_image_tier.py): the operator and gateway images built with buildah and
-# started as their pods start them (read-only root, the rendered user and env), probed on loopback;
-# the chart's operator against the local control plane. Base tarball and wheels cached in $(OMNI_CACHE)/images.
-images: setup image-tools system-tools binaries
-	OMNI_IMAGE_TIER=1 nice -n 10 $(PY) -m pytest -m images tests/test_image_tier.py -p no:cacheprovider
-
-# Pure and schema tiers only: no control plane, no torch.
-test-fast: setup
-	$(PY) -m pytest -m "not cluster and not runtime and not images" --ignore=tests/runtime
+	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider --tier pure --tier schema --tier cluster
 
 generate: setup
-	$(VENV)/bin/omni-operator generate
+	$(PY) -m tools.generate
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LOWEST_VENV) .pytest_cache .hypothesis build/wheels build/images

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from bench.autoscale_sim import (ALL_TRACES, HpaStylePolicy, Model, OurPolicy, Trace, direction_changes,
                                  gpu_seconds_over_budget, over_provisioned, reach_after, simulate, stuck_pending,
                                  under_provisioned)
-from omni_operator.autoscale import Policy
+from omni_operator.autoscaling.policy import Policy
 
 STEP_AT = {"step": 300, "pool-exhausted": 120, "budget-exhausted": 120, "zero-and-back": 1200, "burst": 600,
            "ramp": 0, "sawtooth-noise": 0, "diurnal": 0, "spikes": 0}

@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from omni_operator.autoscale import Decision, History, PodLoad, Policy, RoleState, decide
+from omni_operator.autoscaling.policy import Decision, History, PodLoad, Policy, RoleState, decide
 
 Rate = Callable[[float], float]
 
@@ -69,7 +69,7 @@ def needed_replicas(rate: float, model: Model) -> int:
 
 
 class OurPolicy:
-    """omni_operator.autoscale.decide at the operator's poll interval."""
+    """omni_operator.autoscaling.policy.decide at the operator's poll interval."""
 
     def __init__(self, policy: Policy, poll: float = 5.0):
         self.policy, self.poll, self.history = policy, poll, History()

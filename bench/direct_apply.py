@@ -11,12 +11,12 @@ from typing import Any
 
 from kubernetes import config as kube_config
 
-from omni_operator.api import KIND
+from omni_operator.api.resource import KIND
+from omni_operator.controller.conditions import compute_conditions, merge_conditions
 from omni_operator.kube import Kube
-from omni_operator.plan import make_plan
-from omni_operator.sizing import sizing_status
-from omni_operator.render import gpus_for
-from omni_operator.status import compute_conditions, merge_conditions
+from omni_operator.rendering.meta import gpus_for
+from omni_operator.rendering.plan import make_plan
+from omni_operator.sizing.replicas import sizing_status
 
 WORKERS = 4  # the operator's WorkQueue default
 

@@ -19,7 +19,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,13 +28,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from e2e.procs import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tone_wav(seconds: float, freq: float, rate: int = 16000) -> bytes:

@@ -11,7 +11,7 @@ short prompt; the thinker prefills it and decodes a few tokens (transformers `ge
 
   - weights per part, measured (allocated after building) and counted (parameter bytes);
   - the thinker's peak allocated memory for that request, against the table's row the operator
-    sizes a thinker pod from (`sizing.estimate_gb("thinker", "thinking", s)`);
+    sizes a thinker pod from (`estimate_gb("thinker", "thinking", s)`);
   - its KV cache per token (the cache's tensors / tokens), against the sizing's
     2 x layers x KV heads x head dim x dtype bytes;
   - the talker's peak for a prefill over the same context plus code2wav of the answer's audio,
@@ -70,7 +70,7 @@ DECODE_TOKENS = 16
 
 def cache_bytes(cache) -> tuple[int, int]:
     """(bytes, tokens) of a transformers KV cache."""
-    from omni_runtime.talker_engine import kv_layers
+    from omni_runtime.talker.engine import kv_layers
 
     total, tokens = 0, 0
     for keys, values in kv_layers(cache):
@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     import transformers
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
-    from omni_operator import sizing
+    from omni_operator.sizing.kv_cache import architecture_from_config
+    from omni_operator.sizing.model_card import estimate_gb
     from omni_runtime.tiny import build_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     meter = Meter(torch, device)
     config = build_config(FULL_SIZE if args.scale == "full" else None)
     # The sizing's KV cache per token, read from this config as the operator reads a checkpoint's.
-    arch = sizing.architecture_from_config({**config.to_dict(), "dtype": str(dtype).removeprefix("torch.")})
+    arch = architecture_from_config({**config.to_dict(), "dtype": str(dtype).removeprefix("torch.")})
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"# Qwen3-Omni-30B-A3B architecture ({args.scale}), random {str(dtype).removeprefix('torch.')} weights, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {name}, SDPA attention")
@@ -209,8 +210,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "talker_kv_per_token": talk["kv"] / talk["kv_tokens"],
                      "sizing_thinker_kv_per_token": arch.thinker.bytes_per_token,
                      "sizing_talker_kv_per_token": arch.talker.bytes_per_token})
-        table_thinker = sizing.estimate_gb("thinker", "thinking", seconds).gigabytes
-        table_talker = sizing.estimate_gb("talker", "instruct", seconds).gigabytes
+        table_thinker = estimate_gb("thinker", "thinking", seconds).gigabytes
+        table_talker = estimate_gb("talker", "instruct", seconds).gigabytes
         print(f"{seconds:g} s video: context {think['context']} tokens, thinker generate {think['seconds']:.1f} s")
         print(f"  thinker: peak {thinker_peak / GB:.2f} GB (table {table_thinker:.2f} GB, "
               f"{thinker_peak / GB / table_thinker:.2f}x); KV cache {think['kv'] / think['kv_tokens'] / 1024:.1f} "
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"{talker_peak / GB / table_talker:.2f}x); KV cache {talk['kv'] / talk['kv_tokens'] / 1024:.1f} "
               f"KiB per token (sizing {arch.talker.bytes_per_token / 1024:.1f})")
     last = rows[-1]
-    table = sizing.estimate_gb("thinker", "thinking", last["seconds"]).gigabytes
+    table = estimate_gb("thinker", "thinking", last["seconds"]).gigabytes
     print(f"ratio measured/table thinker peak at {last['seconds']:g} s: {last['thinker_peak'] / GB / table:.3f}")
     return rows
 

@@ -23,7 +23,7 @@ Figures:
    machine's pace drifts from minute to minute, one pair says less than several.
 
 The operator runs as `omni-operator run --all-namespaces` under a service account bound
-to its own RBAC rules (omni_operator.rbac), so its requests are the ones audited.
+to its own RBAC rules (omni_operator.controller.rbac), so its requests are the ones audited.
 A state dir given with --state-dir is kept (logs/audit.log, logs/operator.log);
 the default is a temporary one, deleted at the end.
 """
@@ -47,12 +47,13 @@ from typing import Any
 from bench import direct_apply
 from bench.operator_bench_cluster import (CHILD_PATHS, OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, Api, AuditLog,
                                           ConvergenceWatch, Interval, ProcSample, Snapshot, WorkloadActivity,
-                                          apiserver_reads, log_errors, operator_account, percentile, wait_until)
+                                          apiserver_reads, log_errors, operator_account, percentile)
 from e2e.cluster import LocalCluster
 from e2e.operator_process import OperatorProcess, install_crd
-from omni_operator.api import GROUP, KIND, PLURAL, VERSION
-from omni_operator.reconcile import RESYNC_SECONDS
-from omni_operator.plan import plan_offline
+from e2e.procs import wait_until
+from omni_operator.api.resource import GROUP, KIND, PLURAL, VERSION
+from omni_operator.controller.reconciler import RESYNC_SECONDS
+from omni_operator.rendering.plan import plan_offline
 
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 

@@ -16,13 +16,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from e2e.cluster import LocalCluster
 from e2e.operator_process import OperatorProcess
-from omni_operator import rbac
-from omni_operator.api import GROUP, KIND, PLURAL, VERSION
-from omni_operator.render import MANAGER
+from omni_operator.api.resource import GROUP, KIND, PLURAL, VERSION
+from omni_operator.controller import rbac
+from omni_operator.rendering.meta import MANAGER
 
 OPERATOR_NAMESPACE = "omni-bench-system"
 OPERATOR_ACCOUNT = "omni-operator"
@@ -37,6 +37,8 @@ CHILD_PATHS = {
 OMNI_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 MANAGED_QUERY = f"&labelSelector=app.kubernetes.io/managed-by%3D{MANAGER}"
+
+
 @dataclass(frozen=True)
 class ProcSample:
     """A process's resident memory and CPU seconds so far, from /proc."""
@@ -63,17 +65,6 @@ class Interval:
     machine_busy: float  # share of all cores busy, 0..1
     reconciles: int
     reconcile_s: float  # summed over reconciles
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -321,7 +312,7 @@ def operator_account(cluster: LocalCluster) -> OperatorAccount:
     cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE)
     cluster.kubectl("create", "serviceaccount", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE)
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": "omni-bench-operator"}, "rules": rbac.RULES}
+            "metadata": {"name": "omni-bench-operator"}, "rules": rbac.rules()}
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                "metadata": {"name": "omni-bench-operator"},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",

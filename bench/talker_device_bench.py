@@ -34,7 +34,7 @@ def _request(model_dir: Path, codes: int):
 
 def synthesize_all(loop, engine, reqs) -> list:
     """Submit every request at once to the decode loop; their stats when all are done."""
-    from omni_runtime.talker_batch import Synthesis, TextFeed
+    from omni_runtime.talker.batch import Synthesis, TextFeed
 
     results, left = [None] * len(reqs), threading.Semaphore(0)
 
@@ -56,8 +56,8 @@ def synthesize_all(loop, engine, reqs) -> list:
 def measure(model_dir: Path, device: str, requests: int, codes: int, batch: int) -> dict:
     import torch
 
-    from omni_runtime.talker_batch import DecodeLoop
-    from omni_runtime.talker_engine import TalkerEngine
+    from omni_runtime.talker.batch import DecodeLoop
+    from omni_runtime.talker.engine import TalkerEngine
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

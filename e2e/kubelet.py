@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 from e2e.kubeapi import KubeApi
 from e2e.procs import die_with_parent, signal_process
+from omni_runtime.config import Env
 
 LOADER_SELECTOR = "app.kubernetes.io/component=weights,app.kubernetes.io/managed-by=omni-operator"
 ENTRYPOINT = "omni-runtime"  # the only command this node can run: the package under test
@@ -160,7 +161,7 @@ class LoaderKubelet:
 
     def _node_env(self, pod: dict[str, Any]) -> dict[str, str]:
         """What this node adds to (or overrides in) the container's environment."""
-        return {"OMNI_HOST": pod["status"]["podIP"]}  # the process listens on its pod's address
+        return {Env.HOST: pod["status"]["podIP"]}  # the process listens on its pod's address
 
     def _launch(self, pod: dict[str, Any]) -> Container | None:
         """Start the pod's container; None when it cannot start (reported in the pod's status)."""
@@ -177,7 +178,7 @@ class LoaderKubelet:
         except ConfigError as e:
             self._report_config_error(pod, ctr, str(e))
             return None
-        env.update({**self._node_env(pod), "OMNI_TERMINATION_LOG": str(termination_log)})
+        env.update({**self._node_env(pod), Env.TERMINATION_LOG: str(termination_log)})
         if self.hub_url:
             env.setdefault("HF_ENDPOINT", self.hub_url)  # this node's hub mirror; a pod's own setting wins
         argv = list(ctr.get("command") or []) + list(ctr.get("args") or [])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ from pathlib import Path
 
 from e2e.cluster import LocalCluster
 
+from .procs import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "omnideployment.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def install_crd(cluster: LocalCluster, timeout: float = 60.0) -> None:
@@ -39,8 +34,8 @@ class OperatorProcess:
         self.cluster = cluster
         self.log_file = log_file
         self.extra_args = extra_args
-        self.health_port = _free_port()
-        self.metrics_port = _free_port()
+        self.health_port = free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "OperatorProcess":

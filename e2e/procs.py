@@ -10,7 +10,9 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 
 class ClusterError(RuntimeError):
@@ -54,6 +56,29 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2,
+               error: type[Exception] = TimeoutError) -> Any:
+    """Poll `check` until it returns something truthy (which is returned); on timeout raise `error`
+    naming `what` and the last answer (or exception) `check` gave."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except Exception as e:  # noqa: BLE001 - reported on timeout
+            last = e
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
 
 
 def descendants(pid: int) -> list[int]:

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from omni_runtime.config import Env
+
 from .procs import free_ports
 
 
@@ -19,13 +21,13 @@ class RuntimeProcess:
 
     def __init__(self, role: str, env: dict, log: Path, args=(), python: str | None = None):
         ports = free_ports(2)
-        env = {"OMNI_PORT": str(ports[0]), "OMNI_METRICS_PORT": str(ports[1]), **env}
+        env = {Env.PORT: str(ports[0]), Env.METRICS_PORT: str(ports[1]), **env}
         self.role = role
-        self.port = int(env["OMNI_PORT"])
-        self.metrics_port = int(env["OMNI_METRICS_PORT"])
+        self.port = int(env[Env.PORT])
+        self.metrics_port = int(env[Env.METRICS_PORT])
         self.log = Path(log)
-        full_env = {**os.environ, **env, "OMNI_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1",
-                    "OMP_NUM_THREADS": "1", "OMNI_LOG_LEVEL": "INFO", "HF_HUB_OFFLINE": "1",
+        full_env = {**os.environ, **env, Env.HOST: "127.0.0.1", "PYTHONUNBUFFERED": "1",
+                    "OMP_NUM_THREADS": "1", Env.LOG_LEVEL: "INFO", "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_VERBOSITY": "error"}
         self._fh = open(self.log, "wb")
         self.popen = subprocess.Popen([python or sys.executable, "-m", "omni_runtime.cli", role, *args], env=full_env,

@@ -38,7 +38,8 @@ from urllib.parse import quote
 
 from e2e.kubelet import Container, LoaderKubelet, exit_code, now, pod_ready, termination_message
 from omni_operator import __version__
-from omni_operator.render import DEFAULT_IMAGE_REPOSITORY, ROLES
+from omni_operator.rendering.meta import DEFAULT_IMAGE_REPOSITORY, ROLES
+from omni_runtime.config import Env
 
 SERVING_SELECTOR = ("app.kubernetes.io/managed-by=omni-operator,"
                     "app.kubernetes.io/component in (thinker,talker,gateway)")
@@ -95,8 +96,8 @@ class ServingKubelet(LoaderKubelet):
     def _node_env(self, pod: dict[str, Any]) -> dict[str, str]:
         return {
             **super()._node_env(pod),
-            "OMNI_DEVICE": "cpu",
-            "OMNI_THINKER_ENGINE": "transformers",
+            Env.DEVICE: "cpu",
+            Env.THINKER_ENGINE: "transformers",
             "OMP_NUM_THREADS": "1",
             "TRANSFORMERS_VERBOSITY": "error",
             "PYTHONPATH": str(POD_DNS_DIR),

@@ -9,7 +9,7 @@ One version for everything a user gets from a release:
   charts/qwen3-omni/Chart.yaml        version and appVersion: the operator image's default tag
 and one registry for all four images (a fork releases to its own ghcr.io/<owner>):
   charts/qwen3-omni/values.yaml       image.repository = <registry>/operator
-  operator/omni_operator/render.py    DEFAULT_IMAGE_REPOSITORY = <registry> (<registry>/<role>:<version>)
+  operator/omni_operator/rendering/meta.py  DEFAULT_IMAGE_REPOSITORY = <registry> (<registry>/<role>:<version>)
 
 Each setting must be found exactly once: a file that changed shape fails the release instead
 of shipping a half-stamped tree. Standard library only (runs before anything is installed).
@@ -33,7 +33,7 @@ def edits(version: str, registry: str) -> dict[str, list[tuple[str, str]]]:
     return {
         "pyproject.toml": [(r'(?m)^(version = )"[^"]*"$', rf'\g<1>"{version}"')],
         "operator/omni_operator/__init__.py": [(r'(?m)^(__version__ = )"[^"]*"$', rf'\g<1>"{version}"')],
-        "operator/omni_operator/render.py": [(r'(?m)^(DEFAULT_IMAGE_REPOSITORY = )"[^"]*"$', rf'\g<1>"{registry}"')],
+        "operator/omni_operator/rendering/meta.py": [(r'(?m)^(DEFAULT_IMAGE_REPOSITORY = )"[^"]*"$', rf'\g<1>"{registry}"')],
         "charts/qwen3-omni/Chart.yaml": [(r"(?m)^(version: ).*$", rf"\g<1>{version}"),
                                          (r"(?m)^(appVersion: ).*$", rf'\g<1>"{version}"')],
         # the first `repository:` under the top-level `image:` block

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,30 @@ def validate_against_crd(resource: dict[str, Any]) -> None:
     import jsonschema
 
     jsonschema.Draft4Validator(crd_schema()).validate(resource)
+
+
+class FakeClock:
+    """A clock for omni_operator.controller.workqueue that moves only when a test advances it: a
+    delay is released exactly when its time comes, and a test never sleeps against the wall."""
+
+    def __init__(self) -> None:
+        self._now = 1000.0
+        self._waiting: set[threading.Condition] = set()
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def wait(self, condition: threading.Condition, seconds: float | None) -> None:
+        with self._lock:
+            self._waiting.add(condition)
+        condition.wait()  # until advance() or the queue itself wakes it
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+            waiting = list(self._waiting)
+        for condition in waiting:
+            with condition:
+                condition.notify_all()

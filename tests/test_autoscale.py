@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import math
-
 from bench.autoscale_sim import (HpaStylePolicy, Model, OurPolicy, Trace, budget_exhausted, burst, direction_changes,
-                                 over_provisioned, ramp, reach_after, pool_exhausted, sawtooth_noise, simulate, spikes,
+                                 over_provisioned, pool_exhausted, ramp, reach_after, sawtooth_noise, simulate, spikes,
                                  step, stuck_pending, zero_and_back)
-from omni_operator.autoscale import (History, PodLoad, Policy, RoleState, decide, from_flow, parse_gateway_waiting,
-                                     parse_pod_metrics)
-from omni_operator.load_flow import Flow, FlowHistory
+from omni_operator.autoscaling.load_flow import Flow, FlowHistory
+from omni_operator.autoscaling.policy import (History, PodLoad, Policy, RoleState, decide, from_flow,
+                                              parse_gateway_waiting, parse_pod_metrics)
+
+pytestmark = pytest.mark.pure
 
 POLICY = Policy(target_per_replica=4, min_replicas=1, max_replicas=10, scale_up_window=15, scale_down_window=300,
                 max_step=2)
@@ -245,7 +248,7 @@ def test_the_benchmark_meets_its_goal_on_every_trace_sum():
 
 
 def test_startup_time_is_read_from_the_pods():
-    from omni_operator.autoscaler import startup_seconds
+    from omni_operator.autoscaling.loop import startup_seconds
 
     def pod(created, ready):
         return {"metadata": {"creationTimestamp": created},

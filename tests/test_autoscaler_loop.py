@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from omni_operator.autoscaler import Autoscaler
+import pytest
+
+from omni_operator.autoscaling.loop import Autoscaler
+
+pytestmark = pytest.mark.pure
 
 
 def test_a_failed_pass_is_logged_and_the_loop_goes_on_but_one_cut_short_by_the_stop_is_not(caplog):
@@ -19,7 +23,7 @@ def test_a_failed_pass_is_logged_and_the_loop_goes_on_but_one_cut_short_by_the_s
         raise RuntimeError("cannot schedule new futures after shutdown")
 
     autoscaler = Autoscaler(kube=None, enqueue=lambda *_: None, pods=lambda *_: [])
-    with caplog.at_level(logging.ERROR, logger="omni_operator.autoscaler"):
+    with caplog.at_level(logging.ERROR, logger="omni_operator.autoscaling.loop"):
         autoscaler.run(stop, resources)
     assert calls == [0, 1]
     assert [r.getMessage() for r in caplog.records] == ["autoscaling pass failed"]  # the first pass only

@@ -25,7 +25,11 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from e2e.binaries import tool
+
 from .helpers import ROOT, validate_against_crd, validate_k8s
+
+pytestmark = pytest.mark.schema
 
 CHART = ROOT / "charts" / "qwen3-omni"
 CI_DIR = CHART / "ci"
@@ -46,36 +50,11 @@ CRD_GROUPS = {"monitoring.coreos.com", "omni.qwen.ai"}
 # --------------------------------------------------------------------------------------- helm
 
 
-@functools.cache
-def helm_binary() -> Path:
-    """helm from the project's binary cache (the one the local control plane uses); built with
-    e2e/build-binaries.sh when it is missing."""
-    from e2e.binaries import default_bin_dir, ensure_binaries
-
-    helm = default_bin_dir() / "helm"
-    if not os.access(helm, os.X_OK):
-        ensure_binaries()
-    assert os.access(helm, os.X_OK), f"no helm in {helm.parent} after e2e/build-binaries.sh"
-    return helm
-
-
-@functools.cache
-def promtool_binary() -> Path:
-    """promtool from the same binary cache, (re)built with e2e/build-binaries.sh when it is missing or
-    not the pinned version."""
-    from e2e.binaries import default_bin_dir, ensure_binaries
-
-    promtool = default_bin_dir() / "promtool"
-    ensure_binaries()
-    assert os.access(promtool, os.X_OK), f"no promtool in {promtool.parent} after e2e/build-binaries.sh"
-    return promtool
-
-
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     # A private HOME-independent config so a developer's repositories and plugins don't interfere.
     env = dict(os.environ, HELM_CACHE_HOME="/tmp/qwen3-omni-helm/cache",
                HELM_CONFIG_HOME="/tmp/qwen3-omni-helm/config", HELM_DATA_HOME="/tmp/qwen3-omni-helm/data")
-    proc = subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([str(tool("helm")), *args], capture_output=True, text=True, env=env, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}{proc.stdout}")
     return proc
@@ -394,7 +373,7 @@ def test_alerts_pass_their_promtool_unit_tests(values, tests, tmp_path):
     groups = rule["spec"]["groups"]
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     shutil.copy(CI_DIR / tests, tmp_path / tests)
-    promtool = str(promtool_binary())
+    promtool = str(tool("promtool"))
     for args in (["check", "rules", "rules.yaml"], ["test", "rules", tests]):
         result = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"promtool {' '.join(args)}:\n{result.stdout}{result.stderr}"

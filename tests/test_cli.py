@@ -12,6 +12,8 @@ import yaml
 
 from .helpers import EXAMPLES, ROOT
 
+pytestmark = pytest.mark.pure
+
 REQUIRED_KEYS = {"role", "variant", "videoSeconds", "estimatedGB", "gpuMemoryGiB", "gpusPerReplica",
                  "tensorParallelSize", "fits", "reason", "vllmArgs"}
 
@@ -68,22 +70,6 @@ def test_size_reads_the_architecture_from_a_model_config(tmp_path):
     assert r.returncode == 2 and "thinker_config.text_config" in r.stderr
     r = cli(*base, "--model-config", str(tmp_path / "missing.json"))
     assert r.returncode == 2 and "cannot read the model config" in r.stderr
-
-
-def test_size_table_prints_the_readme_block_and_generate_rewrites_it(tmp_path):
-    from omni_operator.sizing_table import README_TABLE_BEGIN, README_TABLE_END, gpus_per_replica_table
-
-    r = cli("size-table")
-    assert r.returncode == 0 and r.stdout == gpus_per_replica_table()
-    assert r.stdout.startswith("| video | concurrent sequences |")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{README_TABLE_BEGIN}\nstale\n{README_TABLE_END}\ntail\n")
-    assert cli("generate", "--check", "--root", str(tmp_path)).returncode == 1
-    assert cli("generate", "--root", str(tmp_path)).returncode == 0
-    assert readme.read_text() == f"# x\n{README_TABLE_BEGIN}\n{gpus_per_replica_table()}{README_TABLE_END}\ntail\n"
-    assert cli("generate", "--check", "--root", str(tmp_path)).returncode == 0
-    readme.write_text("no markers\n")
-    assert cli("generate", "--root", str(tmp_path)).returncode == 2
 
 
 def test_size_combined_uses_the_instruct_row():

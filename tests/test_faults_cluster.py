@@ -9,9 +9,9 @@ import yaml
 from kubernetes import config as kube_config
 
 from e2e.operator_process import OperatorProcess, install_crd
+from omni_operator.controller.rbac import rules
+from omni_operator.controller.reconciler import Outcome, Reconciler
 from omni_operator.kube import Kube
-from omni_operator.rbac import RULES
-from omni_operator.reconcile import Outcome, Reconciler
 
 from .test_operator_cluster import apply, children, kget, omni, wait, wait_ready
 
@@ -77,7 +77,7 @@ def test_hub_token_is_referenced_never_read_logged_or_stored(cluster, namespace,
     sts = kget(cluster, "statefulset", "secret-thinker", "-n", namespace)
     assert "HF_TOKEN" not in json.dumps(sts)
     assert secret_value not in operator.log_file.read_text()
-    assert not [r for r in RULES if "secrets" in r["resources"]], "the operator has no reason to read Secrets"
+    assert not [r for r in rules() if "secrets" in r["resources"]], "the operator has no reason to read Secrets"
 
 
 @pytest.mark.parametrize("patch,message", [

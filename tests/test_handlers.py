@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import kopf
+import pytest
 from kopf import Resource
 
-from omni_operator.api import GROUP, PLURAL, VERSION
-from omni_operator.cache import ObjectCache
-from omni_operator.handlers import MANAGED, WATCHED_CHILDREN, NoDiffBase, register, watch_only_managed
+from omni_operator.api.resource import GROUP, PLURAL, VERSION
+from omni_operator.controller.cache import ObjectCache
+from omni_operator.controller.watches import MANAGED, WATCHED_CHILDREN, NoDiffBase, register, watch_only_managed
+
+pytestmark = pytest.mark.pure
 
 
 def test_child_and_pod_watches_are_filtered_by_the_apiserver_and_omnideployments_are_not():

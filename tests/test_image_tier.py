@@ -5,14 +5,13 @@ Each container runs what the operator (or the chart) renders for it: its command
 user, emptyDir volumes and read-only root (see e2e/image_run.py for how buildah is made to do that).
 Only ports are swapped for free ones, since every run shares the host network.
 
-Run by `make images` (CI: .ci/run); skipped in a plain `pytest` run: it needs root, buildah and
-mmdebstrap, and minutes.
+The images tier: `make test-images` (part of `make test`); a plain `pytest` leaves it out, since it
+needs root, buildah and mmdebstrap, and minutes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,10 +24,7 @@ from e2e import image_run, images
 from e2e.hub import HubStandIn, write_placeholder_checkpoint
 from e2e.procs import free_ports
 
-pytestmark = [
-    pytest.mark.images,
-    pytest.mark.skipif(os.environ.get("OMNI_IMAGE_TIER") != "1", reason="the image tier: run `make images`"),
-]
+pytestmark = pytest.mark.images
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"metadata.name": "smoke-0", "metadata.namespace": "default"}

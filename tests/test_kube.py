@@ -3,7 +3,11 @@ the cluster tiers)."""
 
 from __future__ import annotations
 
+import pytest
+
 from omni_operator.kube import _union, holds_created_fields
+
+pytestmark = pytest.mark.pure
 
 
 def test_managed_field_sets_are_united_key_by_key():

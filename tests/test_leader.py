@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-from omni_operator import metrics
+from omni_operator.controller import metrics
+from omni_operator.controller.leader import LeaderElector, NotLeader, micro_time
 from omni_operator.kube import Kube, KubeError
-from omni_operator.leader import LeaderElector, NotLeader, micro_time
+
+pytestmark = pytest.mark.pure
 
 NS = "ops"
 HOUR = 3600.0

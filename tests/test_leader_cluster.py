@@ -11,8 +11,8 @@ from kubernetes import client
 from kubernetes import config as kube_config
 
 from e2e.operator_process import OperatorProcess, install_crd
+from omni_operator.controller.leader import LeaderElector, lease_client
 from omni_operator.kube import Kube, KubeError
-from omni_operator.leader import LeaderElector, lease_client
 
 pytestmark = pytest.mark.cluster
 

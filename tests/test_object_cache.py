@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from omni_operator.cache import Change, ObjectCache
+import pytest
+
+from omni_operator.controller.cache import Change, ObjectCache
+
+pytestmark = pytest.mark.pure
 
 MANAGED = {"app.kubernetes.io/managed-by": "omni-operator"}
 

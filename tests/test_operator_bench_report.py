@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from bench.operator_bench import BenchResult, BurstResult, DirectResult, report
 from bench.operator_bench_cluster import Interval
+
+pytestmark = pytest.mark.pure
 
 
 def _burst(round_: int, p99: float) -> BurstResult:

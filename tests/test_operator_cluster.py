@@ -11,9 +11,9 @@ import yaml
 from kubernetes import config as kube_config
 
 from e2e.operator_process import OperatorProcess, install_crd
-from omni_operator.api import OmniDeploymentStatus
+from omni_operator.api.status import OmniDeploymentStatus
+from omni_operator.controller.reconciler import Reconciler
 from omni_operator.kube import Kube
-from omni_operator.reconcile import Reconciler
 
 from .helpers import example
 
@@ -322,8 +322,8 @@ def test_steady_state_reconcile_writes_nothing(cluster, namespace, operator, kub
 
 
 def test_a_settled_object_reconciled_from_the_watch_cache_costs_no_api_call(cluster, namespace, operator, kube):
-    from omni_operator.cache import ObjectCache, prime_from_api
-    from omni_operator.handlers import MANAGED, WATCHED_CHILDREN
+    from omni_operator.controller.cache import ObjectCache, prime_from_api
+    from omni_operator.controller.watches import MANAGED, WATCHED_CHILDREN
 
     apply(cluster, omni("cached", namespace))
     wait_ready(cluster, namespace, "cached", operator)
@@ -424,13 +424,13 @@ def test_scale_subresource_pins_thinker_replicas(cluster, namespace, operator):
 
 
 def test_operator_works_with_exactly_its_rbac_rules(cluster, namespace, crd, tmp_path):
-    """The rules in omni_operator.rbac (what the chart installs) are enough to reconcile."""
-    from omni_operator.rbac import RULES
+    """The rules in omni_operator.controller.rbac (what the chart installs) are enough to reconcile."""
+    from omni_operator.controller.rbac import rules
 
     sa, role = "omni-operator", f"omni-operator-{namespace}"
     cluster.kubectl("create", "serviceaccount", sa, "-n", namespace)
     apply(cluster, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                    "metadata": {"name": role}, "rules": RULES})
+                    "metadata": {"name": role}, "rules": rules()})
     cluster.kubectl("create", "clusterrolebinding", role, f"--clusterrole={role}",
                     f"--serviceaccount={namespace}:{sa}")
     try:

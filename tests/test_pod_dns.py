@@ -10,8 +10,12 @@ import subprocess
 import sys
 import textwrap
 
-from e2e.serving_kubelet import POD_DNS_DIR
+import pytest
+
 from e2e.service_dns import dns_records
+from e2e.serving_kubelet import POD_DNS_DIR
+
+pytestmark = pytest.mark.pure
 
 
 def _pod(name, ip, labels, ready=True, ns="default", **spec):

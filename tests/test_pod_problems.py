@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from omni_operator.pod_problems import (MESSAGE_CHARS, PodProblem, failed_create, missing_pods, pod_problem,
-                                         role_problems)
-from omni_operator.status import RoleObservation, compute_conditions
+import pytest
+
+from omni_operator.controller.conditions import RoleObservation, compute_conditions
+from omni_operator.controller.pod_problems import (MESSAGE_CHARS, PodProblem, failed_create, missing_pods, pod_problem,
+                                                   role_problems)
+
+pytestmark = pytest.mark.pure
 
 
 def pod(name, role="thinker", ready=False, waiting=None, last=None, scheduled=None, phase="Running"):

@@ -8,9 +8,11 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from omni_operator.api import Resources
-from omni_operator.quantity import parse_quantity, same_quantity
-from omni_operator.status import is_subset
+from omni_operator.api.quantity import parse_quantity, same_quantity
+from omni_operator.api.spec import Resources
+from omni_operator.controller.drift import is_subset
+
+pytestmark = pytest.mark.pure
 
 
 @pytest.mark.parametrize("text, amount", [

@@ -10,11 +10,11 @@ import pytest
 from kubernetes import config as kube_config
 
 from e2e.operator_process import install_crd
-from omni_operator.cache import ObjectCache, prime_from_api
-from omni_operator.handlers import MANAGED, WATCHED_CHILDREN
+from omni_operator.controller.cache import ObjectCache, prime_from_api
+from omni_operator.controller.reconciler import COSTLY_POD_KINDS, POD_STARTING_KINDS, Reconciler
+from omni_operator.controller.watches import MANAGED, WATCHED_CHILDREN
 from omni_operator.kube import Kube
-from omni_operator.reconcile import COSTLY_POD_KINDS, POD_STARTING_KINDS, Reconciler
-from omni_operator.render import MANAGER
+from omni_operator.rendering.meta import MANAGER
 
 from .test_operator_cluster import apply, condition, kget, omni
 
@@ -262,7 +262,7 @@ def test_replicas_an_autoscaler_decides_never_go_to_the_operators_apply(cluster,
 
 
 def _plan_objects(kube: Kube, namespace: str, name: str) -> list[dict]:
-    from omni_operator.plan import make_plan
+    from omni_operator.rendering.plan import make_plan
 
     resource = kube.get("OmniDeployment", namespace, name)
     return make_plan(name, namespace, resource["metadata"]["uid"], resource["spec"], None).objects

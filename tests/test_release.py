@@ -4,7 +4,6 @@ release's chart name the release's images."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -17,27 +16,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from e2e.binaries import tool
+
+pytestmark = pytest.mark.schema
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
 RELEASE = ROOT / ".github" / "workflows" / "release.yml"
 STAMP = ROOT / "images" / "stamp_release.py"
 
 
-@functools.cache
-def binary(name: str) -> Path:
-    """From the project's binary cache (e2e/build-binaries.sh builds what is missing)."""
-    from e2e.binaries import default_bin_dir, ensure_binaries
-
-    ensure_binaries()
-    path = default_bin_dir() / name
-    assert os.access(path, os.X_OK), f"no {name} in {path.parent} after e2e/build-binaries.sh"
-    return path
-
-
 def test_workflows_pass_actionlint():
     assert WORKFLOWS, "no workflow in .github/workflows"
     # shellcheck (make system-tools) lets actionlint check the run: scripts as well
-    proc = subprocess.run([str(binary("actionlint")), "-no-color", *map(str, WORKFLOWS)], capture_output=True,
+    proc = subprocess.run([str(tool("actionlint")), "-no-color", *map(str, WORKFLOWS)], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -82,7 +74,7 @@ def test_one_version_and_one_registry_for_everything():
     the operator's __version__ tags the runtime images it renders."""
     assert len(set(versions(ROOT).values())) == 1, versions(ROOT)
     values = yaml.safe_load((ROOT / "charts/qwen3-omni/values.yaml").read_text())
-    render = (ROOT / "operator/omni_operator/render.py").read_text()
+    render = (ROOT / "operator/omni_operator/rendering/meta.py").read_text()
     registry = re.search(r'^DEFAULT_IMAGE_REPOSITORY = "([^"]+)"', render, re.M).group(1)
     assert values["image"]["repository"] == f"{registry}/operator"
 
@@ -110,7 +102,7 @@ def test_stamped_release_names_its_own_images(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert set(versions(root).values()) == {"1.4.0-rc.1"}, versions(root)
     # the operator image, from the packaged chart's defaults
-    out = subprocess.run([str(binary("helm")), "template", "r", str(root / "charts/qwen3-omni"), "-n", "ns"],
+    out = subprocess.run([str(tool("helm")), "template", "r", str(root / "charts/qwen3-omni"), "-n", "ns"],
                          capture_output=True, text=True, check=True).stdout
     deploy = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment")
     assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/acme/operator:1.4.0-rc.1"
@@ -134,8 +126,8 @@ def test_stamp_refuses_what_a_tag_or_registry_path_cannot_be(tmp_path, args):
 
 def test_stamp_writes_nothing_when_one_file_changed_shape(tmp_path):
     root = release_tree(tmp_path)
-    render = root / "operator/omni_operator/render.py"
+    render = root / "operator/omni_operator/rendering/meta.py"
     render.write_text(render.read_text().replace("DEFAULT_IMAGE_REPOSITORY = ", "DEFAULT_IMAGE_REPO = "))
     proc = stamp(root, "2.0.0", "--registry", "ghcr.io/acme")
-    assert proc.returncode == 1 and "render.py" in proc.stderr
+    assert proc.returncode == 1 and "rendering/meta.py" in proc.stderr
     assert versions(root) == versions(ROOT)

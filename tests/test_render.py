@@ -8,10 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omni_operator.plan import OFFLINE_UID, PlanError, make_plan, plan_offline
-from omni_operator.render import METRICS_PORT, POD_INDEX_LABEL
+from omni_operator.rendering.meta import METRICS_PORT, POD_INDEX_LABEL
+from omni_operator.rendering.plan import OFFLINE_UID, PlanError, make_plan, plan_offline
 
 from .helpers import EXAMPLES, example, load_yaml, validate_k8s
+
+pytestmark = pytest.mark.schema
 
 STANDARD_LABELS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
                    "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"}
@@ -381,7 +383,7 @@ def test_a_gpu_budget_below_the_minimum_replicas_is_refused_with_the_arithmetic(
 def test_every_child_carries_a_digest_of_what_was_rendered_for_it():
     """A field the plan stops rendering must still read as a difference from the live child (the
     reconciler writes a child whose live copy lacks something rendered); the digest changes."""
-    from omni_operator.plan import RENDERED_ANNOTATION
+    from omni_operator.rendering.plan import RENDERED_ANNOTATION
 
     resource = example("omni.yaml")
     resource["spec"]["gateway"]["resources"] = {"limits": {"memory": "3Gi"}}

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omni_operator.sizing import (GIB_IN_GB, QWEN3_OMNI_30B_A3B, TABLE_GB, TABLE_SECONDS, KvCacheShape,
-                                  ModelArchitecture, SizingRequest, architecture_from_config, estimate_gb,
-                                  max_model_len, size, table_row)
-from omni_operator.sizing_table import gpus_per_replica_table, marked_block, replace_marked_block
+from omni_operator.sizing.kv_cache import QWEN3_OMNI_30B_A3B, KvCacheShape, ModelArchitecture, architecture_from_config
+from omni_operator.sizing.model_card import GIB_IN_GB, TABLE_GB, TABLE_SECONDS, estimate_gb, max_model_len, table_row
+from omni_operator.sizing.replicas import SizingRequest, size
 
-from .helpers import ROOT
+pytestmark = pytest.mark.pure
+
 
 TALKER = tuple(round(i - t, 2) for i, t in zip(TABLE_GB["instruct"], TABLE_GB["thinking"]))
 
@@ -409,28 +409,3 @@ def test_context_refusal_still_names_the_tokens_with_concurrency():
 def test_concurrency_below_one_is_refused():
     with pytest.raises(ValueError, match="concurrent sequences"):
         size(SizingRequest(role="thinker", variant="thinking", video_seconds=15, gpu_memory_gib=80, max_num_seqs=0))
-
-
-# ----------------------------------------------------------------------------- the README's table
-
-
-def test_readme_sizing_table_is_what_the_code_computes():
-    readme = (ROOT / "README.md").read_text()
-    assert marked_block(readme) == gpus_per_replica_table(), \
-        "README's sizing table is stale: run `omni-operator generate`"
-
-
-def test_readme_table_rows_follow_the_sizing():
-    table = gpus_per_replica_table(video_seconds=(15,), concurrency=(1, 8), gpu_gib=(80,))
-    rows = [line for line in table.splitlines() if line.startswith("| 15 s")]
-    # One request fits one 80 GiB GPU; eight at 17408 tokens need two (the example).
-    assert rows == ["| 15 s | 1 | 17408 | 68.74 GB | 1 |", "| 15 s | 8 | 17408 | 68.74 GB | 2 |"]
-
-
-def test_replace_marked_block_keeps_everything_outside_the_markers():
-    text = "intro\n<!-- b -->\nold\n<!-- e -->\noutro\n"
-    out = replace_marked_block(text, "new\n", "<!-- b -->", "<!-- e -->")
-    assert out == "intro\n<!-- b -->\nnew\n<!-- e -->\noutro\n"
-    assert marked_block(out, "<!-- b -->", "<!-- e -->") == "new\n"
-    with pytest.raises(ValueError, match="markers"):
-        replace_marked_block("no markers", "x", "<!-- b -->", "<!-- e -->")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from omni_operator.api import Condition, OmniDeploymentStatus, RoleStatus, ScaleDecision
-from omni_operator.status import RoleObservation, compute_conditions, condition, condition_events
+from omni_operator.api.status import Condition, OmniDeploymentStatus, RoleStatus, ScaleDecision
+from omni_operator.controller.conditions import RoleObservation, compute_conditions, condition, condition_events
+
+pytestmark = pytest.mark.pure
 
 
 @pytest.mark.parametrize("build", [
@@ -41,8 +43,8 @@ def test_what_the_reconciler_computes_round_trips_through_the_model():
 
 
 def test_status_sizing_carries_the_memory_breakdown_and_fits_the_crd():
-    from omni_operator.plan import plan_offline
-    from omni_operator.sizing import sizing_status
+    from omni_operator.rendering.plan import plan_offline
+    from omni_operator.sizing.replicas import sizing_status
 
     from .helpers import crd_schema, example, validate_against_crd
 

@@ -7,12 +7,14 @@ import json
 
 import pytest
 
-from omni_operator import weights
-from omni_operator.api import parse_spec
-from omni_operator.plan import PlanError, make_plan
-from omni_operator.status import compute_conditions
+from omni_operator.api.spec import parse_spec
+from omni_operator.controller.conditions import compute_conditions
+from omni_operator.rendering import weight_cache
+from omni_operator.rendering.plan import PlanError, make_plan
 
 from .helpers import example, validate_k8s
+
+pytestmark = pytest.mark.pure
 
 NAME = "omni"
 
@@ -24,7 +26,7 @@ def spec_dict(**model) -> dict:
 
 
 def cache_objects(raw: dict) -> tuple[dict, dict]:
-    plan = make_plan(NAME, "ns", "uid-1", raw, live_weights=weights.LiveWeights())
+    plan = make_plan(NAME, "ns", "uid-1", raw, live_weights=weight_cache.LiveWeights())
     pvc = next(o for o in plan.objects if o["kind"] == "PersistentVolumeClaim")
     job = next(o for o in plan.objects if o["kind"] == "Job")
     return copy.deepcopy(pvc), copy.deepcopy(job)
@@ -64,7 +66,7 @@ def role_pod(claim: str, phase: str = "Running") -> dict:
 
 
 def plan_for(raw: dict, live: dict, pods: list | None = None, progress: dict | None = None):
-    observed = weights.observe(live, pods or [], progress)
+    observed = weight_cache.observe(live, pods or [], progress)
     roles = frozenset(k for k, o in live.items() if k[0] == "StatefulSet")
     return make_plan(NAME, "ns", "uid-1", raw, live_weights=observed, live_roles=roles, generation=3)
 
@@ -82,20 +84,20 @@ def talker_of(plan) -> dict:
 
 def test_cache_key_follows_revision_and_volume_kind_only():
     base = parse_spec(spec_dict())
-    assert weights.cache_key(base) == weights.cache_key(parse_spec(spec_dict(revision="main")))
-    assert weights.cache_key(base) != weights.cache_key(parse_spec(spec_dict(revision="abc123")))
-    assert weights.cache_key(base) != weights.cache_key(parse_spec(spec_dict(cache={"storageClassName": "fast"})))
+    assert weight_cache.cache_key(base) == weight_cache.cache_key(parse_spec(spec_dict(revision="main")))
+    assert weight_cache.cache_key(base) != weight_cache.cache_key(parse_spec(spec_dict(revision="abc123")))
+    assert weight_cache.cache_key(base) != weight_cache.cache_key(parse_spec(spec_dict(cache={"storageClassName": "fast"})))
     other = spec_dict()
     other["thinker"]["maxReplicas"] = 9
-    assert weights.cache_key(base) == weights.cache_key(parse_spec(other))
+    assert weight_cache.cache_key(base) == weight_cache.cache_key(parse_spec(other))
 
 
 def test_cache_size_defaults_to_the_checkpoint_plus_headroom_and_unknown_repos_must_say():
-    assert weights.cache_size(parse_spec(spec_dict())) == "76Gi"  # 70.6 GB x 1.15
-    assert weights.cache_size(parse_spec(spec_dict(cache={"size": "2Ti"}))) == "2Ti"
+    assert weight_cache.cache_size(parse_spec(spec_dict())) == "76Gi"  # 70.6 GB x 1.15
+    assert weight_cache.cache_size(parse_spec(spec_dict(cache={"size": "2Ti"}))) == "2Ti"
     with pytest.raises(ValueError, match="model.cache.size is required"):
         parse_spec(spec_dict(repo="someone/finetune"))
-    assert weights.cache_size(parse_spec(spec_dict(repo="someone/finetune", cache={"size": "90Gi"}))) == "90Gi"
+    assert weight_cache.cache_size(parse_spec(spec_dict(repo="someone/finetune", cache={"size": "90Gi"}))) == "90Gi"
     with pytest.raises(ValueError, match="model.cache applies to model.repo only"):
         parse_spec({"model": {"pvc": {"claimName": "w"}, "cache": {"size": "1Gi"}}})
 
@@ -117,7 +119,7 @@ def test_cache_objects_are_valid_and_say_how_to_fill_the_volume():
     assert pod["restartPolicy"] == "Never" and container["securityContext"]["readOnlyRootFilesystem"] is True
     # A permanent loader error (exit 2) fails the Job at once instead of retrying.
     rule = job["spec"]["podFailurePolicy"]["rules"][0]
-    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [weights.EXIT_PERMANENT]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [weight_cache.EXIT_PERMANENT]
     # The loader runs on the CPU pool: never on a GPU node, never asking for a GPU.
     assert pod["nodeSelector"] == {"omni.qwen.ai/pool": "cpu"}
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
@@ -145,13 +147,13 @@ def test_progress_is_reported_while_the_loader_runs():
     running = with_status(job, {"active": 1})
     pod = loader_pod(job, "Running", ip="127.0.64.9")
     live = live_of(bound(pvc), running)
-    assert weights.pods_needed(live)
-    observed = weights.observe(live, [pod])
-    assert weights.loaders_to_scrape(observed) == {job["metadata"]["labels"][weights.KEY_LABEL]:
+    assert weight_cache.pods_needed(live)
+    observed = weight_cache.observe(live, [pod])
+    assert weight_cache.loaders_to_scrape(observed) == {job["metadata"]["labels"][weight_cache.KEY_LABEL]:
                                                    "http://127.0.64.9:9400/metrics"}
-    progress = weights.parse_progress("omni_weights_bytes_done 35300000000\nomni_weights_bytes_total 70600000000\n"
+    progress = weight_cache.parse_progress("omni_weights_bytes_done 35300000000\nomni_weights_bytes_total 70600000000\n"
                                       "omni_weights_files_done 7\nomni_weights_files_total 17\n")
-    key = job["metadata"]["labels"][weights.KEY_LABEL]
+    key = job["metadata"]["labels"][weight_cache.KEY_LABEL]
     plan = plan_for(raw, live, [pod], {key: progress})
     status = plan.weights.status
     assert (status.phase, status.bytes_done, status.bytes_total) == ("Downloading", 35_300_000_000, 70_600_000_000)
@@ -184,14 +186,14 @@ def test_the_loaders_result_is_read_once_then_kept_in_status():
     live = live_of(bound(pvc), complete(job))
     claim = pvc["metadata"]["name"]
     # Just finished: the status does not hold the commit yet, so the pods are read once...
-    assert weights.pods_needed(live, {"phase": "Downloading", "claimName": claim})
+    assert weight_cache.pods_needed(live, {"phase": "Downloading", "claimName": claim})
     done = loader_pod(job, "Succeeded", terminated={"exitCode": 0, "message": json.dumps(
         {"commit": "ab" * 20, "bytes": 77, "files": 3})})
     plan = plan_for(raw, live, [done])
     recorded = plan.weights.status.wire()
     # ...and never again: the status carries the result from then on.
-    assert not weights.pods_needed(live, recorded)
-    again = make_plan(NAME, "ns", "uid-1", raw, live_weights=weights.observe(live, [], recorded=recorded))
+    assert not weight_cache.pods_needed(live, recorded)
+    again = make_plan(NAME, "ns", "uid-1", raw, live_weights=weight_cache.observe(live, [], recorded=recorded))
     assert again.weights.status == plan.weights.status and again.weights.status.commit == "ab" * 20
 
 
@@ -303,7 +305,7 @@ def test_switching_from_a_user_pvc_to_a_repository_keeps_the_running_roles_until
 def test_a_user_pvc_needs_no_cache():
     raw = example()["spec"]
     raw["model"] = {"pvc": {"claimName": "mine"}}
-    plan = make_plan(NAME, "ns", "uid-1", raw, live_weights=weights.LiveWeights())
+    plan = make_plan(NAME, "ns", "uid-1", raw, live_weights=weight_cache.LiveWeights())
     assert "Job" not in kinds(plan) and "PersistentVolumeClaim" not in kinds(plan)
     assert plan.weights.condition["reason"] == "UserVolume" and plan.weights.mount is not None
 

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,15 @@ from pathlib import Path
 import pytest
 
 from e2e.hub import HubStandIn, write_placeholder_checkpoint
-from omni_runtime import weights_loader as wl
+from e2e.procs import free_port
+from omni_runtime.config import LoaderSettings
+from omni_runtime.loader import fetch as wl
+from omni_runtime.loader.plan import LoaderError, RemoteFile, explain, is_stale_incomplete, select_files, space_problem
 from omni_runtime.metrics import parse_prometheus_text
-from omni_runtime.weights_plan import (LoaderError, RemoteFile, explain, is_stale_incomplete, select_files,
-                                       space_problem)
 
 from .helpers import ROOT
+
+pytestmark = pytest.mark.pure
 
 REPO = "Qwen/Qwen3-Omni-Test"
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
@@ -67,12 +69,6 @@ def online(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def loader_env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMNI_", "HF_"))}
     env |= {"OMNI_MODEL": REPO, "OMNI_WEIGHTS_DIR": str(tmp_path / "weights"), "OMNI_METRICS_PORT": "0",
@@ -96,8 +92,8 @@ def load(tmp_path: Path, endpoint: str, **extra: str) -> tuple[int, str, str, st
     return proc.returncode, last(out), last(err), log.read_text().strip() if log.exists() else ""
 
 
-def in_process_cfg(tmp_path: Path, endpoint: str, **extra: str) -> dict:
-    return wl.config_from_env(loader_env(tmp_path, endpoint, **extra))
+def in_process_cfg(tmp_path: Path, endpoint: str, **extra: str) -> LoaderSettings:
+    return LoaderSettings.from_env(loader_env(tmp_path, endpoint, **extra))
 
 
 def blob_sha1(data: bytes) -> str:
@@ -257,7 +253,7 @@ def test_a_corrupted_download_fails_verification_and_is_deleted(tmp_path, hub, s
 def test_configuration_error_is_permanent(tmp_path, hub):
     rc, _, err, log = load(tmp_path, hub.url, OMNI_MODEL="")
     assert rc == 2 and err == log
-    assert err.startswith("configuration error: OMNI_MODEL is not set")
+    assert err.startswith("configuration error: OMNI_MODEL is required (the repository to fetch")
 
 
 # ---- in process: injected free space, index references, gauges

@@ -1,4 +1,4 @@
-"""`omni-operator`: size, render, generate and run."""
+"""`omni-operator`: size, render, print the CRD, and run."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .sizing import QWEN3_OMNI_30B_A3B, ModelArchitecture, Sizing, SizingRequest, architecture_from_config, size
-from .reconcile import PODS_CHECKED_AFTER, RESYNC_SECONDS
-from .sizing_table import gpus_per_replica_table
+from omni_operator import __version__
+from omni_operator.controller.reconciler import PODS_CHECKED_AFTER, RESYNC_SECONDS
+from omni_operator.sizing.kv_cache import QWEN3_OMNI_30B_A3B, ModelArchitecture, architecture_from_config
+from omni_operator.sizing.replicas import Sizing, SizingRequest, size
 
 EXIT_DOES_NOT_FIT = 2
 EXIT_INVALID = 2
@@ -71,11 +71,6 @@ def size_report(result: Sizing) -> list[str]:
     return lines
 
 
-def _cmd_size_table(_: argparse.Namespace) -> int:
-    print(gpus_per_replica_table(), end="")
-    return 0
-
-
 def _shell_quote(arg: str) -> str:
     import shlex
 
@@ -83,7 +78,7 @@ def _shell_quote(arg: str) -> str:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from .plan import PlanError, plan_offline
+    from omni_operator.rendering.plan import PlanError, plan_offline
 
     try:
         docs = list(yaml.safe_load_all(Path(args.file).read_text() if args.file != "-" else sys.stdin.read()))
@@ -108,42 +103,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .crd import generated_files, write_generated
-
-    root = Path(args.root)
-    try:
-        if args.check:
-            stale = [str(p.relative_to(root)) for p, text in generated_files(root).items()
-                     if not p.exists() or p.read_text() != text]
-            if stale:
-                print("stale generated files (run `omni-operator generate`): " + ", ".join(stale), file=sys.stderr)
-                return 1
-            return 0
-        for path in write_generated(root):
-            print(f"wrote {path.relative_to(root)}")
-    except ValueError as err:  # e.g. README.md without the sizing table's markers
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    return 0
-
-
 def _cmd_crd(_: argparse.Namespace) -> int:
-    from .crd import build_crd, dump_yaml
+    from omni_operator.api.crd import build_crd, dump_yaml
 
     print(dump_yaml(build_crd()), end="")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .main import run_operator
+    from omni_operator.main import run_operator
 
     return run_operator(args)
-
-
-def _repo_root() -> str:
-    here = Path(__file__).resolve().parents[2]
-    return str(here if (here / "pyproject.toml").exists() else Path.cwd())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,20 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_size)
 
-    p = sub.add_parser("size-table", help="print the README's GPUs-per-replica table (markdown; "
-                                          "`omni-operator generate` writes it into README.md)")
-    p.set_defaults(func=_cmd_size_table)
-
     p = sub.add_parser("render", help="print the objects the operator would apply for an OmniDeployment file")
     p.add_argument("-f", "--file", required=True, help="YAML file ('-' for stdin)")
     p.add_argument("-n", "--namespace", default=None, help="namespace when the file names none (default: default)")
     p.add_argument("--output", "-o", choices=["yaml", "json"], default="yaml")
     p.set_defaults(func=_cmd_render)
-
-    p = sub.add_parser("generate", help="regenerate the CRD and RBAC files from the code")
-    p.add_argument("--root", default=_repo_root())
-    p.add_argument("--check", action="store_true", help="exit 1 when a generated file is stale")
-    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("crd", help="print the OmniDeployment CRD")
     p.set_defaults(func=_cmd_crd)

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from .api import GROUP, PLURAL, VERSION
+from omni_operator.api.resource import GROUP, PLURAL, VERSION
 
 FIELD_MANAGER = "omni-operator"
 
@@ -28,7 +28,6 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Service": ("/api/v1", "services"),
     "Pod": ("/api/v1", "pods"),
     "Event": ("/api/v1", "events"),
-    "Secret": ("/api/v1", "secrets"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "Job": ("/apis/batch/v1", "jobs"),
@@ -40,8 +39,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "OmniDeployment": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
-BUILTIN_KINDS = {"Service", "Pod", "Event", "Secret", "PersistentVolumeClaim", "StatefulSet", "Job", "Deployment",
-                 "PodDisruptionBudget", "HorizontalPodAutoscaler", "Lease"}
+BUILTIN_KINDS = set(RESOURCES) - {"ScaledObject", "OmniDeployment"}
 
 
 def holds_created_fields(obj: dict[str, Any]) -> bool:

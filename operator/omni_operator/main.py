@@ -7,19 +7,20 @@ import argparse
 import logging
 import os
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kopf
 from prometheus_client import start_http_server
 
-from . import handlers, metrics
-from .api import KIND
-from .kube import LIST_PAGE, Kube
-from .autoscaler import Autoscaler, fetch_metrics
-from .cache import ObjectCache, prime_from_api
-from .leader import LeaderElector, lease_client
-from .reconcile import Reconciler
-from .workqueue import WorkQueue
+from omni_operator.api.resource import KIND
+from omni_operator.autoscaling.loop import Autoscaler, fetch_metrics
+from omni_operator.controller import metrics
+from omni_operator.controller import watches as handlers
+from omni_operator.controller.cache import ObjectCache, prime_from_api
+from omni_operator.controller.health import serve_health
+from omni_operator.controller.leader import LeaderElector, lease_client
+from omni_operator.controller.reconciler import Reconciler
+from omni_operator.controller.workqueue import WorkQueue
+from omni_operator.kube import LIST_PAGE, Kube
 
 log = logging.getLogger("omni_operator")
 
@@ -42,33 +43,6 @@ def _enqueue_all(cache: ObjectCache, queue: WorkQueue) -> None:
         queue.add(meta["namespace"], meta["name"], first=pending)
 
 
-def _serve_health(port: int, ready: threading.Event) -> None:
-    """/healthz: the process is alive (followers waiting for the lease too);
-    /readyz: this process holds the lease and its watches are running."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server API
-            if self.path.startswith("/healthz"):
-                ok = True
-            elif self.path.startswith("/readyz"):
-                ok = ready.is_set()
-            else:
-                self.send_error(404)
-                return
-            body = b"ok\n" if ok else b"not ready\n"
-            self.send_response(200 if ok else 503)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):  # probes every few seconds: keep them out of the log
-            pass
-
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
-
-
 def run_operator(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -79,7 +53,7 @@ def run_operator(args: argparse.Namespace) -> int:
     kube = Kube()
     ready = threading.Event()
     if args.health_port:
-        _serve_health(args.health_port, ready)
+        serve_health(args.health_port, ready)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     elector = None

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from .env import ConfigError
+from omni_runtime.config import ConfigError, Env, GatewaySettings, LauncherSettings, TalkerSettings, ThinkerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     th = sub.add_parser("thinker", help="run the thinker (vLLM by default)")
     th.add_argument("--engine", choices=("vllm", "transformers"),
-                    default=os.environ.get("OMNI_THINKER_ENGINE", "vllm"))
+                    default=os.environ.get(Env.THINKER_ENGINE, "vllm"))
     sub.add_parser("talker", help="run the talker speech server")
     sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
     sub.add_parser("print-vllm-command", help="print the vllm serve command the thinker would run")
@@ -35,47 +35,47 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     sub.add_parser("fetch-weights", help="copy OMNI_MODEL at OMNI_MODEL_REVISION from the hub into OMNI_WEIGHTS_DIR/model")
-    parser.add_argument("--log-level", default=os.environ.get("OMNI_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get(Env.LOG_LEVEL, "INFO"))
     args = parser.parse_args(argv)
 
-    from .server import setup_logging
+    from omni_runtime.server import setup_logging
 
     setup_logging(args.log_level)
     role = args.role
     if role in ("thinker", "talker", "gateway"):
-        declared = os.environ.get("OMNI_ROLE")
+        declared = os.environ.get(Env.ROLE)
         if declared and declared != role:
             print(f"omni-runtime: OMNI_ROLE={declared} but the command runs {role}", file=sys.stderr)
             return 2
     try:
         if role == "thinker" and args.engine == "vllm":
-            from . import launcher
+            from omni_runtime.thinker import vllm_launcher
 
-            return launcher.run()
+            return vllm_launcher.run()
         if role == "thinker":
-            from . import thinker_server
+            from omni_runtime.thinker import transformers_server
 
-            return asyncio.run(thinker_server.amain(thinker_server.config_from_env()))
+            return asyncio.run(transformers_server.amain(ThinkerSettings.from_env()))
         if role == "talker":
-            from . import talker_server
+            from omni_runtime.talker import server
 
-            return asyncio.run(talker_server.amain(talker_server.config_from_env()))
+            return asyncio.run(server.amain(TalkerSettings.from_env()))
         if role == "gateway":
-            from . import gateway
+            from omni_runtime import gateway
 
-            return asyncio.run(gateway.amain(gateway.config_from_env()))
+            return asyncio.run(gateway.amain(GatewaySettings.from_env()))
         if role == "print-vllm-command":
-            from . import launcher
+            from omni_runtime.thinker import vllm_launcher
 
-            argv_, facts = launcher.build_vllm_command()
+            argv_, facts = vllm_launcher.build_vllm_command(LauncherSettings.from_env())
             print(json.dumps({"argv": argv_, **facts}, indent=2))
             return 0
         if role == "fetch-weights":
-            from . import weights_loader
+            from omni_runtime.loader import fetch
 
-            return weights_loader.run()
+            return fetch.run()
         if role == "make-tiny-model":
-            from .tiny import build_tiny_model
+            from omni_runtime.tiny import build_tiny_model
 
             print(build_tiny_model(args.out_dir, seed=args.seed))
             return 0

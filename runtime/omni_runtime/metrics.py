@@ -6,10 +6,9 @@ autoscaler reads from each pod; `omni_requests_running{role}` is the work in pro
 
 from __future__ import annotations
 
-import re
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TTFA_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
@@ -119,23 +118,15 @@ def metrics_app(metrics: RoleMetrics) -> web.Application:
     return app
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEnaNINFinf]+)(\s+\d+)?$")
-
-
 def parse_prometheus_text(text: str) -> dict[str, float]:
-    """Sum of the samples of each metric name in a Prometheus text exposition
-    (labels ignored: a vLLM pod exports one series per model/engine)."""
+    """Sum of the samples of each metric name in a Prometheus text exposition (labels ignored: a
+    vLLM pod exports one series per model/engine). A malformed page gives the metric families that
+    came before the fault."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        try:
-            value = float(m.group(3))
-        except ValueError:
-            continue
-        out[m.group(1)] = out.get(m.group(1), 0.0) + value
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    except ValueError:
+        pass
     return out

@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from . import env
+from omni_runtime.config import Env, ServingSettings, write_termination_log
 
 log = logging.getLogger("omni.server")
 
@@ -24,30 +24,44 @@ def json_error(status: int, message: str, kind: str = "invalid_request_error", h
 
 
 async def serve(sites: list[tuple[web.Application, str, int]], drain: Callable[[], Awaitable[None]],
-                started: Callable[[], Awaitable[None]] | None = None) -> int:
-    """Serve every (app, host, port) until SIGTERM/SIGINT, then await `drain()` and stop."""
+                started: Callable[[], Awaitable[None]] | None = None, *, exited: Awaitable[int] | None = None,
+                stopping: asyncio.Event | None = None) -> int:
+    """Serve every (app, host, port) until SIGTERM/SIGINT, then await `drain()` and stop (exit 0).
+
+    `exited`: a child's end (the vLLM server's) that stops serving by itself, without a drain; its
+    result is the exit code. `stopping`: set on SIGTERM, for handlers that answer differently then.
+    """
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = stopping or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runners = []
-    for app, host, port in sites:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-        runners.append(runner)
-        log.info("listening on %s:%d", host, port)
-    if started is not None:
-        await started()
-    await stop.wait()
-    log.info("SIGTERM: draining")
+    waits = [asyncio.ensure_future(stop.wait())]
+    if exited is not None:
+        waits.append(asyncio.ensure_future(exited))
+    code = 0
     try:
-        await drain()
+        for app, host, port in sites:
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+            await runner.setup()
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            runners.append(runner)
+            log.info("listening on %s:%d", host, port)
+        if started is not None:
+            await started()
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if waits[0] in done:
+            log.info("SIGTERM: draining")
+            await drain()
+        else:
+            code = waits[1].result()
     finally:
+        for wait in waits:
+            wait.cancel()
         for runner in runners:
             await runner.cleanup()
     log.info("stopped")
-    return 0
+    return code
 
 
 async def wait_until_idle(busy: Callable[[], bool], seconds: float) -> bool:
@@ -64,7 +78,7 @@ class EngineService:
 
     role = "engine"
 
-    def __init__(self, cfg: dict, metrics):
+    def __init__(self, cfg: ServingSettings, metrics):
         self.cfg = cfg
         self.metrics = metrics  # has queue_depth, running, ready, draining gauges
         self.engine = None
@@ -89,7 +103,7 @@ class EngineService:
             self.load_error = f"{type(exc).__name__}: {exc}"
             # A model that cannot load will not load by waiting: exit 1 with the reason, so the
             # pod restarts (CrashLoopBackOff) and `kubectl describe` shows why.
-            env.write_termination_log(os.environ.get("OMNI_TERMINATION_LOG"),
+            write_termination_log(os.environ.get(Env.TERMINATION_LOG),
                                       f"{self.role} failed to load: {self.load_error}"[:4000])
             self.exit_code = 1
             signal.raise_signal(signal.SIGTERM)
@@ -107,7 +121,7 @@ class EngineService:
         """Refuse new work and wait up to drain_seconds for the rest; True when all finished."""
         self.draining = True
         self._update()
-        return await wait_until_idle(lambda: self.running or self.waiting, self.cfg["drain_seconds"])
+        return await wait_until_idle(lambda: self.running or self.waiting, self.cfg.drain_seconds)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -4,7 +4,6 @@ real runtime processes (`omni-runtime thinker|talker|gateway`) on loopback ports
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,6 @@ from e2e.runtime_process import RuntimeProcess
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +28,6 @@ def spawn(tmp_path):
     procs: list[RuntimeProcess] = []
 
     def _spawn(role: str, env: dict, args=(), log_name: str | None = None) -> RuntimeProcess:
-        env = {"OMNI_PORT": str(free_port()), "OMNI_METRICS_PORT": str(free_port()), **env}
         p = RuntimeProcess(role, env, tmp_path / (log_name or f"{role}-{len(procs)}.log"), args)
         procs.append(p)
         return p
@@ -51,7 +43,6 @@ def module_spawn(tmp_path_factory):
     d = tmp_path_factory.mktemp("procs")
 
     def _spawn(role: str, env: dict, args=()) -> RuntimeProcess:
-        env = {"OMNI_PORT": str(free_port()), "OMNI_METRICS_PORT": str(free_port()), **env}
         p = RuntimeProcess(role, env, d / f"{role}-{len(procs)}.log", args)
         procs.append(p)
         return p

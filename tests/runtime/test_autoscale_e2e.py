@@ -24,7 +24,7 @@ from e2e.operator_process import OperatorProcess, install_crd
 
 from ..test_operator_cluster import wait
 
-pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
+pytestmark = pytest.mark.runtime
 
 
 class PodProcesses:

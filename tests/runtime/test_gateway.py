@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from e2e.procs import free_port
 from omni_runtime.audio import parse_wav_header
 
-from .conftest import free_port
 from .helpers import b64, post_stream, run, sine_wav, sse_events
 
 pytestmark = pytest.mark.runtime

@@ -17,10 +17,10 @@ import pytest
 import torch
 from aiohttp import web
 
+from e2e.procs import free_port
 from omni_runtime.audio import parse_wav_header
 from omni_runtime.payload import parse
 
-from .conftest import free_port
 from .helpers import b64, post_stream, run, sine_wav, sse_events
 
 pytestmark = pytest.mark.runtime
@@ -107,7 +107,7 @@ def stack(tiny_model, module_spawn):
 def reference(tiny_model):
     """The prompt and the layer-`accept_hidden_layer` rows at its audio positions, computed
     here with transformers on the same checkpoint and input."""
-    from omni_runtime.thinker_server import ThinkerEngine
+    from omni_runtime.thinker.transformers_server import ThinkerEngine
 
     engine = ThinkerEngine(str(tiny_model))
     prep = engine.prepare([{"role": "user", "content": [AUDIO_PART, QUESTION]}])

@@ -16,11 +16,9 @@ import urllib.request
 import aiohttp
 import pytest
 
-from omni_runtime import env
-from omni_runtime.gateway.config import config_from_env
+from e2e.procs import free_port, wait_until
+from omni_runtime import config as env
 from omni_runtime.gateway.pools import Endpoint, Pool, endpoint_load, parse_service_list, rank_endpoints
-
-from .conftest import free_port
 
 pytestmark = pytest.mark.runtime
 
@@ -71,19 +69,6 @@ def test_service_list_with_metrics_ports():
             parse_service_list(bad)
 
 
-def test_config_defaults_and_errors():
-    base = {"OMNI_THINKER_SERVICE": "t:8000"}
-    cfg = config_from_env(base)
-    assert (cfg["scrape_seconds"], cfg["upstream_metrics_port"], cfg["upstream_wait"]) == (1.0, 9400, 120.0)
-    cfg = config_from_env({**base, "OMNI_SCRAPE_SECONDS": "0", "OMNI_UPSTREAM_WAIT_SECONDS": "0"})
-    assert cfg["scrape_seconds"] == 0 and cfg["upstream_wait"] == 0
-    for name, value in [("OMNI_SCRAPE_SECONDS", "-1"), ("OMNI_SCRAPE_SECONDS", "0.01"),
-                        ("OMNI_UPSTREAM_WAIT_SECONDS", "soon"), ("OMNI_UPSTREAM_WAIT_SECONDS", "nan"),
-                        ("OMNI_UPSTREAM_METRICS_PORT", "99999"), ("OMNI_TALKER_SERVICE", "x:1|y")]:
-        with pytest.raises(env.ConfigError, match=name):
-            config_from_env({**base, name: value})
-
-
 def test_resolve_drops_names_without_records_and_keeps_addresses_on_resolver_errors():
     answers = {}
 
@@ -129,15 +114,6 @@ def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
         return exc.code, json.load(exc)
 
 
-def _until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _load(proc) -> float:
     m = proc.metrics()
     return m.get("omni_queue_depth", 0) + m.get("omni_requests_running", 0)
@@ -159,7 +135,7 @@ def _keep_busy(proc, n: int, max_tokens: int):
     threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
-    _until(lambda: _load(proc) >= n, 10, f"the thinker on port {proc.port} to report {n} requests")
+    wait_until(f"the thinker on port {proc.port} to report {n} requests", lambda: _load(proc) >= n, 10)
 
     def join():
         for t in threads:

@@ -16,6 +16,8 @@ from omni_runtime.media import MediaError, decode_data_url
 
 from .helpers import sine_wav
 
+pytestmark = pytest.mark.pure
+
 WAV = sine_wav(0.05)
 
 
@@ -142,21 +144,6 @@ def test_thinker_request_and_talker_payload():
     for bad in (None, [], {"shape": [1, 2]}, {"data": "", "shape": "1x2"}):
         with pytest.raises(ValueError):
             check_mm_object(bad)
-
-
-def test_config_media_limit_and_states_wait():
-    from omni_runtime import env
-    from omni_runtime.gateway.config import config_from_env
-
-    base = {"OMNI_THINKER_SERVICE": "t:8000"}
-    cfg = config_from_env(base)
-    assert (cfg["max_media_bytes"], cfg["mm_states_wait"]) == (25 << 20, 10.0)
-    cfg = config_from_env({**base, "OMNI_MAX_MEDIA_BYTES": "1000", "OMNI_MM_STATES_WAIT_SECONDS": "0.5"})
-    assert (cfg["max_media_bytes"], cfg["mm_states_wait"]) == (1000, 0.5)
-    for name, value in [("OMNI_MAX_MEDIA_BYTES", "0"), ("OMNI_MM_STATES_WAIT_SECONDS", "-1"),
-                        ("OMNI_MM_STATES_WAIT_SECONDS", "later")]:
-        with pytest.raises(env.ConfigError, match=name):
-            config_from_env({**base, name: value})
 
 
 def test_a_final_404_means_the_states_will_never_come():

@@ -59,7 +59,7 @@ def test_entrypoint_module_imports(dockerfile):
     role = dockerfile.parent.name
     if role != "operator":
         assert argv[1] == role
-        importlib.import_module({"thinker": "omni_runtime.launcher", "talker": "omni_runtime.talker_server",
+        importlib.import_module({"thinker": "omni_runtime.thinker.vllm_launcher", "talker": "omni_runtime.talker.server",
                                  "gateway": "omni_runtime.gateway"}[role])
 
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from omni_runtime.launcher import (build_vllm_command, node_rank_from_pod_name, parse_vllm_args, vllm_finished,
-                                   vllm_load)
+from omni_runtime.config import LauncherSettings
 from omni_runtime.metrics import parse_prometheus_text
+from omni_runtime.thinker.vllm_launcher import build_vllm_command, node_rank_from_pod_name, vllm_finished, vllm_load
 
 pytestmark = pytest.mark.runtime
 
@@ -24,8 +24,12 @@ BASE = {"OMNI_ROLE": "thinker", "OMNI_MODEL": "/models/qwen3-omni", "OMNI_SERVED
         "OMNI_PORT": "8000", "POD_NAME": "demo-thinker-0", "POD_NAMESPACE": "ai"}
 
 
+def command(environ: dict[str, str]):
+    return build_vllm_command(LauncherSettings.from_env(environ))
+
+
 def cmd(**env):
-    return build_vllm_command({**BASE, "OMNI_VLLM_ARGS": json.dumps(SIZING_ARGS), **env})
+    return command({**BASE, "OMNI_VLLM_ARGS": json.dumps(SIZING_ARGS), **env})
 
 
 def test_single_pod():
@@ -38,13 +42,13 @@ def test_single_pod():
 
 
 def test_defaults_revision_and_port():
-    argv, facts = build_vllm_command({"OMNI_MODEL": "Qwen/Qwen3-Omni-30B-A3B-Instruct", "OMNI_MODEL_REVISION": "abc123",
-                                      "OMNI_PORT": "9000"})
+    argv, facts = command({"OMNI_MODEL": "Qwen/Qwen3-Omni-30B-A3B-Instruct", "OMNI_MODEL_REVISION": "abc123",
+                           "OMNI_PORT": "9000"})
     assert argv[:3] == ["vllm", "serve", "Qwen/Qwen3-Omni-30B-A3B-Instruct"]
     assert argv[argv.index("--served-model-name") + 1] == "Qwen/Qwen3-Omni-30B-A3B-Instruct"
     assert argv[argv.index("--revision") + 1] == "abc123"
     assert argv[argv.index("--port") + 1] == "9000" and facts["port"] == 9000
-    argv, _ = build_vllm_command({"OMNI_MODEL": "m", "OMNI_VLLM_ARGS": ""})
+    argv, _ = command({"OMNI_MODEL": "m", "OMNI_VLLM_ARGS": ""})
     assert argv == ["vllm", "serve", "m", "--served-model-name", "m", "--host", "0.0.0.0", "--port", "8000"]
 
 
@@ -69,47 +73,45 @@ def test_multi_node_rank_n_is_headless(ordinal, nnodes):
 
 def test_explicit_mp_backend_is_not_duplicated():
     args = SIZING_ARGS + ["--distributed-executor-backend", "mp"]
-    argv, _ = build_vllm_command({**BASE, "OMNI_VLLM_ARGS": json.dumps(args), "OMNI_NNODES": "2",
-                                  "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0"})
+    argv, _ = command({**BASE, "OMNI_VLLM_ARGS": json.dumps(args), "OMNI_NNODES": "2",
+                       "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0"})
     assert argv.count("--distributed-executor-backend") == 1
 
 
 @pytest.mark.parametrize("env, needle", [
     ({"OMNI_VLLM_ARGS": "[--tensor-parallel-size 4"}, "not valid JSON"),
     ({"OMNI_VLLM_ARGS": '{"tp": 4}'}, "must be a JSON list"),
-    ({"OMNI_VLLM_ARGS": '["--max-num-seqs", {"n": 8}]'}, "OMNI_VLLM_ARGS[1] must be a string"),
-    ({"OMNI_VLLM_ARGS": '["--enforce-eager", true]'}, "OMNI_VLLM_ARGS[1] must be a string"),
+    ({"OMNI_VLLM_ARGS": '["--max-num-seqs", {"n": 8}]'}, "item 1 must be a string"),
+    ({"OMNI_VLLM_ARGS": '["--enforce-eager", true]'}, "item 1 must be a string"),
     ({"OMNI_VLLM_ARGS": '["--port", "9999"]'}, "must not set --port"),
     ({"OMNI_VLLM_ARGS": '["--served-model-name=x"]'}, "must not set --served-model-name"),
     ({"OMNI_VLLM_ARGS": '["--headless"]'}, "must not set --headless"),
     ({"OMNI_VLLM_ARGS": '["Qwen/other", "--tensor-parallel-size", "2"]'}, "must start with a flag"),
-    ({"OMNI_NNODES": "two"}, "OMNI_NNODES='two' is not an integer"),
-    ({"OMNI_NNODES": "0"}, "must be >= 1"),
+    ({"OMNI_NNODES": "two"}, "OMNI_NNODES='two': Input should be a valid integer"),
+    ({"OMNI_NNODES": "0"}, "OMNI_NNODES='0': Input should be greater than or equal to 1"),
     ({"OMNI_NNODES": "2", "POD_NAME": "thinker", "OMNI_MASTER_ADDR": "t-0"}, "no StatefulSet ordinal"),
     ({"OMNI_NNODES": "2", "POD_NAME": "t-0"}, "OMNI_MASTER_ADDR is required"),
     ({"OMNI_NNODES": "2", "POD_NAME": "t-2", "OMNI_MASTER_ADDR": "t-0"}, "outside OMNI_NNODES=2"),
-    ({"OMNI_NNODES": "2", "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0", "OMNI_MASTER_PORT": "70000"}, "not a TCP port"),
+    ({"OMNI_NNODES": "2", "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0", "OMNI_MASTER_PORT": "70000"},
+     "OMNI_MASTER_PORT='70000': Input should be less than or equal to 65535"),
     ({"OMNI_NNODES": "2", "POD_NAME": "t-1", "OMNI_MASTER_ADDR": "t-0",
       "OMNI_VLLM_ARGS": '["--distributed-executor-backend", "ray"]'}, "mp backend"),
 ])
 def test_bad_configuration_is_a_clear_error(env, needle):
     with pytest.raises(ValueError) as e:  # LauncherError and ConfigError are ValueErrors
-        build_vllm_command({**BASE, **env})
+        command({**BASE, **env})
     assert needle in str(e.value)
 
 
-def test_node_rank_and_args_helpers():
+def test_node_rank_from_the_pod_name():
     assert node_rank_from_pod_name("omni-thinker-r2-5") == 5
-    assert parse_vllm_args(None) == [] and parse_vllm_args("[]") == []
-    assert parse_vllm_args('["--max-num-seqs", 8, "--gpu-memory-utilization", 0.9]') == [
-        "--max-num-seqs", "8", "--gpu-memory-utilization", "0.9"]
 
 
 def test_cli_reports_bad_args_and_exits_2():
     env = {**os.environ, **BASE, "OMNI_VLLM_ARGS": "not json"}
     r = subprocess.run([sys.executable, "-m", "omni_runtime.cli", "print-vllm-command"], env=env,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "OMNI_VLLM_ARGS is not valid JSON" in r.stderr
+    assert r.returncode == 2 and "OMNI_VLLM_ARGS='not json': not valid JSON" in r.stderr
 
 
 VLLM_EXPOSITION = """# HELP vllm:num_requests_waiting Number of requests waiting.

@@ -11,10 +11,9 @@ import time
 import pytest
 import torch
 
-from omni_runtime.launcher import LauncherError, mm_states_config
-from omni_runtime.mm_capture import (Capture, StatesCache, external_request_id, mm_positions, prefix_key,
-                                     step_rows)
-from omni_runtime.mm_store import Entry, MMStatesStore, decode_file, encode_file, sweep_plan, write_atomic
+from omni_runtime.thinker.mm_capture import (Capture, StatesCache, external_request_id, mm_positions, prefix_key,
+                                             step_rows)
+from omni_runtime.thinker.mm_store import Entry, MMStatesStore, decode_file, encode_file, sweep_plan, write_atomic
 
 pytestmark = pytest.mark.runtime
 
@@ -92,15 +91,3 @@ def test_store_serves_once_keeps_errors_and_expires(tmp_path):
     os.utime(store.dir / "r2.oms", (old, old))
     assert store.sweep() == ["r2.oms"] and store.take("r2") is None
     assert not list(store.dir.glob(".*.tmp"))  # the rename left no temporary behind
-
-
-def test_mm_states_config():
-    cfg = mm_states_config({})
-    assert cfg["owned"] and cfg["export"] and cfg["ttl"] == 120 and cfg["max_bytes"] == 1 << 30
-    cfg = mm_states_config({"OMNI_MM_STATES_DIR": "/x", "OMNI_MM_STATES_TTL_SECONDS": "5",
-                            "OMNI_MM_STATES_MAX_BYTES": "1000", "OMNI_MM_STATES_EXPORT": "0"})
-    assert cfg == {"dir": "/x", "owned": False, "ttl": 5.0, "max_bytes": 1000, "export": False}
-    for bad in ({"OMNI_MM_STATES_TTL_SECONDS": "0"}, {"OMNI_MM_STATES_MAX_BYTES": "lots"},
-                {"OMNI_MM_STATES_EXPORT": "maybe"}):
-        with pytest.raises((LauncherError, ValueError)):
-            mm_states_config(bad)

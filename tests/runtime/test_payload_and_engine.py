@@ -84,7 +84,7 @@ KEYS = ("inputs_embeds", "trailing_text_hidden", "tts_pad_embed", "talker_input_
 def test_talker_inputs_match_in_process_pipeline_text(tiny_model):
     from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
-    from omni_runtime.talker_engine import TalkerEngine
+    from omni_runtime.talker.engine import TalkerEngine
 
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_model).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -106,8 +106,8 @@ def test_talker_inputs_match_in_process_pipeline_audio(tiny_model):
     payload, rebuild the talker input transformers builds in one process."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
-    from omni_runtime.talker_engine import TalkerEngine
-    from omni_runtime.thinker_server import ThinkerEngine
+    from omni_runtime.talker.engine import TalkerEngine
+    from omni_runtime.thinker.transformers_server import ThinkerEngine
 
     from .helpers import b64, sine_wav
 

@@ -21,14 +21,14 @@ pytestmark = pytest.mark.runtime
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    from omni_runtime.talker_engine import TalkerEngine
+    from omni_runtime.talker.engine import TalkerEngine
 
     return TalkerEngine(str(tiny_model), device="cpu")
 
 
 @pytest.fixture
 def loop(engine):
-    from omni_runtime.talker_batch import DecodeLoop
+    from omni_runtime.talker.batch import DecodeLoop
 
     batches = []
     lp = DecodeLoop(engine, text_wait=0.5, on_step=lambda n, stalled: batches.append((n, stalled)))
@@ -49,7 +49,7 @@ class Run:
     """One synthesis submitted to the loop; `wait()` gives (result, pcm)."""
 
     def __init__(self, loop, engine, req, streamed_from: int | None = None):
-        from omni_runtime.talker_batch import Synthesis, TextFeed
+        from omni_runtime.talker.batch import Synthesis, TextFeed
 
         self.pcm = bytearray()
         self.result = None
@@ -156,7 +156,7 @@ def test_a_synthesis_waiting_for_text_does_not_hold_the_others(tiny_model, engin
 
 
 def test_ends_early_text_timeout_abandon_cancel(tiny_model, engine, loop):
-    from omni_runtime.talker_batch import Cancelled, TextAbandoned, TextTimeout
+    from omni_runtime.talker.batch import Cancelled, TextAbandoned, TextTimeout
 
     stalled = Run(loop, engine, request(tiny_model, codes=30), streamed_from=1)
     result, _ = stalled.wait(timeout=30)
@@ -180,7 +180,7 @@ def test_ends_early_text_timeout_abandon_cancel(tiny_model, engine, loop):
 
 
 def test_the_text_ends_at_the_thinkers_end_of_turn(tiny_model, engine):
-    from omni_runtime.talker_batch import TextFeed
+    from omni_runtime.talker.batch import TextFeed
 
     im_end = next(iter(engine.thinker_eos))
     req = request(tiny_model, response=[40, 41])

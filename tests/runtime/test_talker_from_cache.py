@@ -18,8 +18,7 @@ from e2e.hub import HubStandIn
 from ..test_operator_cluster import apply, crd, kget, operator, wait, wait_ready  # noqa: F401
 from ..test_weights_cluster import REPO, from_hub
 
-pytestmark = [pytest.mark.cluster, pytest.mark.runtime]
-
+pytestmark = pytest.mark.runtime
 
 
 def test_the_talker_pod_loads_its_weights_from_the_cache(cluster, namespace, operator, tiny_model, tmp_path):

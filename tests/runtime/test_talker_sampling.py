@@ -7,7 +7,7 @@ import pytest
 import torch  # the runtime extra; `make test` installs it
 
 from omni_runtime.payload import PayloadError
-from omni_runtime.talker_sampling import Sampling, choose, process_first
+from omni_runtime.talker.sampling import Sampling, choose, process_first
 
 pytestmark = pytest.mark.runtime
 
@@ -21,7 +21,10 @@ def logits(rows=3, seed=0):
 
 def test_history_processors_equal_transformers():
     from transformers.generation.logits_process import (
-        MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor, SuppressTokensLogitsProcessor)
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
 
     scores = logits()
     rows = [Sampling(repetition_penalty=1.3, min_codes=5), Sampling(repetition_penalty=1.0),
@@ -45,9 +48,9 @@ def test_history_processors_equal_transformers():
 
 
 def test_draws_stay_inside_top_k_and_top_p_and_greedy_rows_take_the_argmax():
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
     import random
+
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     scores = logits()
     # Row 0's top three codes are close, so 300 seeded draws reach each of them: random

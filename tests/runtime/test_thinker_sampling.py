@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from omni_runtime.thinker_server import BadRequest, _params
+from omni_runtime.thinker.transformers_server import BadRequest, _params
 
 from .helpers import post_stream, run
 
@@ -33,7 +33,7 @@ def test_params_take_them_as_vllm_does():
 def test_generation_goes_past_eos_only_when_asked(tiny_model):
     """A thinker that wants to say EOS at every step: it stops at once, unless ignore_eos
     (runs to max_tokens) or min_tokens (EOS held back until then)."""
-    from omni_runtime.thinker_server import ThinkerEngine
+    from omni_runtime.thinker.transformers_server import ThinkerEngine
 
     engine = ThinkerEngine(str(tiny_model))
     eos = engine.eos

@@ -26,7 +26,7 @@ def test_every_weight_matrix_is_drawn(tiny_model):
 def test_the_talker_experts_take_part(tiny_model):
     """Loaded as a talker pod loads it, each expert of the talker's MoE block adds to the output
     (undrawn experts gave zeros here)."""
-    from omni_runtime.talker_engine import TalkerEngine
+    from omni_runtime.talker.engine import TalkerEngine
 
     engine = TalkerEngine(str(tiny_model), device="cpu")
     experts = engine.talker.model.layers[0].mlp.experts

@@ -27,7 +27,7 @@ from e2e.procs import descendants
 from .helpers import chat_prompt_ids, sine_wav
 from .vllm_procs import REPO, SERVED, alive
 
-pytestmark = pytest.mark.runtime
+pytestmark = pytest.mark.vllm
 
 LONG = 900  # tokens: a few seconds per request on 2 cores
 

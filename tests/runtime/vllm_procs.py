@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e.procs import descendants
+from e2e.procs import descendants, free_port
 from e2e.runtime_process import RuntimeProcess
-
-from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVED = "tiny-omni"

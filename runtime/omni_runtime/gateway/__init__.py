@@ -9,7 +9,6 @@
     GET  /health                200 serving, 503 draining
 
 Modules, one concern each:
-    config      OMNI_* variables -> the config dict
     validation  what a chat request may contain (content parts, media URLs, audio options); pure
     auth        API keys
     pools       endpoints of a role, their load, the order to try them in
@@ -22,7 +21,6 @@ Modules, one concern each:
     app         the aiohttp application, request accounting, the text proxy, amain
 """
 
-from .app import Gateway, amain
-from .config import config_from_env
+from omni_runtime.gateway.app import Gateway, amain
 
-__all__ = ["Gateway", "amain", "config_from_env"]
+__all__ = ["Gateway", "amain"]

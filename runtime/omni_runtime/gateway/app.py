@@ -10,23 +10,24 @@ import time
 
 from aiohttp import web
 
-from ..metrics import GatewayMetrics, metrics_app
-from ..server import json_error, serve
-from .auth import ApiKeys
-from .speech import Speech
-from .upstream import ClientGone, UpstreamUnavailable, Upstreams
-from .validation import BadRequest, validate_chat
+from omni_runtime.config import GatewaySettings
+from omni_runtime.gateway.auth import ApiKeys
+from omni_runtime.gateway.speech import Speech
+from omni_runtime.gateway.upstream import ClientGone, Upstreams, UpstreamUnavailable
+from omni_runtime.gateway.validation import BadRequest, validate_chat
+from omni_runtime.metrics import GatewayMetrics, metrics_app
+from omni_runtime.server import json_error, serve
 
 log = logging.getLogger("omni.gateway")
 
 
 class Gateway:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: GatewaySettings):
         self.cfg = cfg
         self.metrics = GatewayMetrics()
         self.upstreams = Upstreams(cfg, self.metrics)
         self.speech = Speech(self.upstreams, cfg, self.metrics)
-        self.keys = ApiKeys(cfg["api_keys_file"])
+        self.keys = ApiKeys(cfg.api_keys_file)
         self.waiting = 0
         self.running = 0
         self.draining = False
@@ -44,7 +45,7 @@ class Gateway:
     async def drain(self):
         self.draining = self.upstreams.draining = True
         self._update()
-        deadline = time.monotonic() + self.cfg["drain_seconds"]
+        deadline = time.monotonic() + self.cfg.drain_seconds
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # let the last responses flush before the listeners close
@@ -73,7 +74,7 @@ class Gateway:
                 body = await resp.read()
                 return web.Response(body=body, status=resp.status, content_type="application/json")
         except UpstreamUnavailable:
-            name = self.cfg["served_model_name"] or self.cfg["model"]
+            name = self.cfg.served_model_name or self.cfg.model
             return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "omni"}]})
 
     async def chat(self, request: web.Request):
@@ -82,14 +83,14 @@ class Gateway:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             self.metrics.count(413)
-            return json_error(413, f"request body exceeds {self.cfg['max_request_bytes']} bytes")
+            return json_error(413, f"request body exceeds {self.cfg.max_request_bytes} bytes")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.metrics.count(400)
             return json_error(400, "request body is not valid JSON")
         try:
-            opts = validate_chat(body, self.cfg["max_media_bytes"])
+            opts = validate_chat(body, self.cfg.max_media_bytes)
         except BadRequest as exc:
             self.metrics.count(400)
             return json_error(400, str(exc))
@@ -147,15 +148,15 @@ class Gateway:
             return resp
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg["max_request_bytes"], middlewares=[self.middleware])
+        app = web.Application(client_max_size=self.cfg.max_request_bytes, middlewares=[self.middleware])
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         return app
 
 
-async def amain(cfg: dict) -> int:
+async def amain(cfg: GatewaySettings) -> int:
     gw = Gateway(cfg)
     await gw.start()
-    sites = [(gw.app(), cfg["host"], cfg["port"]), (metrics_app(gw.metrics), cfg["host"], cfg["metrics_port"])]
+    sites = [(gw.app(), cfg.host, cfg.port), (metrics_app(gw.metrics), cfg.host, cfg.metrics_port)]
     return await serve(sites, gw.drain)

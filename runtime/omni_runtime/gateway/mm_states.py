@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from .pools import Endpoint
+from omni_runtime.gateway.pools import Endpoint
 
 PATH = "/v1/omni/mm-states/"
 POLL_EVERY = 0.05

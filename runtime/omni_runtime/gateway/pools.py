@@ -9,7 +9,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from .. import env
+from omni_runtime import config as env
 
 log = logging.getLogger("omni.gateway")
 

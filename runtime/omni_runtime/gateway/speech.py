@@ -26,13 +26,14 @@ import uuid
 import aiohttp
 from aiohttp import web
 
-from ..metrics import GatewayMetrics
-from . import sse
-from .handoff import NDJSON, IdFeed
-from .mm_states import StatesMissing, fetch_states
-from .speech_client import SpeechClient
-from .upstream import ClientGone, Taken, UpstreamUnavailable, Upstreams
-from .validation import ChatOptions
+from omni_runtime.config import GatewaySettings
+from omni_runtime.gateway import sse
+from omni_runtime.gateway.handoff import NDJSON, IdFeed
+from omni_runtime.gateway.mm_states import StatesMissing, fetch_states
+from omni_runtime.gateway.speech_client import SpeechClient
+from omni_runtime.gateway.upstream import ClientGone, Taken, Upstreams, UpstreamUnavailable
+from omni_runtime.gateway.validation import ChatOptions
+from omni_runtime.metrics import GatewayMetrics
 
 log = logging.getLogger("omni.gateway")
 
@@ -78,7 +79,7 @@ def _succeeded(task: asyncio.Future) -> bool:
 
 
 class Speech:
-    def __init__(self, upstreams: Upstreams, cfg: dict, metrics: GatewayMetrics):
+    def __init__(self, upstreams: Upstreams, cfg: GatewaySettings, metrics: GatewayMetrics):
         self.up = upstreams
         self.cfg = cfg
         self.metrics = metrics
@@ -87,7 +88,7 @@ class Speech:
         rid = uuid.uuid4().hex
         client = SpeechClient(request, f"chatcmpl-{rid}", body.get("model"), opts, first_byte)
         try:
-            if self.cfg.get("speech_streaming", True):
+            if self.cfg.speech_streaming:
                 reply, (rate, pcm) = await self._streamed(request, body, opts, rid, client)
             else:
                 reply, mm = await self._think(request, body, opts, rid, client)
@@ -127,7 +128,7 @@ class Speech:
                 break
 
     def _fetch_states(self, request, ep, rid: str, prefilled: asyncio.Event) -> asyncio.Task:
-        return asyncio.ensure_future(fetch_states(self.up.session, ep, rid, self.cfg["mm_states_wait"], prefilled,
+        return asyncio.ensure_future(fetch_states(self.up.session, ep, rid, self.cfg.mm_states_wait, prefilled,
                                                   lambda s: self.up.pause(request, s)))
 
     def _call_thinker(self, request, body: dict, rid: str):
@@ -221,7 +222,7 @@ class Speech:
     async def _post_whole(self, request, reply: sse.ThinkerReply, mm: dict | None,
                           client: SpeechClient) -> tuple[int, bytes]:
         payload = json.dumps(talker_payload(reply, client.opts.voice, client.rid, mm,
-                                            self.cfg["talker_generation"])).encode()
+                                            self.cfg.talker_generation)).encode()
         self.metrics.talker_payload_bytes.observe(len(payload))
         taken = await self.up.connect("POST", self.up.talkers, TALKER_PATH, request, True,
                                       {"data": payload, "headers": {"Content-Type": "application/json"}})
@@ -306,7 +307,7 @@ class _TalkerSide:
             self.speech.metrics.mm_states_bytes.inc(size)
         opts = self.client.opts
         self.feed = IdFeed(talker_payload(reply, opts.voice, self.client.rid, mm,
-                                          self.speech.cfg["talker_generation"]))
+                                          self.speech.cfg.talker_generation))
         self.sent = len(reply.response_ids)
         self.speech.metrics.talker_payload_bytes.observe(len(self.feed.head))
         self.talk = asyncio.ensure_future(self.speech._talk(self.request, self.feed, self.client))

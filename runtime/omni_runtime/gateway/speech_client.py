@@ -11,11 +11,11 @@ import uuid
 
 from aiohttp import web
 
-from ..audio import wav_header
-from ..server import json_error
-from . import sse
-from .upstream import ClientGone
-from .validation import ChatOptions
+from omni_runtime.audio import wav_header
+from omni_runtime.gateway import sse
+from omni_runtime.gateway.upstream import ClientGone
+from omni_runtime.gateway.validation import ChatOptions
+from omni_runtime.server import json_error
 
 
 class SpeechClient:

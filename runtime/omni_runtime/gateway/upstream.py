@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from ..metrics import GatewayMetrics, parse_prometheus_text
-from .pools import RESOLVE_EVERY, Endpoint, Pool, parse_service_list
+from omni_runtime.config import GatewaySettings
+from omni_runtime.gateway.pools import RESOLVE_EVERY, Endpoint, Pool, parse_service_list
+from omni_runtime.metrics import GatewayMetrics, parse_prometheus_text
 
 log = logging.getLogger("omni.gateway")
 
@@ -60,25 +61,25 @@ class Taken:
 class Upstreams:
     """The thinker and talker pools of one gateway and the HTTP session that reaches them."""
 
-    def __init__(self, cfg: dict, metrics: GatewayMetrics):
+    def __init__(self, cfg: GatewaySettings, metrics: GatewayMetrics):
         self.cfg = cfg
         self.metrics = metrics
         # every entry keeps its metrics port even with scraping off: multimodal states are
         # fetched there (thinker), whatever routing does
-        mport = cfg.get("upstream_metrics_port", 0)
-        stale = max(3 * cfg.get("scrape_seconds", 1.0), 2.0)
-        self.thinkers = Pool("thinker", parse_service_list(cfg["thinker_service"], mport), stale_after=stale)
-        self.talkers = Pool("talker", parse_service_list(cfg["talker_service"], mport), stale_after=stale)
+        mport = cfg.upstream_metrics_port
+        stale = max(3 * cfg.scrape_seconds, 2.0)
+        self.thinkers = Pool("thinker", parse_service_list(cfg.thinker_service, mport), stale_after=stale)
+        self.talkers = Pool("talker", parse_service_list(cfg.talker_service, mport), stale_after=stale)
         self.session: aiohttp.ClientSession | None = None
         self.scraper: asyncio.Task | None = None
         self.draining = False
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg["connect_timeout"],
-                                          sock_read=self.cfg["read_timeout"]),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout,
+                                          sock_read=self.cfg.read_timeout),
             auto_decompress=False)
-        if self.cfg.get("scrape_seconds", 0) > 0:
+        if self.cfg.scrape_seconds > 0:
             self.scraper = asyncio.ensure_future(self._scrape_loop())
 
     async def close(self) -> None:
@@ -90,7 +91,7 @@ class Upstreams:
     # -- upstream load: scrape each endpoint's omni_queue_depth + omni_requests_running --
 
     async def _scrape_loop(self):
-        every = self.cfg["scrape_seconds"]
+        every = self.cfg.scrape_seconds
         while True:
             began = time.monotonic()
             for pool in (self.thinkers, self.talkers):
@@ -105,7 +106,7 @@ class Upstreams:
 
     async def _scrape(self, pool: Pool, ep: Endpoint) -> None:
         sent = time.monotonic()
-        timeout = aiohttp.ClientTimeout(total=max(0.5, min(2.0, self.cfg["scrape_seconds"])))
+        timeout = aiohttp.ClientTimeout(total=max(0.5, min(2.0, self.cfg.scrape_seconds)))
         try:
             async with self.session.get(ep.metrics_url, timeout=timeout) as resp:
                 if resp.status != 200:
@@ -141,7 +142,7 @@ class Upstreams:
         if not pool.targets:
             raise UpstreamUnavailable(503, f"no {pool.role} service is configured "
                                            f"(OMNI_{pool.role.upper()}_SERVICE is empty)")
-        wait = self.cfg.get("upstream_wait", 0.0) if hold else 0.0
+        wait = self.cfg.upstream_wait if hold else 0.0
         gauge = self.metrics.waiting_requests.labels(pool.role)
         held_since = None
         try:
@@ -192,7 +193,7 @@ class Upstreams:
         if pool.targets and not pool.endpoints:
             why.last = f"{', '.join(h for h, _, _ in pool.targets)} resolved to no address"
         say = log.debug if quiet else log.warning
-        for ep in (await pool.candidates())[: self.cfg["max_attempts"]]:
+        for ep in (await pool.candidates())[: self.cfg.max_attempts]:
             token = ep.acquire()
             try:
                 resp = await self.session.request(method, ep.url + path, **_fresh(kw))

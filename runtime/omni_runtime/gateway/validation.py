@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..media import MediaError, b64decode, check_url_part, is_wav
+from omni_runtime.config import DEFAULT_MAX_MEDIA_BYTES
+from omni_runtime.media import MediaError, b64decode, check_url_part, is_wav
 
 INPUT_AUDIO_FORMATS = ("wav", "mp3")
 OUTPUT_AUDIO_FORMATS = ("wav", "pcm16")
 CONTENT_PART_TYPES = ("text", "image_url", "audio_url", "video_url", "input_audio")
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
-DEFAULT_MAX_MEDIA_BYTES = 25 << 20  # vLLM's own default cap for one audio clip (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)
 
 
 class BadRequest(ValueError):

@@ -1,0 +1,464 @@
+"""Continuous batching for the talker: one decode thread per pod steps every active
+synthesis together.
+
+A synthesis joins after its own prefill and leaves when its codec ends, between steps.
+One whose next text token has not arrived yet (streaming hand-off) sits out the steps
+until it does, for at most `text_wait` seconds. Each synthesis keeps its own random
+generator and sampling parameters, so its audio does not depend on what else shares the
+batch, and a fixed seed gives the same audio whether the text came whole or streamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from omni_runtime.payload import PayloadError, TalkerRequest
+from omni_runtime.talker.engine import TalkerEngine, cache_of, kv_layers
+from omni_runtime.talker.sampling import Sampling, choose, process_first
+
+log = logging.getLogger("omni.talker")
+
+
+class Cancelled(Exception):
+    """The client went away or the pod is shutting down."""
+
+
+class TextAbandoned(Exception):
+    """The text stream ended without saying the answer was complete."""
+
+
+class TextTimeout(Exception):
+    """The next text token did not arrive within the wait."""
+
+
+class TextFeed:
+    """The text one synthesis speaks, as the thinker writes it: append-only, thread-safe.
+    Ends at the first of `stop_ids` (the thinker's <|im_end|>)."""
+
+    def __init__(self, stop_ids: set[int], vocab: int):
+        self._lock = threading.Lock()
+        self._ids: list[int] = []
+        self._stop = stop_ids
+        self._vocab = vocab
+        self._ended = False
+        self._abandoned: str | None = None
+        self.on_change: Callable[[], None] = lambda: None
+
+    @classmethod
+    def of(cls, engine: TalkerEngine, req: TalkerRequest, complete: bool) -> "TextFeed":
+        """The feed of `req`: what the prompt holds of the assistant turn, then its response ids;
+        `complete` when no more ids will come."""
+        vocab = engine.text_vocab
+        if max(req.prompt_ids) >= vocab or max(req.response_ids) >= vocab:
+            raise PayloadError(f"token id out of range for a vocabulary of {vocab}")
+        feed = cls(engine.thinker_eos, vocab)
+        feed.extend(engine.prompt_tail(req.prompt_ids) + list(req.response_ids))
+        if complete:
+            feed.end()
+        return feed
+
+    def _append(self, ids) -> None:
+        for tok in ids:
+            if tok in self._stop:
+                self._ended = True
+                return
+            self._ids.append(tok)
+
+    def extend(self, ids: list[int]) -> None:
+        bad = next((t for t in ids if not 0 <= t < self._vocab), None)
+        if bad is not None:  # caught here, so it fails this synthesis and not the batch it is in
+            self.abandon(f"token id {bad} out of range for a vocabulary of {self._vocab}")
+            return
+        with self._lock:
+            if not self._ended and self._abandoned is None:
+                self._append(ids)
+        self.on_change()
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+        self.on_change()
+
+    def abandon(self, reason: str) -> None:
+        with self._lock:
+            if not self._ended:
+                self._abandoned = reason
+        self.on_change()
+
+    def first(self) -> int | None:
+        with self._lock:
+            return self._ids[0] if self._ids else None
+
+    def at(self, k: int) -> tuple[bool, int | None, bool]:
+        """(known, token, ended) for token k: (True, id, _) when it is there, (True, None, True)
+        when the text ended before it, (False, None, False) while it is still to come."""
+        with self._lock:
+            if k < len(self._ids):
+                return True, self._ids[k], False
+            if self._ended:
+                return True, None, k == len(self._ids)
+            if self._abandoned is not None:
+                raise TextAbandoned(self._abandoned)
+            return False, None, False
+
+
+@dataclass
+class SynthesisStats:
+    codes: int = 0
+    samples: int = 0
+    started: float = 0.0
+    first_audio: float | None = None
+    finished: float = 0.0
+
+
+class Synthesis:
+    """One request in the decode loop. `emit(pcm)` and `done(stats or exception)` are called
+    on the vocoder thread, `done` exactly once; `cancel` may be set from any thread."""
+
+    def __init__(self, req: TalkerRequest, feed: TextFeed, emit: Callable[[bytes], None],
+                 done: Callable[[object], None]):
+        self.req, self.feed, self.emit = req, feed, emit
+        self._done, self._done_lock, self.finished = done, threading.Lock(), False
+        self.cancel = threading.Event()
+        self.stats = SynthesisStats(started=time.monotonic())
+        self.sampling: Sampling | None = None
+        self.seen = None              # [V] bool: first-group codes generated so far
+        self.kv: list | None = None   # own cache while outside the batch
+        self.length = 0               # cached positions (without batch padding)
+        self.rope_delta = 0
+        self.step = 0                 # decode steps taken; step k adds text token k+1
+        self.codec_embed = None       # [1, 1, D]: the codec part of the next step's input
+        self.generated = 0            # first-group codes so far (the codec end included)
+        self.codes: list = []         # [groups] per frame, append-only
+        self.decoded = 0              # frames handed to the vocoder
+        self.next_flush = 0
+        self.stalled_since: float | None = None
+
+    def done(self, result) -> None:
+        with self._done_lock:
+            if self.finished:
+                return
+            self.finished = True
+        self.stats.finished = time.monotonic()
+        self._done(result)
+
+
+class KVBatch:
+    """The KV cache of the syntheses stepped together: rows left-padded to one length.
+    Re-arranged only when the set of rows changes."""
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.rows: list[Synthesis] = []
+        self.cache = None
+        self.pads: list[int] = []
+
+    def _take_out(self) -> None:
+        if self.cache is None:
+            return
+        kv = kv_layers(self.cache)
+        for i, (s, pad) in enumerate(zip(self.rows, self.pads)):
+            s.kv = [(k[i:i + 1, :, pad:], v[i:i + 1, :, pad:]) for k, v in kv]
+        self.rows, self.cache, self.pads = [], None, []
+
+    def arrange(self, rows: list[Synthesis]) -> None:
+        if rows == self.rows:
+            return
+        leaving = [s for s in self.rows if s not in rows]
+        self._take_out()
+        for s in leaving:  # own copies, so the old batch tensors can be freed
+            if s.kv is not None:
+                s.kv = [(k.clone(), v.clone()) for k, v in s.kv]
+        if not rows:
+            return
+        pad = self.torch.nn.functional.pad
+        width = max(s.length for s in rows)
+        self.pads = [width - s.length for s in rows]
+        layers = []
+        for layer in range(len(rows[0].kv)):
+            keys = [pad(s.kv[layer][0], (0, 0, p, 0)) for s, p in zip(rows, self.pads)]
+            values = [pad(s.kv[layer][1], (0, 0, p, 0)) for s, p in zip(rows, self.pads)]
+            layers.append((self.torch.cat(keys, dim=0), self.torch.cat(values, dim=0)))
+        self.cache = cache_of(layers)
+        self.rows = list(rows)
+        for s in rows:
+            s.kv = None
+
+    def drop(self, s: Synthesis) -> None:
+        """Forget a synthesis that ended (its rows go at the next arrange)."""
+        if s in self.rows:
+            self._take_out()
+        s.kv = None
+
+    def inputs(self, device):
+        """Attention mask [B, L + 1] and 3D RoPE positions [3, B, 1] of the next step."""
+        torch = self.torch
+        width = max(s.length for s in self.rows) + 1
+        mask = torch.ones((len(self.rows), width), dtype=torch.long, device=device)
+        for i, p in enumerate(self.pads):
+            if p:
+                mask[i, :p] = 0
+        pos = torch.tensor([[s.length + s.rope_delta] for s in self.rows], dtype=torch.long, device=device)
+        return mask, pos.unsqueeze(0).expand(3, -1, -1)
+
+
+class _Worker:
+    """A daemon thread running `_run`, woken through `cond`, stopped with `stop`."""
+
+    def __init__(self, name: str):
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, wait: float = 10.0) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(wait)
+
+
+class DecodeLoop(_Worker):
+    """The talker's decode thread. `submit` hands it a synthesis; `on_step(batch, stalled)`
+    reports each step's batch size and how many syntheses wait for text."""
+
+    def __init__(self, engine: TalkerEngine, text_wait: float = 30.0,
+                 on_step: Callable[[int, int], None] = lambda batch, stalled: None):
+        super().__init__("talker-decode")
+        self.engine = engine
+        self.torch = engine.torch
+        self.text_wait = text_wait
+        self.on_step = on_step
+        self.pending: list[Synthesis] = []
+        self.active: list[Synthesis] = []
+        self.batch = KVBatch(self.torch)
+        self.suppress = self.torch.tensor(engine.suppress, dtype=self.torch.long, device=engine.device)
+        self.vocoder = Vocoder(engine)
+        self.thread.start()
+
+    def submit(self, s: Synthesis) -> None:
+        s.feed.on_change = self.wake
+        with self.cond:
+            self.pending.append(s)
+            self.cond.notify()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def stop(self, wait: float = 10.0) -> None:
+        super().stop(wait)
+        self.vocoder.stop(wait)
+
+    # -- the loop -------------------------------------------------------------------
+    def _run(self) -> None:
+        torch = self.torch
+        while True:
+            with self.cond:
+                while not self.stopped and not self.pending and not self._anything_to_do():
+                    self.cond.wait(timeout=0.25)
+                if self.stopped:
+                    break
+                new, self.pending = self.pending, []
+            with torch.inference_mode():
+                for s in new:
+                    self._guard([s], self._start, s)
+                ready = self._ready()
+                if ready:
+                    self._guard(ready, self._step, ready)
+        for s in self.pending + self.active:
+            self.vocoder.finish(s, Cancelled("talker is shutting down"))
+
+    def _anything_to_do(self) -> bool:
+        """Under the condition: is a synthesis ready, cancelled, or past its text wait?"""
+        now = time.monotonic()
+        return any(self._next_for(s, now)[0] != "waiting" for s in self.active)
+
+    def _next_for(self, s: Synthesis, now: float) -> tuple[str, Exception | None]:
+        """What a synthesis needs: "ready" (its next text token is known), "waiting" for
+        the thinker, or to end ("cancelled", "abandoned", "timed_out") with this error."""
+        if s.cancel.is_set():
+            return "cancelled", Cancelled("synthesis cancelled")
+        try:
+            known, _, _ = s.feed.at(s.step + 1)
+        except TextAbandoned as exc:
+            return "abandoned", exc
+        if known:
+            return "ready", None
+        if s.stalled_since is not None and now - s.stalled_since > self.text_wait:
+            return "timed_out", TextTimeout(f"the next text token did not arrive within {self.text_wait:g} s")
+        return "waiting", None
+
+    def _guard(self, rows: list[Synthesis], fn, arg) -> None:
+        """Run one phase; an error fails the syntheses it touched and never the thread."""
+        try:
+            fn(arg)
+        except Exception as exc:  # noqa: BLE001 - reported to each request
+            if not isinstance(exc, PayloadError):
+                log.exception("talker decode step failed for %d synthesis(es)", len(rows))
+            for s in rows:
+                self._finish(s, exc)
+
+    def _finish(self, s: Synthesis, result) -> None:
+        """Out of the loop; `done` follows the audio still queued for the vocoder."""
+        if s in self.active:
+            self.active.remove(s)
+        self.batch.drop(s)
+        self.vocoder.finish(s, result)
+
+    def _ready(self) -> list[Synthesis]:
+        """The syntheses whose next text token is known; ends the cancelled, abandoned and
+        timed-out ones."""
+        now = time.monotonic()
+        ready, stalled = [], 0
+        for s in list(self.active):
+            state, error = self._next_for(s, now)
+            if error is not None:
+                self._finish(s, error)
+            elif state == "ready":
+                s.stalled_since = None
+                ready.append(s)
+            else:
+                if s.stalled_since is None:
+                    s.stalled_since = now
+                stalled += 1
+        self.on_step(len(ready), stalled)
+        return ready
+
+    # -- phases ---------------------------------------------------------------------
+    def _start(self, s: Synthesis) -> None:
+        eng = self.engine
+        if s.cancel.is_set():
+            s.done(Cancelled("synthesis cancelled"))
+            return
+        first = s.feed.first()
+        if first is None:
+            raise PayloadError("response_ids has no text before the end-of-turn token")
+        s.sampling = Sampling.of(s.req.generation)
+        s.seen = self.torch.zeros(eng.tc.text_config.vocab_size, dtype=self.torch.bool, device=eng.device)
+        s.next_flush = eng.chunks.first
+        pre = eng.prefill(eng.prefill_inputs(s.req, [first]))
+        s.kv, s.length, s.rope_delta = pre.kv, pre.length, pre.rope_delta
+        self.active.append(s)
+        self._advance([s], pre.hidden, pre.logits)
+
+    def _step(self, rows: list[Synthesis]) -> None:
+        torch, eng = self.torch, self.engine
+        embeds = []
+        for s in rows:
+            _, token, ended = s.feed.at(s.step + 1)
+            embeds.append(s.codec_embed + eng.trailing_row(token, ended).view(1, 1, -1))
+        self.batch.arrange(rows)
+        mask, positions = self.batch.inputs(eng.device)
+        hidden, logits = eng.decode(torch.cat(embeds, dim=0), self.batch.cache, mask, positions)
+        for s in rows:
+            s.length += 1
+            s.step += 1
+        self._advance(rows, hidden, logits)
+
+    def _advance(self, rows: list[Synthesis], hidden, logits) -> None:
+        """Sample each row's next first-group code; rows that go on get their residual codes
+        (one batched code-predictor pass) and maybe an audio chunk; the others end."""
+        torch, eng = self.torch, self.engine
+        sampling = [s.sampling for s in rows]
+        scores = process_first(torch, logits, sampling, torch.stack([s.seen for s in rows]),
+                               [s.generated for s in rows], eng.codec_eos, self.suppress)
+        first = choose(torch, scores, sampling)
+        going, ended = [], []
+        for i, (s, code) in enumerate(zip(rows, first.tolist())):
+            s.seen[code] = True
+            s.generated += 1
+            (ended if code == eng.codec_eos or s.generated >= s.sampling.max_codes else going).append(i)
+        if ended:
+            self._flush([rows[i] for i in ended], final=True)
+            for i in ended:
+                self._finish(rows[i], rows[i].stats)
+        if not going:
+            return
+        members = [rows[i] for i in going]
+        idx = torch.tensor(going, device=eng.device)
+        member_sampling = [s.sampling for s in members]
+        codes, codec_embed = eng.residual_codes(hidden[idx], first[idx],
+                                                lambda _g, lg: choose(torch, lg, member_sampling, residual=True))
+        for j, s in enumerate(members):
+            s.codes.append(codes[j])
+            s.codec_embed = codec_embed[j:j + 1]
+            s.stats.codes += 1
+        self._flush(members)
+
+    def _flush(self, rows: list[Synthesis], final: bool = False) -> None:
+        """Hand the vocoder the frames of rows that have enough new ones (all when `final`)."""
+        for s in rows:
+            n = len(s.codes)
+            if n > s.decoded and (final or n >= s.next_flush):
+                self.vocoder.decode(s, s.decoded, n)
+                s.decoded = n
+                s.next_flush = n + self.engine.chunks.every
+
+
+class Vocoder(_Worker):
+    """code2wav on its own thread, so decoding never waits for audio: jobs of one synthesis
+    run in order, spans of equal shape from different syntheses are decoded together."""
+
+    def __init__(self, engine: TalkerEngine):
+        super().__init__("talker-vocoder")  # stop() lets it finish the queued jobs first
+        self.engine = engine
+        self.jobs: list[tuple] = []
+        self.thread.start()
+
+    def decode(self, s: Synthesis, start: int, end: int) -> None:
+        self._put(("pcm", s, start, end))
+
+    def finish(self, s: Synthesis, result) -> None:
+        self._put(("done", s, result))
+
+    def backlog(self) -> int:
+        with self.cond:
+            return len(self.jobs)
+
+    def _put(self, job) -> None:
+        with self.cond:
+            self.jobs.append(job)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        torch = self.engine.torch
+        while True:
+            with self.cond:
+                while not self.jobs and not self.stopped:
+                    self.cond.wait()
+                if not self.jobs:
+                    return
+                jobs, self.jobs = self.jobs, []
+            spans = [j for j in jobs if j[0] == "pcm" and not j[1].cancel.is_set()]
+            try:
+                with torch.inference_mode():
+                    pcm = dict(zip(map(id, spans), self.engine.pcm([(s.codes, a, b) for _, s, a, b in spans])))
+            except Exception as exc:  # noqa: BLE001 - fails the syntheses whose audio it was
+                log.exception("code2wav failed for %d chunk(s)", len(spans))
+                for _, s, _a, _b in spans:
+                    s.cancel.set()
+                    s.done(exc)
+                continue
+            for job in jobs:
+                s = job[1]
+                if job[0] == "done":
+                    s.done(job[2])
+                elif id(job) in pcm and not s.finished:
+                    self._emit(s, pcm[id(job)])
+
+    @staticmethod
+    def _emit(s: Synthesis, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if s.stats.first_audio is None:
+            s.stats.first_audio = time.monotonic()
+        s.stats.samples += len(chunk) // 2
+        s.emit(chunk)
