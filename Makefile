@@ -89,30 +89,30 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 test: test-pure test-schema test-cluster test-runtime test-vllm test-images test-lowest
 
 test-pure: setup
-	$(PYTEST) --tier pure
+	$(PYTEST) --tier=pure
 
 test-schema: setup system-tools tools
-	$(PYTEST) --tier schema
+	$(PYTEST) --tier=schema
 
 test-cluster: setup system-tools binaries
-	$(PYTEST) --tier cluster
+	$(PYTEST) --tier=cluster
 
 test-runtime: setup-runtime system-tools binaries
-	$(PYTEST) --tier runtime
+	$(PYTEST) --tier=runtime
 
 test-vllm: setup-runtime setup-vllm
-	$(PYTEST) --tier vllm
+	$(PYTEST) --tier=vllm
 
 # The operator and gateway images built with buildah and started as their pods start them (read-only
 # root, the rendered user and env), probed on loopback; the chart's operator against the local control
 # plane. Needs root. Base tarball and wheels cached in $(OMNI_CACHE)/images.
 test-images: setup image-tools system-tools binaries
-	nice -n 10 $(PYTEST) --tier images
+	nice -n 10 $(PYTEST) --tier=images
 
 # The pure, schema and control-plane tiers on the lowest version of every direct dependency that
 # pyproject.toml allows (uv's lowest-direct resolution), to keep the declared floors honest.
 test-lowest: $(LOWEST_VENV)/.installed system-tools binaries
-	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider --tier pure --tier schema --tier cluster
+	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider --tier=pure --tier=schema --tier=cluster
 
 generate: setup
 	$(PY) -m tools.generate

@@ -2,8 +2,9 @@
 
 The local control plane fixture lives in e2e/ so the demo and the tests start the very same
 cluster. Every test belongs to exactly one tier, the marker closest to it (a function's own
-marker over its module's); `--tier NAME` (repeatable) runs only those tiers, and no `--tier` runs
-every tier but images (which needs root and buildah). A test without a tier is an error.
+marker over its module's). `--tier=NAME` (repeatable) runs only those tiers; write it with `=`:
+pytest takes a lone word that names a directory (`runtime`) for a path to collect. No `--tier`
+runs every tier but images (which needs root and buildah). A test without a tier is an error.
 docs/development.md lists what each tier needs and costs.
 """
 
