@@ -187,10 +187,10 @@ def test_operator_deployment_defaults():
     assert deploy["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
 
 
-def test_image_digest_wins_over_tag_and_extra_args_are_appended():
+def test_image_digest_wins_over_tag_runtime_images_come_from_the_mirror_and_extra_args_are_appended():
     c = operator_container(render(("external-crds-values.yaml",)))
     assert c["image"].startswith("registry.example.com/mirror/qwen3-omni-operator@sha256:")
-    assert c["args"][-1] == "--verbose"
+    assert c["args"][-3:] == ["--image-repository=registry.example.com/mirror", "--image-tag=1.2.3", "--verbose"]
     assert {"name": "HF_HUB_OFFLINE", "value": "1"} in c["env"]
 
 
