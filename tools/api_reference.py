@@ -32,8 +32,9 @@ def _bounds(schema: dict[str, Any]) -> list[str]:
     for key, word in (("minimum", ">="), ("maximum", "<=")):
         if key in schema:
             strict = schema.get("exclusive" + key[0].upper() + key[1:]) is True
-            out.append(f"{'>' if strict and key == 'minimum' else '<' if strict else word} {schema[key]:g}"
-                       if isinstance(schema[key], (int, float)) else f"{word} {schema[key]}")
+            value = schema[key]
+            number = str(value) if isinstance(value, int) else f"{value:g}"
+            out.append(f"{'>' if strict and key == 'minimum' else '<' if strict else word} {number}")
     for key, word in (("minLength", "at least {} characters"), ("maxLength", "at most {} characters"),
                       ("minItems", "at least {} items"), ("maxItems", "at most {} items"),
                       ("maxProperties", "at most {} entries")):

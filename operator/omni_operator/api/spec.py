@@ -77,14 +77,16 @@ QUANTITY = r"^[+]?[0-9]+(\.[0-9]+)?([eE][0-9]+|[KMGTPE]i?|[mkMGTPE])?$"
 class SecretKeyRef(ApiModel):
     """A key in a Secret of the OmniDeployment's namespace. Only its name is stored."""
 
-    name: str = Field(pattern=DNS1123_LABEL, max_length=253)
-    key: str = Field(default="token", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)
+    name: str = Field(pattern=DNS1123_LABEL, max_length=253, description="The Secret's name.")
+    key: str = Field(default="token", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key in it.")
 
 
 class PvcSource(ApiModel):
     """Weights already on a PersistentVolumeClaim (mounted read-only)."""
 
-    claim_name: str = Field(pattern=DNS1123_LABEL, max_length=253)
+    claim_name: str = Field(pattern=DNS1123_LABEL, max_length=253,
+                            description="A claim in the OmniDeployment's namespace; ReadWriteMany (or ReadOnlyMany) "
+                                        "when role pods run on several nodes.")
     path: str = Field(default="", pattern=r"^$|" + PATH_IN_VOLUME, max_length=255,
                       description="Directory inside the volume that holds the model files.")
 
@@ -177,7 +179,8 @@ class WorkloadProfile(ApiModel):
                                      description="Longest video input per request, seconds.")
     max_audio_minutes: float = Field(default=10, ge=0, le=40,
                                      description="Longest audio input per request, minutes (model limit 40).")
-    max_images_per_prompt: int = Field(default=4, ge=0, le=64)
+    max_images_per_prompt: int = Field(default=4, ge=0, le=64,
+                                       description="Images in one prompt (vLLM --limit-mm-per-prompt).")
     max_concurrent_sequences: int = Field(default=8, ge=1, le=1024,
                                           description=("vLLM --max-num-seqs per thinker replica; sizing holds "
                                                        "this many sequences at full context (KV cache)."))
@@ -215,11 +218,13 @@ class Toleration(ApiModel):
              "tolerationSeconds is only valid with effect NoExecute", reason="FieldValueInvalid"),
     ]})
 
-    key: str | None = Field(default=None, max_length=316)
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(default=None, max_length=63)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(default=None, ge=0)
+    key: str | None = Field(default=None, max_length=316, description="The taint key; empty with Exists: every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Equal when unset.")
+    value: str | None = Field(default=None, max_length=63, description="The taint value (Equal only).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="The taint effect; unset matches every effect.")
+    toleration_seconds: int | None = Field(default=None, ge=0,
+                                           description="How long a NoExecute taint is tolerated before eviction.")
 
     @model_validator(mode="after")
     def _pod_rules(self) -> "Toleration":
@@ -260,13 +265,17 @@ class NodePool(ApiModel):
              "nodeSelector keys and values must be valid label keys and values", reason="FieldValueInvalid"),
     ]})
 
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32, description="Labels of the pool's nodes, e.g. omni.qwen.ai/pool: thinker.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32,
+                                          description="Taints of the pool's nodes the pods tolerate.")
     affinity: dict[str, Any] | None = Field(
         default=None, json_schema_extra=_core_schema("Affinity"),
         description="A core/v1 Affinity (its published schema), passed to the pods unchanged.")
-    priority_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253)
-    runtime_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253)
+    priority_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253,
+                                            description="A PriorityClass that exists in the cluster.")
+    runtime_class_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=253,
+                                           description="A RuntimeClass, e.g. nvidia where the GPU runtime is not the default.")
 
     @model_validator(mode="after")
     def _labels(self) -> "NodePool":
@@ -293,7 +302,8 @@ class GpuType(ApiModel):
     max_nodes_per_replica: int = Field(
         default=1, ge=1, le=16,
         description="Allow one replica to span this many nodes (vLLM multi-node); 1 keeps a replica on one node.")
-    resource_name: str = Field(default="nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$", max_length=253)
+    resource_name: str = Field(default="nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$", max_length=253,
+                               description="The extended resource the device plugin advertises; its taint is tolerated.")
     utilization: float = Field(default=0.9, ge=0.5, le=0.98,
                                description="Fraction of GPU memory the server may use (vLLM --gpu-memory-utilization).")
 
@@ -336,8 +346,10 @@ class Resources(ApiModel):
              "every request must be at most its limit", reason="FieldValueInvalid"),
     ]})
 
-    requests: dict[str, str | int] = Field(default_factory=dict, max_length=16, json_schema_extra=_QUANTITY_MAP)
-    limits: dict[str, str | int] = Field(default_factory=dict, max_length=16, json_schema_extra=_QUANTITY_MAP)
+    requests: dict[str, str | int] = Field(default_factory=dict, max_length=16, json_schema_extra=_QUANTITY_MAP,
+                                           description="Resource name to quantity, over the role's defaults.")
+    limits: dict[str, str | int] = Field(default_factory=dict, max_length=16, json_schema_extra=_QUANTITY_MAP,
+                                         description="Resource name to quantity, over the role's defaults.")
 
     @model_validator(mode="after")
     def _quantities(self) -> "Resources":
@@ -381,10 +393,12 @@ class RoleSpec(ApiModel):
 
     image: str | None = Field(default=None, pattern=IMAGE, max_length=255,
                               description="Container image; defaults to the operator's image for this role.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent",
+                                                                         description="The container's imagePullPolicy.")
     node_pool: NodePool = Field(default_factory=NodePool)
-    min_replicas: int = Field(default=1, ge=0, le=1000)
-    max_replicas: int = Field(default=1, ge=0, le=1000)
+    min_replicas: int = Field(default=1, ge=0, le=1000,
+                              description="Fewest replicas the autoscaler keeps (0 needs autoscaling.scaleToZero).")
+    max_replicas: int = Field(default=1, ge=0, le=1000, description="Most replicas the autoscaler adds.")
     resources: Resources | None = None
 
     @model_validator(mode="after")
@@ -415,11 +429,13 @@ class TalkerSpec(RoleSpec):
 class GatewaySpec(RoleSpec):
     """The OpenAI-compatible entry point (CPU only)."""
 
-    min_replicas: int = Field(default=1, ge=0, le=1000)
-    max_replicas: int = Field(default=2, ge=0, le=1000)
+    min_replicas: int = Field(default=1, ge=0, le=1000,
+                              description="Fewest replicas the autoscaler keeps (0 needs autoscaling.scaleToZero).")
+    max_replicas: int = Field(default=2, ge=0, le=1000, description="Most replicas the autoscaler adds.")
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding newline-separated API keys; unset means no authentication.")
-    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2 * 1024 ** 3)
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2 * 1024 ** 3,
+                                   description="Largest request body, bytes (media inline as base64 counts).")
 
 
 class AutoscalingMode(str, Enum):
@@ -432,12 +448,14 @@ class AutoscalingMode(str, Enum):
 
 
 class TargetQueueDepth(ApiModel):
-    thinker: float = Field(default=4, gt=0, le=10000)
-    talker: float = Field(default=2, gt=0, le=10000)
-    gateway: float = Field(default=64, gt=0, le=100000)
+    thinker: float = Field(default=4, gt=0, le=10000, description="Requests per thinker replica.")
+    talker: float = Field(default=2, gt=0, le=10000, description="Syntheses per talker replica.")
+    gateway: float = Field(default=64, gt=0, le=100000, description="Requests per gateway replica.")
 
 
 class AutoscalingSpec(ApiModel):
+    """Who writes replicas and how: the operator's own loop (Operator), an HPA, KEDA, or nobody."""
+
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
@@ -451,12 +469,16 @@ class AutoscalingSpec(ApiModel):
         }
     )
 
-    mode: AutoscalingMode = AutoscalingMode.OPERATOR
+    mode: AutoscalingMode = Field(default=AutoscalingMode.OPERATOR, description=(
+        "Operator (its own loop, from the pods' queue metrics), HPA (an autoscaling/v2 HPA per role on the "
+        "omni_queue_depth Pods metric), KEDA (a ScaledObject per role) or Disabled (minReplicas)."))
     target_queue_depth: TargetQueueDepth = Field(default_factory=TargetQueueDepth,
                                                  description="Waiting requests per ready replica to aim for.")
-    poll_seconds: int = Field(default=5, ge=1, le=300)
-    scale_up_stabilization_seconds: int = Field(default=15, ge=0, le=3600)
-    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=86400)
+    poll_seconds: int = Field(default=5, ge=1, le=300, description="How often the pods' metrics are read.")
+    scale_up_stabilization_seconds: int = Field(default=15, ge=0, le=3600,
+                                                description="A rise must last this long before replicas are added.")
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=86400, description=(
+        "Replicas go down only to the highest need of this window."))
     max_step: int = Field(default=2, ge=1, le=100, description="Most replicas added or removed per decision.")
     gpu_budget: int | None = Field(default=None, ge=0, le=100000,
                                    description="Most GPUs thinker and talker may hold together.")
