@@ -67,3 +67,15 @@ class FakeClock:
         for condition in waiting:
             with condition:
                 condition.notify_all()
+
+
+def watch_cache(kube, namespace: str, cache=None):
+    """The operator's watch cache (OmniDeployments, their children and pods) primed from paged
+    LISTs, as a new leader primes it: what the watches hold when the next reconcile runs. Given
+    `cache`, that one is primed again in place (newer copies replace older ones)."""
+    from omni_operator.controller.cache import ObjectCache, prime_from_api
+    from omni_operator.controller.watches import MANAGED, WATCHED_CHILDREN
+
+    cache = cache or ObjectCache(tuple(kind for kind, *_ in WATCHED_CHILDREN), pods=True)
+    prime_from_api(cache, kube, "OmniDeployment", [namespace], ",".join(f"{k}={v}" for k, v in MANAGED.items()))
+    return cache

@@ -13,6 +13,7 @@ from omni_operator.controller.rbac import rules
 from omni_operator.controller.reconciler import Outcome, Reconciler
 from omni_operator.kube import Kube
 
+from .helpers import watch_cache
 from .test_operator_cluster import apply, children, kget, omni, wait, wait_ready
 
 pytestmark = pytest.mark.cluster
@@ -40,7 +41,7 @@ def test_status_conflict_makes_the_reconcile_start_over(cluster, namespace, oper
     kube.patch_status("OmniDeployment", namespace, "conflict", {"thinker": {"desiredReplicas": 2}})
     stale["status"]["thinker"]["readyReplicas"] = 0  # make our stale view differ so a write is attempted
     outcome = Outcome()
-    Reconciler(kube)._reconcile(stale, outcome)
+    Reconciler(kube, watch_cache(kube, namespace))._reconcile(stale, outcome)
     assert outcome.requeue and not outcome.status_written
     assert kube.get("OmniDeployment", namespace, "conflict")["status"]["thinker"]["desiredReplicas"] == 2
 

@@ -15,7 +15,7 @@ from omni_operator.api.status import OmniDeploymentStatus
 from omni_operator.controller.reconciler import Reconciler
 from omni_operator.kube import Kube
 
-from .helpers import example
+from .helpers import example, watch_cache
 
 pytestmark = pytest.mark.cluster
 
@@ -313,7 +313,7 @@ def test_steady_state_reconcile_writes_nothing(cluster, namespace, operator, kub
     wait_ready(cluster, namespace, "quiet", operator)
     container = kget(cluster, "statefulset", "quiet-thinker", "-n", namespace)["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["requests"]["cpu"] == "2500m" and container["resources"]["requests"]["memory"] == "512Mi"
-    reconciler = Reconciler(kube)
+    reconciler = Reconciler(kube, watch_cache(kube, namespace))
     reconciler.reconcile(namespace, "quiet")  # settle anything the operator had not yet written
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "quiet")
@@ -322,14 +322,9 @@ def test_steady_state_reconcile_writes_nothing(cluster, namespace, operator, kub
 
 
 def test_a_settled_object_reconciled_from_the_watch_cache_costs_no_api_call(cluster, namespace, operator, kube):
-    from omni_operator.controller.cache import ObjectCache, prime_from_api
-    from omni_operator.controller.watches import MANAGED, WATCHED_CHILDREN
-
     apply(cluster, omni("cached", namespace))
     wait_ready(cluster, namespace, "cached", operator)
-    cache = ObjectCache(tuple(kind for kind, *_ in WATCHED_CHILDREN))
-    prime_from_api(cache, kube, "OmniDeployment", [namespace], ",".join(f"{k}={v}" for k, v in MANAGED.items()))
-    reconciler = Reconciler(kube, cache=cache)
+    reconciler = Reconciler(kube, watch_cache(kube, namespace))
     reconciler.reconcile(namespace, "cached")  # settle anything the operator had not yet written
     kube.reads.clear()
     kube.writes.clear()

@@ -10,12 +10,13 @@ import pytest
 from kubernetes import config as kube_config
 
 from e2e.operator_process import install_crd
-from omni_operator.controller.cache import ObjectCache, prime_from_api
+from omni_operator.controller.cache import ObjectCache
 from omni_operator.controller.reconciler import COSTLY_POD_KINDS, POD_STARTING_KINDS, Reconciler
-from omni_operator.controller.watches import MANAGED, WATCHED_CHILDREN
+from omni_operator.controller.watches import WATCHED_CHILDREN
 from omni_operator.kube import Kube
 from omni_operator.rendering.meta import MANAGER
 
+from .helpers import watch_cache
 from .test_operator_cluster import apply, condition, kget, omni
 
 pytestmark = pytest.mark.cluster
@@ -25,12 +26,6 @@ pytestmark = pytest.mark.cluster
 def kube(cluster) -> Kube:
     install_crd(cluster)
     return Kube(kube_config.new_client_from_config(config_file=str(cluster.kubeconfig)))
-
-
-def primed_cache(kube: Kube, namespace: str, pods: bool = False) -> ObjectCache:
-    cache = ObjectCache(tuple(kind for kind, *_ in WATCHED_CHILDREN), pods=pods)
-    prime_from_api(cache, kube, "OmniDeployment", [namespace], ",".join(f"{k}={v}" for k, v in MANAGED.items()))
-    return cache
 
 
 def owned_children(cluster, namespace: str, name: str) -> list[str]:
@@ -54,7 +49,7 @@ def _on_a_user_volume(resource: dict) -> dict:
 
 def test_a_new_object_reads_nothing_before_creating_its_children(cluster, namespace, kube):
     apply(cluster, _on_a_user_volume(omni("fresh", namespace)))
-    reconciler = Reconciler(kube, cache=primed_cache(kube, namespace))
+    reconciler = Reconciler(kube, watch_cache(kube, namespace))
     kube.reads.clear()
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "fresh")
@@ -88,13 +83,13 @@ def test_a_child_a_previous_leader_wrote_that_the_watch_has_not_shown_is_read_no
     they are not in it: each one's create finds the name taken, the read shows it is ours and as
     planned, and nothing is written again."""
     apply(cluster, omni("handover", namespace))
-    stale = primed_cache(kube, namespace)
-    first = Reconciler(kube).reconcile(namespace, "handover")
+    stale = watch_cache(kube, namespace)
+    first = Reconciler(kube, watch_cache(kube, namespace)).reconcile(namespace, "handover")
     assert first.error is None and first.applied
     before = _versions(cluster, namespace, "handover")
     kube.reads.clear()
     kube.writes.clear()
-    outcome = Reconciler(kube, cache=stale).reconcile(namespace, "handover")
+    outcome = Reconciler(kube, stale).reconcile(namespace, "handover")
     assert (outcome.error, outcome.applied, outcome.pruned) == (None, [], [])
     assert not [k for k in kube.writes if not k.startswith("POST") and not k.endswith("/status")], kube.writes
     assert _versions(cluster, namespace, "handover") == before, "no child was written"
@@ -125,11 +120,11 @@ def test_someone_elses_object_of_a_childs_name_stops_the_plan_and_nothing_is_kep
     """The gateway's Service comes after four other Services in the plan: they are created, the
     gateway's create finds its name taken, and they are deleted again."""
     apply(cluster, omni("taken", namespace))
-    cache = primed_cache(kube, namespace)
+    cache = watch_cache(kube, namespace)
     before = _their_service(kube, cluster, namespace, "taken")
     kube.reads.clear()
     kube.writes.clear()
-    outcome = Reconciler(kube, cache=cache).reconcile(namespace, "taken")
+    outcome = Reconciler(kube, cache).reconcile(namespace, "taken")
 
     assert f"Service {namespace}/taken-gateway already exists and is not owned" in (outcome.error or "")
     assert outcome.applied == [], outcome.applied
@@ -152,7 +147,7 @@ def test_someone_elses_workload_of_a_childs_name_is_found_before_any_write(clust
     kube.request("POST", f"/apis/apps/v1/namespaces/{namespace}/statefulsets", body=theirs,
                  query={"fieldManager": "kubectl"})
     kube.writes.clear()
-    outcome = Reconciler(kube, cache=primed_cache(kube, namespace)).reconcile(namespace, "held")
+    outcome = Reconciler(kube, watch_cache(kube, namespace)).reconcile(namespace, "held")
 
     assert f"StatefulSet {namespace}/held-talker already exists and is not owned" in (outcome.error or "")
     assert _count(kube, "POST", dry_run=False) == 0 and _count(kube, "DELETE", dry_run=False) == 0, kube.writes
@@ -169,7 +164,7 @@ def test_the_first_pod_starting_child_refused_at_its_create_leaves_nothing(clust
     resource["spec"]["thinker"]["resources"] = {"requests": {"example.com/nic": 1}, "limits": {"example.com/nic": 2}}
     apply(cluster, resource)
     kube.writes.clear()
-    reconciler = Reconciler(kube)
+    reconciler = Reconciler(kube, watch_cache(kube, namespace))
     outcome = reconciler.reconcile(namespace, "first")
 
     assert outcome.applied == [] and owned_children(cluster, namespace, "first") == [], "nothing half-applied"
@@ -194,7 +189,7 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
     resource = _on_a_user_volume(omni("refused", namespace))
     resource["spec"]["talker"]["resources"] = {"requests": {"example.com/nic": 1}, "limits": {"example.com/nic": 2}}
     apply(cluster, resource)  # admitted: 1 <= 2
-    reconciler = Reconciler(kube)
+    reconciler = Reconciler(kube, watch_cache(kube, namespace))
     outcome = reconciler.reconcile(namespace, "refused")
 
     assert outcome.applied == [] and owned_children(cluster, namespace, "refused") == [], "nothing half-applied"
@@ -210,6 +205,7 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
     # Fixed: the costly creates after the first are checked, then all are created; Degraded clears.
     resource["spec"]["talker"]["resources"]["requests"]["example.com/nic"] = 2
     apply(cluster, resource)
+    watch_cache(kube, namespace, reconciler.cache)  # the watch delivers the new spec
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "refused")
     assert outcome.error is None and len(outcome.applied) > 1
@@ -222,6 +218,7 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
     # its first change moves the create's fields to the operator's apply first.
     del resource["spec"]["talker"]["resources"]
     apply(cluster, resource)
+    watch_cache(kube, namespace, reconciler.cache)
     outcome = reconciler.reconcile(namespace, "refused")
     assert (outcome.error, outcome.applied) == (None, ["StatefulSet/refused-talker"])
     talker = kget(cluster, "statefulset", "refused-talker", "-n", namespace, "--show-managed-fields")
@@ -233,6 +230,7 @@ def test_a_child_the_apiserver_refuses_stops_the_plan_before_its_first_write(clu
     # A change of one child is one write, without a dry run.
     resource["spec"]["talker"]["resources"] = {"requests": {"example.com/nic": 3}, "limits": {"example.com/nic": 3}}
     apply(cluster, resource)
+    watch_cache(kube, namespace, reconciler.cache)  # the watch delivers the new spec
     kube.writes.clear()
     outcome = reconciler.reconcile(namespace, "refused")
     assert (outcome.error, outcome.applied) == (None, ["StatefulSet/refused-talker"])
@@ -248,10 +246,11 @@ def test_replicas_an_autoscaler_decides_never_go_to_the_operators_apply(cluster,
     resource["spec"]["model"] = {"pvc": {"claimName": "weights"}}
     resource["spec"]["autoscaling"] = {"mode": "HPA"}
     apply(cluster, resource)
-    reconciler = Reconciler(kube)
+    reconciler = Reconciler(kube, watch_cache(kube, namespace))
     assert reconciler.reconcile(namespace, "scaled").error is None
     resource["spec"]["thinker"]["imagePullPolicy"] = "Always"
     apply(cluster, resource)
+    watch_cache(kube, namespace, reconciler.cache)  # the watch delivers the new spec
     outcome = reconciler.reconcile(namespace, "scaled")
     assert outcome.error is None and "StatefulSet/scaled-thinker" in outcome.applied, outcome
     sts = kget(cluster, "statefulset", "scaled-thinker", "-n", namespace, "--show-managed-fields")
@@ -268,21 +267,35 @@ def _plan_objects(kube: Kube, namespace: str, name: str) -> list[dict]:
     return make_plan(name, namespace, resource["metadata"]["uid"], resource["spec"], None).objects
 
 
+class PodReadsCounted(ObjectCache):
+    """The watch cache, counting the reconciler's reads of an object's pods."""
+
+    def __init__(self) -> None:
+        super().__init__(tuple(kind for kind, *_ in WATCHED_CHILDREN), pods=True)
+        self.pod_reads = 0
+
+    def pods(self, namespace: str, instance: str) -> list[dict]:
+        self.pod_reads += 1
+        return super().pods(namespace, instance)
+
+
 def test_a_not_ready_objects_pods_are_read_at_most_once_per_check_interval(cluster, namespace, kube):
-    """Its reconciles come often (child events, resyncs); its pods are listed for the status'
+    """Its reconciles come often (child events, resyncs); its pods are read for the status'
     reasons once per `pods_checked_after`, and the reasons found are kept in between."""
     resource = omni("slow", namespace)
     resource["spec"]["gateway"]["nodePool"] = {"nodeSelector": {"omni.qwen.ai/pool": "none-such"}}
     resource["spec"]["model"] = {"pvc": {"claimName": "weights-of-their-own"}}  # no loader whose pods are read
     apply(cluster, resource)
-    reconciler = Reconciler(kube, pods_checked_after=2.0)
+    cache = watch_cache(kube, namespace, PodReadsCounted())
+    reconciler = Reconciler(kube, cache, pods_checked_after=2.0)
     assert reconciler.reconcile(namespace, "slow").error is None  # children written, Ready=False
     time.sleep(2.5)
+    watch_cache(kube, namespace, cache)  # the watch holds the pods the scheduler marked meanwhile
+    before = cache.pod_reads
 
     def pod_lists() -> int:
-        return sum(n for k, n in kube.reads.items() if k.endswith("/pods"))
+        return cache.pod_reads - before
 
-    kube.reads.clear()
     first = reconciler.reconcile(namespace, "slow")
     assert pod_lists() == 1 and first.requeue_after <= 2.0
     again = reconciler.reconcile(namespace, "slow")
@@ -306,6 +319,7 @@ def test_a_not_ready_objects_pods_are_read_at_most_once_per_check_interval(clust
     # a spec change starts over: its pods are read at once and again after the first interval
     resource["spec"]["gateway"]["nodePool"] = {"nodeSelector": {"omni.qwen.ai/pool": "none-either"}}
     apply(cluster, resource)
+    watch_cache(kube, namespace, cache)
     changed = reconciler.reconcile(namespace, "slow")
     assert pod_lists() == 4 and changed.requeue_after <= 2.0
 
@@ -317,7 +331,7 @@ def test_a_cache_that_watches_pods_answers_the_pod_checks(cluster, namespace, ku
     resource["spec"]["gateway"]["nodePool"] = {"nodeSelector": {"omni.qwen.ai/pool": "none-such"}}
     resource["spec"]["model"] = {"pvc": {"claimName": "weights-of-their-own"}}
     apply(cluster, resource)
-    assert Reconciler(kube).reconcile(namespace, "cached-pods").error is None
+    assert Reconciler(kube, watch_cache(kube, namespace)).reconcile(namespace, "cached-pods").error is None
 
     def gateway_unschedulable() -> bool:
         pods = kget(cluster, "pods", "-n", namespace, "-l",
@@ -328,12 +342,12 @@ def test_a_cache_that_watches_pods_answers_the_pod_checks(cluster, namespace, ku
         assert time.monotonic() < deadline, "the scheduler never marked the gateway pod"
         time.sleep(0.5)
     time.sleep(1.5)  # Ready has been False for longer than the check interval
-    cache = primed_cache(kube, namespace, pods=True)
+    cache = watch_cache(kube, namespace)
     assert {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in cache.pods(namespace, "cached-pods")} \
         >= {"gateway"}
     assert ("Pod" not in {kind for kind, _ in cache.children(namespace, "cached-pods")}), "pods are not children"
     kube.reads.clear()
-    Reconciler(kube, cache=cache, pods_checked_after=1.0).reconcile(namespace, "cached-pods")
+    Reconciler(kube, cache, pods_checked_after=1.0).reconcile(namespace, "cached-pods")
     assert not [k for k in kube.reads if k.endswith("/pods")], kube.reads
     status = kget(cluster, "omni", "cached-pods", "-n", namespace)["status"]
     assert status["gateway"]["reason"] == "Unschedulable", status["gateway"]

@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from omni_operator.api.resource import KIND
 from omni_operator.autoscaling.loop import Autoscaler, fetch_metrics
 from omni_operator.controller import metrics
-from omni_operator.controller import watches as handlers
+from omni_operator.controller import watches
 from omni_operator.controller.cache import ObjectCache, prime_from_api
 from omni_operator.controller.health import serve_health
 from omni_operator.controller.leader import LeaderElector, lease_client
@@ -64,9 +64,9 @@ def run_operator(args: argparse.Namespace) -> int:
         elector.fence(kube)  # once the lease is lost, no write leaves this process (the autoscaler's too)
         elector.acquire()
 
-    cache = ObjectCache(tuple(kind for kind, *_ in handlers.WATCHED_CHILDREN), pods=True)
-    reconciler = Reconciler(kube, image_repository=args.image_repository, image_tag=args.image_tag,
-                            fetch=fetch_metrics, cache=cache, pods_checked_after=args.pods_checked_after)
+    cache = ObjectCache(tuple(kind for kind, *_ in watches.WATCHED_CHILDREN), pods=True)
+    reconciler = Reconciler(kube, cache, image_repository=args.image_repository, image_tag=args.image_tag,
+                            fetch=fetch_metrics, pods_checked_after=args.pods_checked_after)
 
     def reconcile(namespace: str, name: str) -> None:
         if elector and not elector.leading.is_set():
@@ -83,16 +83,16 @@ def run_operator(args: argparse.Namespace) -> int:
 
     queue = WorkQueue(reconcile)
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, queue.add, queue.add_soon, cache)
+    watches.register(registry, queue.add, queue.add_soon, cache)
     # one LIST per kind, then reads come from the watches
-    prime_from_api(cache, kube, KIND, args.namespace, ",".join(f"{k}={v}" for k, v in handlers.MANAGED.items()))
+    prime_from_api(cache, kube, KIND, args.namespace, ",".join(f"{k}={v}" for k, v in watches.MANAGED.items()))
     _enqueue_all(cache, queue)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_):
         settings.posting.level = logging.WARNING  # our own Events carry the transitions
-        handlers.watch_only_managed(settings)
-        settings.persistence.diffbase_storage = handlers.NoDiffBase()
+        watches.watch_only_managed(settings)
+        settings.persistence.diffbase_storage = watches.NoDiffBase()
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         # A new leader's first look at every object: kopf lists each watched kind whole by default,

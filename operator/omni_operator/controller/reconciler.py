@@ -103,15 +103,16 @@ class Outcome:
 
 
 class Reconciler:
-    """`cache` (optional): what the watches delivered. Once it is primed, the OmniDeployment,
-    its children and its pods are read from it (an unchanged object costs no API call); a child
-    that is not in the cache is created, and read only if its name is taken, so a same-named
-    object of someone else stops the plan. Without it (tests, the CLI) every reconcile reads
-    from the API."""
+    """`cache`: what the watches delivered, the operator's pods included (primed from LISTs before
+    the first reconcile). The OmniDeployment, its children and its pods are read from it, so an
+    unchanged object costs no API call; a child that is not in the cache is created, and read only
+    if its name is taken, so a same-named object of someone else stops the plan."""
 
-    def __init__(self, kube: Kube, *, image_repository: str | None = None, image_tag: str | None = None,
-                 fetch: Callable[[str, float], str | None] | None = None, cache: ObjectCache | None = None,
+    def __init__(self, kube: Kube, cache: ObjectCache, *, image_repository: str | None = None,
+                 image_tag: str | None = None, fetch: Callable[[str, float], str | None] | None = None,
                  pods_checked_after: float = PODS_CHECKED_AFTER):
+        if not cache.watches_pods:
+            raise ValueError("the reconciler reads the operator's pods from its cache: watch them (pods=True)")
         self.kube = kube
         self.cache = cache
         self.pods_checked_after = pods_checked_after
@@ -131,8 +132,9 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str) -> Outcome:
         started = time.monotonic()
         outcome = Outcome()
-        primed = self.cache is not None and self.cache.primed.is_set()
-        resource = self.cache.omni(namespace, name) if primed else self.kube.get(KIND, namespace, name)
+        if not self.cache.primed.is_set():
+            raise RuntimeError("the watch cache is not primed yet")  # the work queue retries
+        resource = self.cache.omni(namespace, name)
         if resource is None:
             outcome.skipped = "gone"
             metrics.forget(namespace, name)
@@ -201,33 +203,26 @@ class Reconciler:
         return replace(observed, progress=progress)
 
     def _pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        if self.cache is not None and self.cache.answers_pods():
-            return self.cache.pods(namespace, name)
-        return self.kube.list("Pod", namespace, instance_selector(name))
+        return self.cache.pods(namespace, name)
 
     def _live_children(self, resource: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
         meta = resource["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        kinds = CHILD_KINDS
-        if self.cache is not None and self.cache.primed.is_set():
-            live = self.cache.children(namespace, name)
-            # KEDA's ScaledObjects are not watched (their CRD may not be installed): read them in
-            # KEDA mode, and once after any spec change (a switch away from KEDA prunes them); a
-            # first generation outside KEDA mode never had one
-            keda = ((resource.get("spec") or {}).get("autoscaling") or {}).get("mode") == AutoscalingMode.KEDA.value
-            generation = meta.get("generation") or 1
-            settled = generation == 1 or (resource.get("status") or {}).get("observedGeneration") == generation
-            kinds = tuple(k for k in CHILD_KINDS if k not in self.cache.child_kinds) if keda or not settled else ()
-        else:
-            live = {}
+        live = self.cache.children(namespace, name)
+        # KEDA's ScaledObjects are not watched (their CRD may not be installed): read them in
+        # KEDA mode, and once after any spec change (a switch away from KEDA prunes them); a
+        # first generation outside KEDA mode never had one
+        keda = ((resource.get("spec") or {}).get("autoscaling") or {}).get("mode") == AutoscalingMode.KEDA.value
+        generation = meta.get("generation") or 1
+        settled = generation == 1 or (resource.get("status") or {}).get("observedGeneration") == generation
+        kinds = tuple(k for k in CHILD_KINDS if k not in self.cache.child_kinds) if keda or not settled else ()
         for kind in kinds:
             for obj in self.kube.list(kind, namespace, instance_selector(name)):
                 # List items carry no apiVersion/kind of their own.
                 obj.setdefault("kind", kind)
                 obj.setdefault("apiVersion", api_version(kind))
                 live[(kind, obj["metadata"]["name"])] = obj
-                if self.cache is not None:
-                    self.cache.observe_child(kind, obj)
+                self.cache.observe_child(kind, obj)
         return live
 
     def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome, *,
@@ -281,8 +276,7 @@ class Reconciler:
                 self._undo(created, live, namespace, outcome)
                 return _apply_error(obj, err, checked=current[key] is None)
             live[key] = applied
-            if self.cache is not None:
-                self.cache.observe_child(key[0], applied)
+            self.cache.observe_child(key[0], applied)
             outcome.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return None
 
@@ -323,8 +317,7 @@ class Reconciler:
     def _delete_child(self, kind: str, namespace: str, obj: dict[str, Any]) -> bool:
         """Delete a child we own, only if it is still the one we saw; the cache forgets it at once."""
         deleted = self.kube.delete(kind, namespace, obj["metadata"]["name"], uid=obj["metadata"].get("uid"))
-        if self.cache is not None:
-            self.cache.observe_child(kind, obj, deleted=True)
+        self.cache.observe_child(kind, obj, deleted=True)
         return deleted
 
     # ------------------------------------------------------------------ status
@@ -451,13 +444,13 @@ class Reconciler:
         except KubeError as err:
             if err.status != 409:
                 raise
-            if self.cache is not None:  # our copy was stale: take the current one, then decide again
-                fresh = self.kube.get(KIND, meta["namespace"], meta["name"])
-                if fresh is not None:
-                    self.cache.observe_omni(fresh)
+            # our copy was stale: take the current one, then decide again
+            fresh = self.kube.get(KIND, meta["namespace"], meta["name"])
+            if fresh is not None:
+                self.cache.observe_omni(fresh)
             outcome.requeue = True
             return
-        if self.cache is not None and written:
+        if written:
             self.cache.observe_omni(written)
         outcome.status_written = True
         for type_, cond in condition_events(previous.get("conditions") or [], conditions, weight_cache.WARNING_REASONS):

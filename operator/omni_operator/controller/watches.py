@@ -58,11 +58,11 @@ class NoDiffBase(kopf.DiffBaseStorage):
         pass
 
 
-def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: ObjectCache | None = None) -> None:
+def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: ObjectCache) -> None:
     """Attach the handlers to `registry`: `enqueue(namespace, name, first=)` schedules a reconcile
     now (`first`: ahead of the rest, for a new or changed spec),
     `enqueue_soon(namespace, name, seconds)` once after a short delay (bursts coalesce), and
-    `cache` (if given) keeps what the watches deliver."""
+    `cache` keeps what the watches deliver (the operator's pods too, when it watches them)."""
 
     @kopf.on.login(registry=registry)
     def login(**kwargs):
@@ -71,11 +71,7 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def omni_changed(event, body, name, namespace, **_):
-        deleted = event.get("type") == "DELETED"
-        if cache is None:
-            change = Change.OTHER if deleted else Change.SPEC
-        else:
-            change = cache.observe_omni(dict(body), deleted=deleted)
+        change = cache.observe_omni(dict(body), deleted=event.get("type") == "DELETED")
         # The echo of the operator's own status write brings nothing (the cache took the write's
         # response); the autoscaler's writes are not taken, so their copies do start a reconcile.
         # A new or changed spec goes ahead of follow-ups (status changes, child events, resyncs).
@@ -86,7 +82,7 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
         async def child_changed(event, body, namespace, **_):
             # The echo of the operator's own write (the cache took its response) brings nothing
             # to reconcile; nor does a child's deletion by a reconcile, which forgot it at once.
-            if cache is not None and not cache.observe_child(kind, dict(body), deleted=event.get("type") == "DELETED"):
+            if not cache.observe_child(kind, dict(body), deleted=event.get("type") == "DELETED"):
                 return
             for ref in body.get("metadata", {}).get("ownerReferences", []):
                 if ref.get("kind") == KIND and ref.get("controller"):
@@ -97,7 +93,7 @@ def register(registry: kopf.OperatorRegistry, enqueue, enqueue_soon, cache: Obje
         kopf.on.event(group, version, plural, labels=MANAGED, registry=registry,
                       id=f"child-{plural}")(child_handler(kind))
 
-    if cache is not None and cache.watches_pods:
+    if cache.watches_pods:
         # Pods only feed the cache (their status reasons, the autoscaler's inputs): what a
         # reconcile needs of them it reads when it runs, so their events enqueue nothing.
         @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
