@@ -160,7 +160,7 @@ class LauncherSettings(ThinkerSettings):
     vllm_args: list[str] = Field(default_factory=list, alias=Env.VLLM_ARGS)
     nnodes: Annotated[int, Field(ge=1)] = Field(1, alias=Env.NNODES)
     master_addr: str | None = Field(None, alias=Env.MASTER_ADDR)
-    master_port: Port = Field(29500, alias=Env.MASTER_PORT)
+    master_port: Port = Field(29501, alias=Env.MASTER_PORT)
 
     @field_validator("vllm_args", mode="before")
     @classmethod
