@@ -50,7 +50,7 @@ def test_every_body_replays_from_the_first_id_and_ends_with_the_end_line():
         assert [json.loads(x) for x in rest] == [{"ids": [14]}, {"end": True}]
         lines = await later
         assert lines[-1] == END_LINE and all(x.endswith(b"\n") for x in lines)
-        ids = [i for x in lines[1:-1] for i in json.loads(x).ids]
+        ids = [i for x in lines[1:-1] for i in json.loads(x)["ids"]]
         assert ids == [11, 12, 13, 14]
 
     run(go())
@@ -302,7 +302,7 @@ def test_non_stream_client_gets_one_answer_with_the_whole_audio():
         async with st.up() as url:
             status, raw = await _chat(url, speech(stream=False, fmt="wav"))
         assert status == 200, raw[:300]
-        audio = json.loads(raw).choices[0]["message"]["audio"]
+        audio = json.loads(raw)["choices"][0]["message"]["audio"]
         wav = base64.b64decode(audio["data"])
         assert wav[:4] == b"RIFF" and len(wav) > 44 and audio["transcript"].startswith("w0 w1")
         assert st.talks[0]["end"] == "end line"
@@ -345,7 +345,7 @@ def test_thinker_breaking_mid_answer_abandons_the_talker_body():
         events = sse_events(raw)
         assert status == 200 and events[-1] == "[DONE]"
         assert events[-2]["error"]["code"] == 502 and "thinker" in events[-2]["error"]["message"]
-        assert status2 == 502 and "thinker" in json.loads(raw2).error["message"]
+        assert status2 == 502 and "thinker" in json.loads(raw2)["error"]["message"]
         assert all(rec["end"] in ("abandoned", "closed") for rec in st.talks) and st.talks
 
     run(go())
