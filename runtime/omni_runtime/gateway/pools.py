@@ -40,10 +40,6 @@ class Endpoint:
     def metrics_url(self) -> str:
         return self.metrics_base + "/metrics"
 
-    @property
-    def inflight(self) -> int:
-        return len(self.started)
-
     def acquire(self) -> float:
         token = time.monotonic()
         self.started.append(token)
