@@ -10,6 +10,7 @@ batch, and a fixed seed gives the same audio whether the text came whole or stre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from omni_runtime.payload import PayloadError, TalkerRequest
+from omni_runtime.talker.code2wav import Code2WavBatches
 from omni_runtime.talker.eager import EagerStepper
 from omni_runtime.talker.engine import TalkerEngine
 from omni_runtime.talker.fixed import FixedStepper
@@ -210,8 +212,16 @@ class DecodeLoop(_Worker):
         self.stepper = self.plan.stepper(engine)
         self.pending: list[Synthesis] = []
         self.active: list[Synthesis] = []
-        self.vocoder = Vocoder(engine)
+        self.vocoder = Vocoder(engine, self.plan)
         self.thread.start()
+
+    def warm(self) -> None:
+        """Capture the CUDA graphs of every bucket before the first request (no-op elsewhere)."""
+        warm = getattr(self.stepper, "warm", None)
+        if warm is not None:
+            with self.torch.inference_mode():
+                warm()
+        self.vocoder.warm()
 
     def submit(self, s: Synthesis) -> None:
         s.feed.on_change = self.wake
@@ -379,14 +389,23 @@ class DecodeLoop(_Worker):
 
 
 class Vocoder(_Worker):
-    """code2wav on its own thread, so decoding never waits for audio: jobs of one synthesis
-    run in order, spans of equal shape from different syntheses are decoded together."""
+    """code2wav on its own thread (and its own CUDA stream), so decoding never waits for audio:
+    jobs of one synthesis run in order, the chunks queued meanwhile by all syntheses are decoded
+    together (code2wav.py)."""
 
-    def __init__(self, engine: TalkerEngine):
+    def __init__(self, engine: TalkerEngine, plan: DecodePlan | None = None):
         super().__init__("talker-vocoder")  # stop() lets it finish the queued jobs first
+        plan = plan or DecodePlan()
         self.engine = engine
+        graphed = plan.mode == "graphs" and engine.device.type == "cuda"
+        self.batches = Code2WavBatches(engine, buckets=graphed, graphs=graphed)
+        self.stream = engine.torch.cuda.Stream(engine.device) if engine.device.type == "cuda" else None
         self.jobs: list[tuple] = []
         self.thread.start()
+
+    def warm(self) -> None:
+        with self.engine.torch.inference_mode(), self._on_stream():
+            self.batches.warm()
 
     def decode(self, s: Synthesis, start: int, end: int) -> None:
         self._put(("pcm", s, start, end))
@@ -414,8 +433,8 @@ class Vocoder(_Worker):
                 jobs, self.jobs = self.jobs, []
             spans = [j for j in jobs if j[0] == "pcm" and not j[1].cancel.is_set()]
             try:
-                with torch.inference_mode():
-                    pcm = dict(zip(map(id, spans), self.engine.pcm([(s.codes, a, b) for _, s, a, b in spans])))
+                with torch.inference_mode(), self._on_stream():
+                    pcm = dict(zip(map(id, spans), self.batches.pcm([(s.codes, a, b) for _, s, a, b in spans])))
             except Exception as exc:  # noqa: BLE001 - fails the syntheses whose audio it was
                 log.exception("code2wav failed for %d chunk(s)", len(spans))
                 for _, s, _a, _b in spans:
@@ -428,6 +447,10 @@ class Vocoder(_Worker):
                     s.done(job[2])
                 elif id(job) in pcm and not s.finished:
                     self._emit(s, pcm[id(job)])
+
+    def _on_stream(self):
+        torch = self.engine.torch
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     @staticmethod
     def _emit(s: Synthesis, chunk: bytes) -> None:

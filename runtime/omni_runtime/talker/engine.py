@@ -298,22 +298,16 @@ class TalkerEngine:
             hiddens.append(embeds)
         return torch.stack(codes, dim=1), torch.cat(hiddens, dim=1).sum(1, keepdim=True)
 
-    def pcm(self, spans: list[tuple[list, int, int]]) -> list[bytes]:
-        """PCM16 little-endian of codes[start:end] for each (codes, start, end), with up to
-        `left_context` earlier codes re-decoded for continuity and cut off again. Spans of the
-        same shape are decoded together."""
-        torch = self.torch
-        out: list[bytes] = [b""] * len(spans)
-        shapes: dict[tuple[int, int], list[int]] = {}
-        for i, (_codes, start, end) in enumerate(spans):
-            shapes.setdefault((min(self.chunks.left_context, start), end - start), []).append(i)
-        for (ctx, _n), rows in shapes.items():
-            blocks = [torch.stack(spans[i][0][spans[i][1] - ctx:spans[i][2]], dim=-1) for i in rows]
-            wav = self.code2wav(torch.stack(blocks).to(self.device))[:, 0, ctx * self.upsample:]
-            pcm = (wav.float().clamp(-1, 1) * 32767.0).round().to(torch.int16).cpu().numpy().astype("<i2")
-            for j, i in enumerate(rows):
-                out[i] = pcm[j].tobytes()
-        return out
+    def sample_count(self, frames: int) -> int:
+        """Samples code2wav gives for `frames` codes: its upsampling keeps every frame's samples,
+        each decoder block's transposed convolution (kernel 2r, stride r) trims r on both sides."""
+        cfg = self.config.code2wav_config
+        n = frames
+        for r in cfg.upsampling_ratios:
+            n *= r
+        for r in cfg.upsample_rates:
+            n = (n - 1) * r
+        return max(n, 0)
 
 
 def kv_layers(cache) -> list:

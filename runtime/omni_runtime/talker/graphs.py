@@ -58,7 +58,8 @@ class StepGraphs:
             step()  # warm-up outside the graph: cuBLAS handles, lazy module state
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the decode and vocoder threads each capture and replay their own graphs
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             step()
         self.graphs[key] = graph
         took = time.monotonic() - t0
