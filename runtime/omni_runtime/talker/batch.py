@@ -360,18 +360,18 @@ class DecodeLoop(_Worker):
 
     def _land(self, rows: list[Synthesis], frames: list) -> None:
         """Each row's frame (first code group, all groups): rows that go on keep the codes and
-        maybe hand the vocoder a chunk; the codec's end, max_codes or a full slot end a row."""
+        maybe hand the vocoder a chunk. The codec's end or max_codes end a row without a frame
+        (transformers' generate stops there too); a full KV slot ends it after this frame."""
         eng, capacity = self.engine, self.stepper.capacity
         going, ended = [], []
         for s, (first, codes) in zip(rows, frames):
             s.generated += 1
-            if first == eng.codec_eos or s.generated >= s.sampling.max_codes or (
-                    capacity is not None and s.length >= capacity):
+            if first == eng.codec_eos or s.generated >= s.sampling.max_codes:
                 ended.append(s)
-            else:
-                s.codes.append(codes)
-                s.stats.codes += 1
-                going.append(s)
+                continue
+            s.codes.append(codes)
+            s.stats.codes += 1
+            (ended if capacity is not None and s.length >= capacity else going).append(s)
         if ended:
             self._flush(ended, final=True)
             for s in ended:

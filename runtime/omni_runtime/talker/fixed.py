@@ -86,6 +86,7 @@ class FixedStepper:
         self.batch_buckets = batch_buckets(slots)
         self.length_buckets = length_buckets(max_tokens)
         self.table = SlotTable(slots)
+        self.moves = 0  # syntheses moved to a lower slot when another left
         self.graphs = StepGraphs(torch, dev, graphs)
         # slots that do not step: write to the trash position, change nothing, draw nothing
         self.neutral_int_row = [self.trash, 0, 0, 0, 0, 0]
@@ -125,6 +126,7 @@ class FixedStepper:
         for state in (self.seen, self.codec, self.hidden, self.logits):
             state[slot].copy_(state[old])
         mover.slot = slot
+        self.moves += 1
 
     def first_frame(self, rows: list, prefilled: list[Prefilled]) -> list:
         """The codes of each new synthesis' prefill position (admit put its state in place)."""
