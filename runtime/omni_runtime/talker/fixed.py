@@ -1,7 +1,8 @@
 """The talker's fixed-shape decode path (OMNI_TALKER_DECODE=graphs, the default, or fixed).
 
 Everything a step touches is preallocated for `slots` syntheses: the talker's KV cache
-([layers, slots, KV heads, max_tokens + 1, head dim], 20 KiB per position on the real model),
+([layers, slots, KV heads, max_tokens + 1 rounded up to 128, head dim], 20 KiB per position on the
+real model),
 the code predictor's (one frame: num_code_groups positions), each slot's repetition history,
 codec embedding, the step's inputs and outputs. A decode step is two functions over the first
 B slots (B a batch bucket, see slots.py):
@@ -14,9 +15,9 @@ B slots (B a batch bucket, see slots.py):
 
 On CUDA each is captured once per bucket as a CUDA graph (graphs.py) and replayed; on CPU the
 same functions run as they are. Slots that do not step (padding up to the bucket, or a
-synthesis waiting for text) run along: their K/V go to a trash position past the end
-(`max_tokens`) that no mask reaches, and their repetition history and codec embedding are kept
-by `where(stepped, ...)`, so their state is untouched.
+synthesis waiting for text) run along: their K/V go to a trash position past the end that no
+mask of a stepping slot reaches, and their repetition history and codec embedding are kept
+by `where(stepped, ...)`, so their state is untouched. Length buckets are multiples of 128.
 
 Sampling stays per request: each row's settings arrive as tensors and each sampling row's
 uniform draws (one per code group, in the order the eager path takes them) come from the
@@ -34,6 +35,7 @@ from omni_runtime.talker.slots import SlotTable, batch_buckets, bucket, length_b
 # columns of the per-step input tensors
 WRITE, ROPE, STEPPED, EARLY, DO_SAMPLE, TOP_K = range(6)  # int64 [slots, 6]
 PENALTY, TEMPERATURE, TOP_P, U = range(4)  # float32 [slots, 3 + groups]: U.. one uniform per code group
+ALIGN = 128
 
 
 class FixedStepper:
@@ -54,15 +56,18 @@ class FixedStepper:
             raise ValueError("the fixed-shape path assumes the code predictor attends over the whole frame")
         self.groups = engine.code_groups
         self.slots, self.capacity = slots, max_tokens
-        self.trash = max_tokens  # the position past the end where slots that do not step write
+        # positions stored per slot, a multiple of 128 (attention kernels want aligned masks);
+        # the last one is the trash where slots that do not step write
+        stored = -(-(max_tokens + 1) // ALIGN) * ALIGN
+        self.trash = stored - 1
         attn = talker.model.layers[0].self_attn
         self.head_dim, self.kv_heads = attn.head_dim, text.num_key_value_heads
         self.query_groups = text.num_attention_heads // self.kv_heads
         hidden, vocab = text.hidden_size, text.vocab_size
         zeros = lambda *shape, dtype=dt: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
         layers = len(talker.model.layers)
-        self.keys = zeros(layers, slots, self.kv_heads, max_tokens + 1, self.head_dim)
-        self.values = zeros(layers, slots, self.kv_heads, max_tokens + 1, self.head_dim)
+        self.keys = zeros(layers, slots, self.kv_heads, stored, self.head_dim)
+        self.values = zeros(layers, slots, self.kv_heads, stored, self.head_dim)
         pattn = cp.model.layers[0].self_attn
         p_kv_heads = pcfg.num_key_value_heads
         self.p_keys = zeros(len(cp.model.layers), slots, p_kv_heads, self.groups, pattn.head_dim)
@@ -76,7 +81,7 @@ class FixedStepper:
         self.ints = zeros(slots, 6, dtype=torch.long)
         self.floats = zeros(slots, U + self.groups, dtype=torch.float32)
         self.codes = zeros(slots, self.groups, dtype=torch.long)
-        self.positions = torch.arange(max_tokens + 1, device=dev)
+        self.positions = torch.arange(stored, device=dev)
         self.suppressed = zeros(vocab, dtype=torch.bool)
         self.suppressed[torch.tensor(engine.suppress, dtype=torch.long, device=dev)] = True
         self.residual_top_p = torch.full((1, 1), RESIDUAL_TOP_P, dtype=torch.float32, device=dev)
@@ -84,7 +89,7 @@ class FixedStepper:
             pos = torch.arange(self.groups, device=dev).view(1, -1)
             self.p_cos, self.p_sin = cp.model.rotary_emb(self.codec[:1], pos)  # [1, groups, head dim]
         self.batch_buckets = batch_buckets(slots)
-        self.length_buckets = length_buckets(max_tokens)
+        self.length_buckets = length_buckets(-(-max_tokens // ALIGN) * ALIGN, smallest=ALIGN)
         self.table = SlotTable(slots)
         self.moves = 0  # syntheses moved to a lower slot when another left
         self.graphs = StepGraphs(torch, dev, graphs)
