@@ -108,6 +108,7 @@ def test_batched_syntheses_equal_their_solo_runs(tiny_model, engine, loop):
 
 
 def test_a_synthesis_waiting_for_text_does_not_hold_the_others(tiny_model, engine, loop):
+    loop.text_wait = 30.0  # the fixture's 0.5 s could run out on a busy machine before `fast` is done
     slow = Run(loop, engine, request(tiny_model, codes=30, response=list(range(40, 60))), streamed_from=2)
     fast = Run(loop, engine, request(tiny_model, codes=10, seed=5))
     stats, pcm = fast.wait(timeout=30)

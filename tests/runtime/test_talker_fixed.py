@@ -188,3 +188,45 @@ def test_sample_count_is_what_code2wav_gives(engine):
         for frames in (1, 4, 29, 50):
             wav = engine.code2wav(torch.zeros((1, engine.code_groups, frames), dtype=torch.long))
             assert wav.shape[-1] == engine.sample_count(frames)
+
+
+def test_the_vocoder_sends_first_chunks_ahead_and_keeps_each_synthesis_in_order(tiny_model, engine):
+    """One vocoder pass with a long chunk of A queued first, then B's first chunk, then A's next
+    (shorter) chunk: B's audio goes out before A's, A's chunks go out in their order, each
+    synthesis ends after its audio."""
+    from omni_runtime.talker.batch import Synthesis, TextFeed, Vocoder
+    from omni_runtime.talker.code2wav import Code2WavBatches
+
+    events = []
+
+    def synthesis(name):
+        req = request(tiny_model)
+        s = Synthesis(req, TextFeed.of(engine, req, complete=True), lambda pcm: events.append((name, pcm)),
+                      lambda result: events.append((name, "done")))
+        g = torch.Generator().manual_seed(len(name))
+        s.codes = list(torch.randint(0, 128, (80, engine.code_groups), generator=g))
+        return s
+
+    a, b = synthesis("a"), synthesis("bb")
+    vocoder = Vocoder(engine)
+    try:
+        with vocoder.cond:  # everything below is one pass
+            vocoder.decode(a, 25, 75)   # 50 frames with its context
+            vocoder.decode(b, 0, 4)     # 4 frames: decoded first
+            vocoder.decode(a, 75, 79)   # 29 frames: decoded before a's first one, sent after it
+            vocoder.finish(a, "a ended")
+            vocoder.finish(b, "b ended")
+        deadline = time.monotonic() + 60
+        while len(events) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        vocoder.stop()
+    exact = Code2WavBatches(engine, buckets=False, graphs=False)
+    with torch.inference_mode():
+        want = {"b": exact.pcm([(b.codes, 0, 4)])[0], "a1": exact.pcm([(a.codes, 25, 75)])[0],
+                "a2": exact.pcm([(a.codes, 75, 79)])[0]}
+    # b is over after the first (shortest) call, before a's long chunk is decoded
+    assert [name for name, _ in events] == ["bb", "bb", "a", "a", "a"]
+    assert pcm_diff(events[0][1], want["b"]) <= 1 and events[1][1] == "done"
+    assert pcm_diff(events[2][1], want["a1"]) <= 1 and pcm_diff(events[3][1], want["a2"]) <= 1, "a in its order"
+    assert events[4][1] == "done"

@@ -432,21 +432,37 @@ class Vocoder(_Worker):
                     return
                 jobs, self.jobs = self.jobs, []
             spans = [j for j in jobs if j[0] == "pcm" and not j[1].cancel.is_set()]
+            ready: dict[int, bytes] = {}
+            handled: set[int] = set()
             try:
                 with torch.inference_mode(), self._on_stream():
-                    pcm = dict(zip(map(id, spans), self.batches.pcm([(s.codes, a, b) for _, s, a, b in spans])))
+                    for done in self.batches.calls([(s.codes, a, b) for _, s, a, b in spans]):
+                        ready.update((id(spans[i]), pcm) for i, pcm in done.items())
+                        self._hand_out(jobs, ready, handled)  # first chunks go out before longer ones decode
             except Exception as exc:  # noqa: BLE001 - fails the syntheses whose audio it was
                 log.exception("code2wav failed for %d chunk(s)", len(spans))
                 for _, s, _a, _b in spans:
                     s.cancel.set()
                     s.done(exc)
+            self._hand_out(jobs, ready, handled, last=True)  # the rest, and the ends of the others
+
+    def _hand_out(self, jobs: list, ready: dict, handled: set, last: bool = False) -> None:
+        """Emit what is decoded and end what is over, each synthesis' jobs in their order: a job
+        waits while an earlier one of its synthesis is still being decoded."""
+        waiting = set()
+        for job in jobs:
+            s = job[1]
+            if id(job) in handled or s in waiting:
                 continue
-            for job in jobs:
-                s = job[1]
-                if job[0] == "done":
-                    s.done(job[2])
-                elif id(job) in pcm and not s.finished:
-                    self._emit(s, pcm[id(job)])
+            if job[0] == "done":
+                s.done(job[2])
+            elif id(job) in ready:
+                if not s.finished:
+                    self._emit(s, ready[id(job)])
+            elif not last and not s.cancel.is_set():
+                waiting.add(s)
+                continue
+            handled.add(id(job))
 
     def _on_stream(self):
         torch = self.engine.torch

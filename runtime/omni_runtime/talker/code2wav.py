@@ -37,19 +37,27 @@ class Code2WavBatches:
     def pcm(self, spans: list[tuple[list, int, int]]) -> list[bytes]:
         """PCM16 little-endian of codes[start:end] for each (codes, start, end): the codes of one
         synthesis so far (each [groups], on any device)."""
+        out: list[bytes] = [b""] * len(spans)
+        for done in self.calls(spans):
+            for i, pcm in done.items():
+                out[i] = pcm
+        return out
+
+    def calls(self, spans: list[tuple[list, int, int]]):
+        """`pcm` one code2wav call at a time, the shortest chunks first (a synthesis' first chunk
+        is its shortest): yields {span index: PCM16} after each call."""
         left = self.engine.chunks.left_context
         chunks = []
         for codes, start, end in spans:
             ctx = min(left, start)
             chunks.append((codes[start - ctx:end], ctx))
-        out: list[bytes] = [b""] * len(spans)
-        for rows, frames in self._batches([len(c) for c, _ in chunks]):
+        for rows, frames in sorted(self._batches([len(c) for c, _ in chunks]), key=lambda b: b[1]):
             wav = self._decode([chunks[i][0] for i in rows], frames)
+            done = {}
             for j, i in enumerate(rows):
                 codes, ctx = chunks[i]
-                kept = wav[j, ctx * self.engine.upsample:self._samples(len(codes))]
-                out[i] = self._pcm16(kept)
-        return out
+                done[i] = self._pcm16(wav[j, ctx * self.engine.upsample:self._samples(len(codes))])
+            yield done
 
     def warm(self) -> None:
         """Capture every (rows, frames) graph now (start-up) rather than at its first use."""
