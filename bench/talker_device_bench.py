@@ -140,17 +140,19 @@ def requests_for(prompt: list[int], codes: int, count: int, seed: int) -> list:
     return out
 
 
-def run_clients(loop, engine, clients: int, reqs: list) -> list:
-    """`clients` syntheses in flight until `reqs` are all done; each one's stats."""
+def run_clients(loop, engine, clients: int, reqs: list, made: list | None = None) -> list:
+    """`clients` syntheses in flight until `reqs` are all done; each one's stats. `made` (a list)
+    receives each request's Synthesis, in request order."""
     from omni_runtime.talker.batch import Synthesis, TextFeed
 
     done: queue.Queue = queue.Queue()
-    todo = list(reqs)
+    todo = [Synthesis(r, TextFeed.of(engine, r, complete=True), lambda _pcm: None, done.put) for r in reqs]
+    if made is not None:
+        made.extend(todo)
     results = []
 
     def submit():
-        req = todo.pop(0)
-        loop.submit(Synthesis(req, TextFeed.of(engine, req, complete=True), lambda _pcm: None, done.put))
+        loop.submit(todo.pop(0))
 
     for _ in range(min(clients, len(todo))):
         submit()
@@ -162,6 +164,34 @@ def run_clients(loop, engine, clients: int, reqs: list) -> list:
         if todo:
             submit()
     return results
+
+
+def same_codes(engine, modes: list[str], prompt: list[int], codes: int = 40) -> dict:
+    """The same eight requests (four greedy, four seeded sampling) four at a time on each path:
+    frames whose codes equal the first path's. Greedy codes identical is the goal on a GPU too
+    (bf16: sampled codes may part where a draw lands within rounding of a boundary)."""
+    from omni_runtime.payload import parse
+    from omni_runtime.talker.batch import DecodeLoop, DecodePlan
+
+    reqs = [parse({"v": 1, "speaker": "Ethan", "prompt_ids": prompt, "response_ids": list(range(40 + i, 90 + i)),
+                   "generation": {"max_codes": codes, "min_codes": codes, "seed": i, "do_sample": i >= 4},
+                   "format": "pcm"}) for i in range(8)]
+    got = {}
+    for mode in modes:
+        loop = DecodeLoop(engine, plan=DecodePlan(mode=mode, slots=4, max_tokens=len(prompt) + codes + 32))
+        try:
+            syntheses: list = []
+            run_clients(loop, engine, 4, reqs, syntheses)
+            got[mode] = [[c.tolist() for c in s.codes] for s in syntheses]
+        finally:
+            loop.stop()
+    ref, out = got[modes[0]], {}
+    for mode in modes[1:]:
+        pairs = [(a == b) for x, y in zip(ref, got[mode]) for a, b in zip(x, y)]
+        greedy = [(a == b) for x, y in zip(ref[:4], got[mode][:4]) for a, b in zip(x, y)]
+        out[mode] = {"frames": len(pairs), "equal": sum(pairs), "greedy_frames": len(greedy),
+                     "greedy_equal": sum(greedy), "greedy_identical": all(greedy) and len(greedy) == 4 * (codes - 1)}
+    return out
 
 
 def figures(stats: list, rate: int) -> dict:
@@ -238,6 +268,9 @@ def report(result: dict) -> list[str]:
         peak = f"{mode['peak_gib']:.1f} GiB" if mode["peak_gib"] is not None else "-"
         lines.append(f"{mode['mode']:7} peak memory {peak}, graphs captured in {mode['capture_s']:.1f} s "
                      f"({mode['slots']} slots x {mode['max_tokens']} positions)")
+    for mode, same in result["same_codes"].items():
+        lines.append(f"same codes as {next(iter(result['modes']))}: {mode} greedy {same['greedy_equal']}/"
+                     f"{same['greedy_frames']} frames, all {same['equal']}/{same['frames']} (seeded sampling included)")
     r = result["ratios"]
     lines.append(f"ratios at {r['concurrency']} concurrent: {r['fast']}/eager audio throughput {r['speedup']:.2f} "
                  f"(goal >= {GOAL_SPEEDUP:g}); {r['fast']} per-stream RTF p50 {r['rtf']:.3f} (goal <= {GOAL_RTF:g}); "
@@ -309,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_bytes": {str(n): step_bytes(engine, n, context) for n in args.concurrency},
     }
     result["floor_ms"] = {n: b / bw * 1e3 for n, b in result["step_bytes"].items()} if bw else {}
+    result["same_codes"] = same_codes(engine, args.modes, prompt) if len(args.modes) > 1 else {}
     result["modes"] = {mode: measure(engine, mode, args, prompt) for mode in args.modes}
     result["ratios"] = ratios(result["modes"])
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ def test_both_paths_run_and_write_their_figures(tmp_path, capsys):
             assert row["requests"] == 2 * int(n) and row["audio_s_per_s"] > 0 and row["rtf_p50"] > 0
             assert 0 < row["ttfa_p50_ms"] <= row["ttfa_p99_ms"] and row["step_ms_p50"] > 0
     assert result["ratios"]["concurrency"] == 3 and result["ratios"]["speedup"] > 0
+    same = result["same_codes"]["graphs"]  # float32 on CPU: every frame, sampled ones included
+    assert same["greedy_identical"] and same["equal"] == same["frames"] == 8 * 39
     assert result["floor_ms"] == {} and int(result["step_bytes"]["3"]) > int(result["step_bytes"]["1"])
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("ratios at 3 concurrent: graphs/eager audio throughput") and "goal >= 3" in last
