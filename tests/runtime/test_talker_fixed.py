@@ -194,7 +194,8 @@ def test_the_vocoder_sends_first_chunks_ahead_and_keeps_each_synthesis_in_order(
     """One vocoder pass with a long chunk of A queued first, then B's first chunk, then A's next
     (shorter) chunk: B's audio goes out before A's, A's chunks go out in their order, each
     synthesis ends after its audio."""
-    from omni_runtime.talker.batch import Synthesis, TextFeed, Vocoder
+    from omni_runtime.talker.batch import Synthesis, TextFeed
+    from omni_runtime.talker.vocoder import Vocoder
     from omni_runtime.talker.code2wav import Code2WavBatches
 
     events = []

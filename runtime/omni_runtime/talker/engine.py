@@ -1,6 +1,7 @@
 """Talker + code2wav for one pod: the model, and the pure steps of speaking one or many
-requests (prefill, one batched decode step, the residual code groups, PCM from codes).
-The loop that drives these steps for every active request at once is talker_batch.py.
+requests (prefill, and the eager path's batched decode step and residual code groups).
+The loop that drives the steps for every active request at once is batch.py; the
+fixed-shape path's steps are in fixed.py, code2wav's batches in code2wav.py.
 
 The talker input is built exactly as Qwen3-Omni builds it inside one process
 (user turns: thinker embeddings through `text_projection`, multimodal positions:
