@@ -19,7 +19,8 @@ requests; request lengths spread +-50% around --codes so the clients fall out of
 and written to OUT/talker_device_bench.json: seconds of audio per second, per-stream real-time
 factor (p50, p90), time to first audio at the talker (p50, p99; every request, the first wave's
 burst of prefills included), the median decode step beside the memory-bandwidth floor of one
-step (bytes of weights and KV read / the GPU's bandwidth), peak memory, graph capture time.
+step (bytes of weights and KV read / the GPU's bandwidth), the share of the time code2wav kept
+the vocoder thread busy, peak memory, graph capture time.
 
 Goals on one H100/H200 at full scale: the fixed-shape path >= 3x the eager path's throughput at
 64 concurrent; per-stream RTF <= 0.3 and first audio <= 300 ms p99 at 64. The last line holds
@@ -226,6 +227,22 @@ def measure(engine, mode: str, args, prompt: list[int]) -> dict:
         return out
 
     loop.stepper.step = timed
+    vocoder_busy = [0.0]
+    calls = loop.vocoder.batches.calls
+
+    def timed_calls(spans):  # each call ends reading its PCM back: the time is the device's too
+        it = calls(spans)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                done = next(it)
+            except StopIteration:
+                return
+            finally:
+                vocoder_busy[0] += time.perf_counter() - t0
+            yield done
+
+    loop.vocoder.batches.calls = timed_calls
     try:
         t0 = time.monotonic()
         loop.warm()
@@ -234,8 +251,10 @@ def measure(engine, mode: str, args, prompt: list[int]) -> dict:
         out = {"mode": mode, "capture_s": capture, "slots": slots, "max_tokens": max_tokens, "by_concurrency": {}}
         for n in args.concurrency:
             steps.clear()
+            vocoder_busy[0] = 0.0
             stats = run_clients(loop, engine, n, requests_for(prompt, args.codes, n * args.rounds, seed=1000 * n))
             row = figures(stats, engine.sample_rate)
+            row["code2wav_busy"] = vocoder_busy[0] / row["wall_s"]  # 1: the vocoder thread never idled
             row["step_ms_p50"] = 1000 * statistics.median(t for _, t in steps)
             row["step_rows_p50"] = statistics.median(r for r, _ in steps)
             out["by_concurrency"][n] = row
@@ -257,14 +276,15 @@ def report(result: dict) -> list[str]:
                  f"{m['code2wav_params'] / 1e6:.1f} M; KV {m['kv_bytes_per_token'] / 1024:.2f} KiB per token; "
                  "graphs: fixed shapes, replayed as CUDA graphs on a GPU only")
     lines.append(f"{'path':7} {'N':>3} {'audio s/s':>9} {'RTF p50':>8} {'RTF p90':>8} {'TTFA p50':>9} {'TTFA p99':>9} "
-                 f"{'step ms':>8} {'floor ms':>9} {'rows':>5}")
+                 f"{'step ms':>8} {'floor ms':>9} {'rows':>5} {'c2w busy':>8}")
     for mode in result["modes"].values():
         for n, row in mode["by_concurrency"].items():
             floor = result["floor_ms"].get(str(n))
             floor_text = "-" if floor is None else f"{floor:.2f}"
             lines.append(f"{mode['mode']:7} {n:>3} {row['audio_s_per_s']:9.2f} {row['rtf_p50']:8.3f} "
                          f"{row['rtf_p90']:8.3f} {row['ttfa_p50_ms']:7.0f}ms {row['ttfa_p99_ms']:7.0f}ms "
-                         f"{row['step_ms_p50']:8.2f} {floor_text:>9} {row['step_rows_p50']:5.0f}")
+                         f"{row['step_ms_p50']:8.2f} {floor_text:>9} {row['step_rows_p50']:5.0f} "
+                         f"{row['code2wav_busy']:8.2f}")
         peak = f"{mode['peak_gib']:.1f} GiB" if mode["peak_gib"] is not None else "-"
         lines.append(f"{mode['mode']:7} peak memory {peak}, graphs captured in {mode['capture_s']:.1f} s "
                      f"({mode['slots']} slots x {mode['max_tokens']} positions)")

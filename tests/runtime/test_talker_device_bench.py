@@ -22,6 +22,7 @@ def test_both_paths_run_and_write_their_figures(tmp_path, capsys):
             row = mode["by_concurrency"][n]
             assert row["requests"] == 2 * int(n) and row["audio_s_per_s"] > 0 and row["rtf_p50"] > 0
             assert 0 < row["ttfa_p50_ms"] <= row["ttfa_p99_ms"] and row["step_ms_p50"] > 0
+            assert 0 < row["code2wav_busy"] <= 1.05
     assert result["ratios"]["concurrency"] == 3 and result["ratios"]["speedup"] > 0
     same = result["same_codes"]["graphs"]  # float32 on CPU: every frame, sampled ones included
     assert same["greedy_identical"] and same["equal"] == same["frames"] == 8 * 39
