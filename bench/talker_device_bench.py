@@ -247,8 +247,10 @@ def measure(engine, mode: str, args, prompt: list[int]) -> dict:
         t0 = time.monotonic()
         loop.warm()
         capture = time.monotonic() - t0
+        step_graphs = getattr(loop.stepper, "graphs", None)  # the eager path has none
+        graphs = (len(step_graphs.graphs) if step_graphs else 0) + len(loop.vocoder.batches.graphs.graphs)
         run_clients(loop, engine, 2, requests_for(prompt, 8, 2, seed=999))  # kernels, allocator
-        out = {"mode": mode, "capture_s": capture, "slots": slots, "max_tokens": max_tokens, "by_concurrency": {}}
+        out = {"mode": mode, "capture_s": capture, "graphs": graphs, "slots": slots, "max_tokens": max_tokens, "by_concurrency": {}}
         for n in args.concurrency:
             steps.clear()
             vocoder_busy[0] = 0.0
@@ -286,7 +288,8 @@ def report(result: dict) -> list[str]:
                          f"{row['step_ms_p50']:8.2f} {floor_text:>9} {row['step_rows_p50']:5.0f} "
                          f"{row['code2wav_busy']:8.2f}")
         peak = f"{mode['peak_gib']:.1f} GiB" if mode["peak_gib"] is not None else "-"
-        lines.append(f"{mode['mode']:7} peak memory {peak}, graphs captured in {mode['capture_s']:.1f} s "
+        lines.append(f"{mode['mode']:7} peak memory {peak}, {mode['graphs']} CUDA graphs captured in "
+                     f"{mode['capture_s']:.1f} s "
                      f"({mode['slots']} slots x {mode['max_tokens']} positions)")
     for mode, same in result["same_codes"].items():
         lines.append(f"same codes as {next(iter(result['modes']))}: {mode} greedy {same['greedy_equal']}/"
