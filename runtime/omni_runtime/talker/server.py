@@ -26,7 +26,7 @@ import time
 from aiohttp import web
 
 from omni_runtime.audio import wav_header
-from omni_runtime.config import TalkerSettings
+from omni_runtime.config import Env, TalkerSettings
 from omni_runtime.metrics import TalkerMetrics, metrics_app
 from omni_runtime.payload import PayloadError, TalkerRequest, parse
 from omni_runtime.server import EngineService, json_error, serve
@@ -116,7 +116,12 @@ class TalkerService(EngineService):
             engine = factory()
             loop = DecodeLoop(engine, self.cfg.text_wait, self._on_step, DecodePlan(
                 mode=self.cfg.decode, slots=self.max_inflight, max_tokens=self.cfg.max_tokens))
-            loop.warm()  # every bucket's CUDA graphs before the pod reports ready
+            try:
+                loop.warm()  # every bucket's CUDA graphs before the pod reports ready
+            except Exception as exc:
+                loop.stop()
+                raise RuntimeError(f"capturing the talker's CUDA graphs failed ({type(exc).__name__}: {exc}); "
+                                   f"{Env.TALKER_DECODE}=fixed or eager runs without them") from exc
             self.loop = loop
             return engine
 
