@@ -90,11 +90,11 @@ def test_size_that_does_not_fit_exits_2_with_the_numbers():
 
 def test_size_text_output_is_human_readable():
     r = cli("size", "--role", "talker", "--video-seconds", "30", "--gpu-memory-gib", "24", "--max-num-seqs", "1")
-    assert r.returncode == 0 and "10.73 GB estimated -> fits" in r.stdout
+    assert r.returncode == 0 and "12.73 GB estimated -> fits" in r.stdout  # the table and the CUDA graphs
     r = cli("size", "--role", "talker", "--video-seconds", "30", "--gpu-memory-gib", "24", "--max-num-seqs", "8")
     assert r.returncode == 0
-    assert "8 concurrent sequences x 21504 tokens: 13.81 GB estimated -> fits" in r.stdout
-    assert "one request (model card table): 10.73 GB" in r.stdout
+    assert "8 concurrent sequences x 21504 tokens: 15.81 GB estimated -> fits" in r.stdout
+    assert "one request (model card table): 10.73 GB" in r.stdout and "CUDA graphs (estimate): 2.00 GB" in r.stdout
     assert "KV cache of 7 more sequences: 150528 tokens x 20 KiB per token -> 3.08 GB" in r.stdout
 
 

@@ -116,8 +116,10 @@ def test_omnideployment_converges_onto_the_gpu_pools(cluster, namespace, operato
     assert status["talker"]["ready"] == "1/1" and status["gateway"]["ready"] == "1/1"
     assert status["gpus"] == 3
     assert status["sizing"]["thinker"]["tensorParallelSize"] == 2
-    # 10.73 GB for one synthesis (the model card) + the KV cache of 15 more (maxInflight 16) at 29696 tokens.
-    assert status["sizing"]["talker"]["estimatedGB"] == 19.85
+    # 10.73 GB for one synthesis (the model card) + 2 GB of CUDA graphs + the KV cache of 17 more at 29696
+    # tokens (maxInflight unset: what the talker's 24 GiB GPU holds).
+    assert status["sizing"]["talker"]["estimatedGB"] == 23.07
+    assert status["sizing"]["talker"]["concurrentSequences"] == 18
     assert {c["type"]: c["status"] for c in status["conditions"]} == \
         {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True", "WeightsReady": "True"}
     # every key the operator wrote is one the typed model knows (and so the CRD keeps)

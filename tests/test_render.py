@@ -163,10 +163,24 @@ def test_a_talker_batch_too_large_for_its_gpu_is_refused_with_what_fits():
         make_plan("batch", "ns", "uid", spec)
     assert not err.value.invalid
     assert "talker:" in str(err.value)
-    assert ("fits 12 concurrent sequences at this context on 1 x 24 GiB; asked for 16 (talker.maxInflight)"
+    assert ("fits 10 concurrent sequences at this context on 1 x 24 GiB; asked for 16 (talker.maxInflight)"
             in str(err.value))
-    spec["talker"]["maxInflight"] = 12
-    assert make_plan("batch", "ns", "uid", spec).sizing.talker.gpus_per_replica == 1
+    spec["talker"]["maxInflight"] = 10
+    plan = make_plan("batch", "ns", "uid", spec)
+    assert plan.sizing.talker.gpus_per_replica == 1
+    assert env_of(by_name(plan.objects, "batch-talker"))["OMNI_MAX_INFLIGHT"] == "10"
+
+
+def test_an_unset_talker_batch_is_what_its_gpu_holds_and_each_stream_gets_the_sized_context():
+    spec = {"variant": "Instruct", "workload": {"maxVideoSeconds": 120, "maxAudioMinutes": 0, "maxImagesPerPrompt": 0},
+            "thinker": {"gpu": {"memoryGiB": 141}}}
+    plan = make_plan("auto", "ns", "uid", spec)
+    env = env_of(by_name(plan.objects, "auto-talker"))
+    assert env["OMNI_MAX_INFLIGHT"] == str(plan.sizing.talker.concurrent_sequences) == "10"
+    assert env["OMNI_TALKER_MAX_TOKENS"] == str(plan.sizing.talker.context_tokens) == "40960"
+    spec["talker"] = {"gpu": {"memoryGiB": 80}}
+    roomy = make_plan("auto", "ns", "uid", spec)
+    assert env_of(by_name(roomy.objects, "auto-talker"))["OMNI_MAX_INFLIGHT"] == "64", "capped at the largest bucket"
 
 
 def test_replica_spanning_nodes_renders_one_statefulset_per_replica():

@@ -54,6 +54,12 @@ def test_talker_thinker_and_loader_settings():
         TalkerSettings.from_env({Env.DEVICE: "tpu"})
     with pytest.raises(ConfigError, match=Env.TALKER_TEXT_WAIT_SECONDS):
         TalkerSettings.from_env({Env.TALKER_TEXT_WAIT_SECONDS: "0"})
+    assert (talker.decode, talker.max_tokens) == ("graphs", 8192)
+    eager = TalkerSettings.from_env({Env.TALKER_DECODE: "eager", Env.TALKER_MAX_TOKENS: "20000"})
+    assert (eager.decode, eager.max_tokens) == ("eager", 20000)
+    for bad in ({Env.TALKER_DECODE: "compiled"}, {Env.TALKER_MAX_TOKENS: "10"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TalkerSettings.from_env(bad)
     assert ThinkerSettings.from_env({}).device == "cpu"
     loader = LoaderSettings.from_env({Env.MODEL: "o/m", "HF_ENDPOINT": "http://hub/", "HF_TOKEN": "secret"})
     assert (loader.revision, str(loader.weights_dir), loader.endpoint) == ("main", "/weights", "http://hub")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from omni_operator.sizing.kv_cache import QWEN3_OMNI_30B_A3B, KvCacheShape, ModelArchitecture, architecture_from_config
 from omni_operator.sizing.model_card import GIB_IN_GB, TABLE_GB, TABLE_SECONDS, estimate_gb, max_model_len, table_row
-from omni_operator.sizing.replicas import SizingRequest, size
+from omni_operator.sizing.replicas import TALKER_GRAPHS_GB, TALKER_MAX_STREAMS, SizingRequest, size
 
 pytestmark = pytest.mark.pure
 
@@ -209,22 +209,46 @@ def test_one_sequence_is_exactly_the_table():
     assert result.gpus_per_replica == 1
 
 
-def test_the_talker_adds_the_kv_cache_of_its_own_text_model():
+def test_the_talker_adds_the_kv_cache_of_its_own_text_model_and_its_cuda_graphs():
     result = size(SizingRequest(role="talker", variant="instruct", video_seconds=30, gpu_memory_gib=24,
                                 max_num_seqs=16))
     assert result.kv_bytes_per_token == TALKER_KV_PER_TOKEN
     assert result.concurrent_kv_tokens == 15 * result.context_tokens
-    assert result.estimated_gb == pytest.approx(10.73 + 15 * result.context_tokens * TALKER_KV_PER_TOKEN / 1e9,
-                                                abs=0.01)
+    assert result.graphs_gb == TALKER_GRAPHS_GB
+    assert result.estimated_gb == pytest.approx(
+        10.73 + TALKER_GRAPHS_GB + 15 * result.context_tokens * TALKER_KV_PER_TOKEN / 1e9, abs=0.01)
     assert result.fits and result.kv_cache_bytes_per_gpu == 0 and result.vllm_args == []
-    # A two-minute video's context: a 24 GiB GPU holds 12 syntheses, not 16.
+    assert "2.00 GB CUDA graphs" in result.reason
+    # A two-minute video's context: a 24 GiB GPU holds 10 syntheses, not 16.
     long = size(SizingRequest(role="talker", variant="instruct", video_seconds=120, gpu_memory_gib=24,
                               images_per_prompt=0, max_num_seqs=16, concurrency_setting="talker.maxInflight"))
     assert not long.fits
-    assert ("fits 12 concurrent sequences at this context on 1 x 24 GiB; asked for 16 (talker.maxInflight)"
+    assert ("fits 10 concurrent sequences at this context on 1 x 24 GiB; asked for 16 (talker.maxInflight)"
             in long.reason)
     assert size(SizingRequest(role="talker", variant="instruct", video_seconds=120, gpu_memory_gib=24,
-                              images_per_prompt=0, max_num_seqs=12)).fits
+                              images_per_prompt=0, max_num_seqs=10)).fits
+
+
+@pytest.mark.parametrize("gib, seconds, streams", [(24, 15, 45), (24, 30, 32), (24, 120, 10), (80, 15, 64),
+                                                    (80, 120, 64), (141, 120, 64)])
+def test_an_unset_talker_concurrency_is_what_its_gpu_holds(gib, seconds, streams):
+    auto = size(SizingRequest(role="talker", variant="instruct", video_seconds=seconds, gpu_memory_gib=gib,
+                              images_per_prompt=0, max_num_seqs=None))
+    assert auto.fits and auto.concurrent_sequences == streams <= TALKER_MAX_STREAMS
+    assert auto.estimated_gb <= auto.usable_gb_per_gpu
+    assert f"talker.maxInflight unset: {streams} concurrent streams per {gib} GiB GPU" in " ".join(auto.notes)
+    if streams < TALKER_MAX_STREAMS:  # one more would not fit
+        assert not size(SizingRequest(role="talker", variant="instruct", video_seconds=seconds, gpu_memory_gib=gib,
+                                      images_per_prompt=0, max_num_seqs=streams + 1)).fits
+    with pytest.raises(ValueError, match="only the talker"):
+        size(SizingRequest(role="thinker", variant="instruct", video_seconds=seconds, gpu_memory_gib=gib,
+                           max_num_seqs=None))
+
+
+def test_a_talker_gpu_too_small_for_one_stream_is_refused():
+    tiny = size(SizingRequest(role="talker", variant="instruct", video_seconds=15, gpu_memory_gib=8,
+                              max_num_seqs=None))
+    assert not tiny.fits and tiny.concurrent_sequences == 1 and "use larger GPUs" in tiny.reason
 
 
 def test_combined_holds_the_kv_cache_of_thinker_and_talker():
@@ -352,9 +376,10 @@ def test_more_gpu_memory_never_needs_more_gpus(params, more_gib, more_util):
 def test_never_below_the_table_and_the_smallest_power_of_two_that_holds_every_sequence(params):
     result = _size(params)
     assert result.table_gb == estimate_gb(params["role"], "instruct", params["video_seconds"]).gigabytes
-    assert result.estimated_gb >= result.table_gb
+    graphs = TALKER_GRAPHS_GB if params["role"] == "talker" else 0.0
+    assert result.graphs_gb == graphs and result.estimated_gb >= result.table_gb + graphs
     if params["max_num_seqs"] == 1:
-        assert result.estimated_gb == result.table_gb
+        assert result.estimated_gb == round(result.table_gb + graphs, 2)
     if not result.fits:
         assert result.vllm_args == [] and result.gpus_per_replica == 0
         return
@@ -364,7 +389,7 @@ def test_never_below_the_table_and_the_smallest_power_of_two_that_holds_every_se
     per_node = 2 ** int(math.log2(params["gpus_per_node"]))
 
     def gb_per_gpu(g: int) -> float:  # the table's share plus the KV each GPU keeps (at least a whole head)
-        if params["role"] == "talker":
+        if params["role"] == "talker":  # one GPU, with the CUDA graphs besides
             tp = pp = 1
         else:
             pp = max(1, g // per_node)
@@ -372,7 +397,7 @@ def test_never_below_the_table_and_the_smallest_power_of_two_that_holds_every_se
         per_token = 2 * math.ceil(L / pp) * max(1, math.ceil(H / tp)) * D * B
         if params["role"] == "combined":  # thinker and talker share the shape here
             per_token *= 2
-        return result.table_gb / g + kv_tokens * per_token / 1e9
+        return result.table_gb / g + graphs + kv_tokens * per_token / 1e9
 
     g = result.gpus_per_replica
     assert g & (g - 1) == 0, "power of two"

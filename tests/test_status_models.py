@@ -48,7 +48,7 @@ def test_status_sizing_carries_the_memory_breakdown_and_fits_the_crd():
 
     from .helpers import crd_schema, example, validate_against_crd
 
-    resource = example()  # Instruct, 30 s video + 10 min audio: 29696 tokens, 8 sequences, talker batch 16
+    resource = example()  # Instruct, 30 s video + 10 min audio: 29696 tokens, 8 sequences, talker batch unset
     plan = plan_offline(resource)
     sizing = sizing_status(plan.sizing, plan.gpus).patch()
     thinker, talker = sizing["thinker"], sizing["talker"]
@@ -60,7 +60,10 @@ def test_status_sizing_carries_the_memory_breakdown_and_fits_the_crd():
     assert thinker["kvCacheBytesPerGPU"] == 8 * 29696 * 2 * 48 * 2 * 128 * 2  # TP 2: half the heads each
     assert (thinker["gpusPerReplica"], thinker["tensorParallelSize"]) == (2, 2)
     assert talker["tableGB"] == 10.73 and talker["kvCacheBytesPerToken"] == 2 * 20 * 2 * 128 * 2
-    assert talker["concurrentSequences"] == 16 and talker["concurrentKvTokens"] == 15 * 29696
+    # talker.maxInflight unset: the streams its 24 GiB GPU holds beside the table and the CUDA graphs
+    assert talker["graphsGB"] == 2.0 and talker["concurrentSequences"] == 18
+    assert talker["concurrentKvTokens"] == 17 * 29696
+    assert talker["estimatedGB"] == round(talker["tableGB"] + talker["graphsGB"] + talker["concurrentKvGB"], 2)
     assert "kvCacheBytesPerGPU" not in talker and "tensorParallelSize" not in talker  # not served by vLLM
     assert sizing["maxModelLen"] == 29696 and sizing["gpusTotal"] == plan.gpus
     # Every key is one the CRD's status schema keeps (the apiserver would prune others silently).

@@ -26,7 +26,8 @@ def _cmd_size(args: argparse.Namespace) -> int:
             gpu_memory_gib=args.gpu_memory_gib, gpus_per_node=args.gpus_per_node,
             max_nodes_per_replica=args.max_nodes_per_replica, utilization=args.utilization,
             audio_minutes=args.audio_minutes, images_per_prompt=args.images,
-            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, architecture=architecture))
+            max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None or args.role == "talker" else 8,
+            max_model_len=args.max_model_len, architecture=architecture))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -56,6 +57,8 @@ def size_report(result: Sizing) -> list[str]:
              f"{result.concurrent_sequences} concurrent sequence{'s' if result.concurrent_sequences > 1 else ''} "
              f"x {result.context_tokens} tokens: {result.estimated_gb:.2f} GB estimated -> {status}",
              f"  one request (model card table): {result.table_gb:.2f} GB"]
+    if result.graphs_gb:
+        lines.append(f"  CUDA graphs (estimate): {result.graphs_gb:.2f} GB")
     more = result.concurrent_sequences - 1
     if more:
         lines.append(f"  KV cache of {more} more sequence{'s' if more > 1 else ''}: "
@@ -131,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utilization", type=float, default=0.9)
     p.add_argument("--audio-minutes", type=float, default=0.0)
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--max-num-seqs", type=int, default=8,
-                   help="concurrent sequences per replica (thinker: vLLM --max-num-seqs; talker: maxInflight)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="concurrent sequences per replica (thinker: vLLM --max-num-seqs, default 8; talker: "
+                        "maxInflight, default what one GPU holds)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per sequence, tokens (default: derived from video, audio and images)")
     p.add_argument("--model-config", default=None, metavar="PATH",

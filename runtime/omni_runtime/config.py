@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,6 +51,8 @@ class Env:
     TALKER_FIRST_CHUNK_CODES = "OMNI_TALKER_FIRST_CHUNK_CODES"
     TALKER_CHUNK_CODES = "OMNI_TALKER_CHUNK_CODES"
     TALKER_TEXT_WAIT_SECONDS = "OMNI_TALKER_TEXT_WAIT_SECONDS"
+    TALKER_DECODE = "OMNI_TALKER_DECODE"
+    TALKER_MAX_TOKENS = "OMNI_TALKER_MAX_TOKENS"
     # gateway
     THINKER_SERVICE = "OMNI_THINKER_SERVICE"
     TALKER_SERVICE = "OMNI_TALKER_SERVICE"
@@ -191,6 +193,13 @@ class TalkerSettings(ServingSettings):
     first_chunk: Annotated[int, Field(ge=1)] = Field(4, alias=Env.TALKER_FIRST_CHUNK_CODES)
     chunk: Annotated[int, Field(ge=1)] = Field(25, alias=Env.TALKER_CHUNK_CODES)
     text_wait: Positive = Field(30.0, alias=Env.TALKER_TEXT_WAIT_SECONDS)
+    # graphs: fixed shapes (static KV slots, batch and length buckets) replayed as CUDA graphs on
+    # CUDA, the same fixed shapes without graphs on CPU; fixed: no graphs; eager: transformers'
+    # forward over a dynamic KV cache (the reference, and the way back if the others misbehave).
+    decode: Literal["graphs", "fixed", "eager"] = Field("graphs", alias=Env.TALKER_DECODE)
+    # positions one synthesis holds in its KV slot (prompt and codes); the operator renders the
+    # context length it sized the talker for. 20 KiB each on the real model.
+    max_tokens: Annotated[int, Field(ge=64)] = Field(8192, alias=Env.TALKER_MAX_TOKENS)
 
     @field_validator("device")
     @classmethod

@@ -1,20 +1,17 @@
-"""The talker's decode loop on the tiny model, in process: equal to transformers' own
-`talker.generate`, the same audio streamed or whole, batched or alone, and the ways a
-synthesis ends early."""
+"""The talker's decode loop on the tiny model, in process, on the fixed-shape and the eager
+path: equal to transformers' own `talker.generate`, the same audio streamed or whole, batched or
+alone, and the ways a synthesis ends early."""
 
 from __future__ import annotations
 
 import copy
 import functools
-import threading
 import time
 
 import pytest
 import torch  # the runtime extra; `make test` installs it
 
-from omni_runtime.payload import parse
-
-from .helpers import text_payload
+from .talker_runs import Run, request
 
 pytestmark = pytest.mark.runtime
 
@@ -26,50 +23,17 @@ def engine(tiny_model):
     return TalkerEngine(str(tiny_model), device="cpu")
 
 
-@pytest.fixture
-def loop(engine):
-    from omni_runtime.talker.batch import DecodeLoop
+@pytest.fixture(params=["graphs", "eager"])
+def loop(engine, request):
+    """The decode loop on each path: fixed shapes ("graphs": no graphs on CPU, the same code) and eager."""
+    from omni_runtime.talker.batch import DecodeLoop, DecodePlan
 
     batches = []
-    lp = DecodeLoop(engine, text_wait=0.5, on_step=lambda n, stalled: batches.append((n, stalled)))
+    lp = DecodeLoop(engine, text_wait=0.5, on_step=lambda n, stalled: batches.append((n, stalled)),
+                    plan=DecodePlan(mode=request.param))
     lp.batches = batches
     yield lp
     lp.stop()
-
-
-def request(model, codes=24, seed=7, response=None, **gen):
-    body = text_payload(model, codes=codes)
-    body["generation"].update(seed=seed, **gen)
-    if response is not None:
-        body["response_ids"] = response
-    return parse(body)
-
-
-class Run:
-    """One synthesis submitted to the loop; `wait()` gives (result, pcm)."""
-
-    def __init__(self, loop, engine, req, streamed_from: int | None = None):
-        from omni_runtime.talker.batch import Synthesis, TextFeed
-
-        self.pcm = bytearray()
-        self.result = None
-        self._done = threading.Event()
-        head = req if streamed_from is None else parse({"prompt_ids": req.prompt_ids,
-                                                        "response_ids": req.response_ids[:streamed_from]})
-        self.feed = TextFeed.of(engine, head, complete=streamed_from is None)
-        self.synthesis = Synthesis(req, self.feed, self.pcm.extend, self._finish)
-        loop.submit(self.synthesis)
-
-    def _finish(self, result):
-        self.result = result
-        self._done.set()
-
-    def wait(self, timeout=120):
-        assert self._done.wait(timeout), "synthesis did not finish"
-        return self.result, bytes(self.pcm)
-
-    def codes(self):
-        return torch.stack(self.synthesis.codes)
 
 
 def transformers_codes(engine, req):
@@ -144,6 +108,7 @@ def test_batched_syntheses_equal_their_solo_runs(tiny_model, engine, loop):
 
 
 def test_a_synthesis_waiting_for_text_does_not_hold_the_others(tiny_model, engine, loop):
+    loop.text_wait = 30.0  # the fixture's 0.5 s could run out on a busy machine before `fast` is done
     slow = Run(loop, engine, request(tiny_model, codes=30, response=list(range(40, 60))), streamed_from=2)
     fast = Run(loop, engine, request(tiny_model, codes=10, seed=5))
     stats, pcm = fast.wait(timeout=30)

@@ -93,3 +93,39 @@ def test_a_seed_fixes_the_draws_whatever_else_is_in_the_batch():
 def test_bad_settings_are_payload_errors(gen, needle):
     with pytest.raises(PayloadError, match=needle):
         Sampling.of(gen)
+
+
+def test_fixed_shape_sampling_draws_what_choose_draws():
+    """The tensor form the CUDA graphs run (every row warped, settings as tensors, draws taken
+    up front) picks the same codes as `process_first` + `choose`, row by row."""
+    import random
+
+    from omni_runtime.talker.sampling import RESIDUAL_TOP_P, draw_first, draw_residual, first_scores, uniforms
+
+    settings = [dict(), dict(top_k=3), dict(top_k=0, top_p=0.5, temperature=0.7), dict(do_sample=False),
+                dict(repetition_penalty=1.4, min_codes=3, top_p=0.9), dict(temperature=1.7, top_k=200)]
+    suppress = torch.tensor([61, 62, 63])
+    suppressed = torch.zeros(V, dtype=torch.bool)
+    suppressed[suppress] = True
+    same = 0
+    for trial in range(40):
+        scores = logits(rows=len(settings), seed=trial)
+        seen = torch.rand((len(settings), V), generator=torch.Generator().manual_seed(trial)) < 0.2
+        generated = [trial % 5] * len(settings)
+        eager = [Sampling(**s, rng=random.Random(trial * 10 + i)) for i, s in enumerate(settings)]
+        fixed = [Sampling(**s, rng=random.Random(trial * 10 + i)) for i, s in enumerate(settings)]
+        processed = process_first(torch, scores, eager, seen, generated, EOS, suppress)
+        want = choose(torch, processed, eager)
+        want_residual = choose(torch, scores, eager, residual=True)
+
+        u = torch.tensor(uniforms(fixed, 2))
+        mine = first_scores(torch, scores, seen, torch.tensor([[r.repetition_penalty] for r in fixed]),
+                            torch.tensor([n < r.min_codes for n, r in zip(generated, fixed)]), EOS, suppressed)
+        do_sample = torch.tensor([r.do_sample for r in fixed])
+        got = draw_first(torch, mine, do_sample, torch.tensor([[r.temperature] for r in fixed]),
+                         torch.tensor([r.top_k for r in fixed]), torch.tensor([[r.top_p] for r in fixed]), u[:, 0])
+        got_residual = draw_residual(torch, scores, do_sample, torch.tensor([[RESIDUAL_TOP_P]]), u[:, 1])
+        assert torch.equal(mine, processed)
+        assert torch.equal(got, want) and torch.equal(got_residual, want_residual), trial
+        same += int((got == scores.argmax(-1)).all())
+    assert same < 40, "the draws are not all the argmax"

@@ -421,9 +421,10 @@ class TalkerSpec(RoleSpec):
 
     gpu: TalkerGpuType = Field(default_factory=TalkerGpuType)
     max_queue: int = Field(default=16, ge=1, le=10000, description="Requests a talker pod queues before answering 429.")
-    max_inflight: int = Field(default=16, ge=1, le=256, description=(
-        "Syntheses one talker pod decodes together (its batch size); more wait in its queue. "
-        "Sizing holds this many at full context (KV cache)."))
+    max_inflight: int | None = Field(default=None, ge=1, le=256, description=(
+        "Syntheses one talker pod decodes together (its batch: a KV slot each at full context, CUDA graphs "
+        "per batch bucket); more wait in its queue. Unset: as many as one talker GPU holds (KV cache and "
+        "CUDA graphs), at most 64; status.sizing.talker.concurrentSequences says how many."))
 
 
 class GatewaySpec(RoleSpec):

@@ -25,11 +25,14 @@ class Condition(ApiModel):
 
 class RoleSizing(ApiModel):
     estimated_gb: float = Field(alias="estimatedGB", description=(
-        "Memory one replica needs, GB: tableGB plus concurrentKvGB."))
+        "Memory one replica needs, GB: tableGB plus graphsGB plus concurrentKvGB."))
     table_gb: float | None = Field(default=None, alias="tableGB", description=(
         "The model card's figure for one request (weights, activations, its KV cache), GB."))
+    graphs_gb: float | None = Field(default=None, alias="graphsGB", description=(
+        "Memory of the talker's CUDA graphs (an estimate), GB."))
     concurrent_sequences: int | None = Field(default=None, description=(
-        "Sequences one replica holds at once (thinker: workload.maxConcurrentSequences, talker: maxInflight)."))
+        "Sequences one replica holds at once (thinker: workload.maxConcurrentSequences; talker: maxInflight, "
+        "or when unset the concurrent streams one talker GPU holds)."))
     context_tokens: int | None = Field(default=None, description="Context every sequence is sized for, tokens.")
     kv_cache_bytes_per_token: int | None = Field(default=None, description=(
         "KV cache of one token: 2 x layers x KV heads x head dim x dtype bytes."))

@@ -95,8 +95,10 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
     model = inp.model_mount
     home_env, home_volume, home_mount = scratch_home()
     env = [
-        *role_env(inp, "talker", {Env.MAX_QUEUE: str(talker.max_queue), Env.MAX_INFLIGHT: str(talker.max_inflight),
-                                  Env.DEVICE: "cuda"}),
+        # the streams the sizing gave it (talker.maxInflight, or what its GPU holds), each a KV slot of
+        # the context it was sized for
+        *role_env(inp, "talker", {Env.MAX_QUEUE: str(talker.max_queue), Env.MAX_INFLIGHT: str(sizing.concurrent_sequences),
+                                  Env.TALKER_MAX_TOKENS: str(sizing.context_tokens), Env.DEVICE: "cuda"}),
         *model.env, *home_env, *downward_env(),
     ]
     defaults = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}

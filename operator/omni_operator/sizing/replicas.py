@@ -13,6 +13,15 @@ from omni_operator.api.status import RoleSizing, SizingStatus
 from omni_operator.sizing.kv_cache import QWEN3_OMNI_30B_A3B, ModelArchitecture, kv_shapes
 from omni_operator.sizing.model_card import GIB_IN_GB, Role, Variant, estimate_gb, max_model_len
 
+# The talker pod decodes its streams with fixed shapes (omni_runtime.talker.fixed): a KV slot per
+# stream at the full context, and CUDA graphs per batch bucket up to 64 streams. Unless
+# talker.maxInflight says otherwise, a talker pod takes as many streams as its one GPU holds.
+TALKER_MAX_STREAMS = 64  # the largest batch bucket
+# The memory pools of the talker's CUDA graphs (64 step and code-predictor shapes, code2wav up to
+# 8 chunks x 64 frames). An estimate from the shapes (docs/performance-talker.md) until
+# bench.talker_device_bench measures it on a GPU.
+TALKER_GRAPHS_GB = 2.0
+
 
 @dataclass(frozen=True)
 class MemoryNeed:
@@ -25,6 +34,7 @@ class MemoryNeed:
     kv_bytes_per_token: int  # the whole model's KV cache of one token
     kv_bytes_per_token_per_gpu: int  # what one GPU holds of it in this layout
     gpus: int
+    graphs_gb: float = 0.0  # what the talker's CUDA graphs hold besides (per GPU; one GPU per talker pod)
 
     @property
     def concurrent_kv_tokens(self) -> int:
@@ -33,7 +43,8 @@ class MemoryNeed:
 
     @property
     def gb_per_gpu(self) -> float:
-        return self.table_gb / self.gpus + self.concurrent_kv_tokens * self.kv_bytes_per_token_per_gpu / 1e9
+        return (self.table_gb / self.gpus + self.graphs_gb
+                + self.concurrent_kv_tokens * self.kv_bytes_per_token_per_gpu / 1e9)
 
     @property
     def concurrent_kv_gb(self) -> float:
@@ -42,14 +53,14 @@ class MemoryNeed:
 
     @property
     def total_gb(self) -> float:
-        return self.table_gb + self.concurrent_kv_gb
+        return self.table_gb + self.graphs_gb * self.gpus + self.concurrent_kv_gb
 
     def fits(self, usable_gb_per_gpu: float) -> bool:
         return self.gb_per_gpu <= usable_gb_per_gpu + 1e-9
 
     def sequences_that_fit(self, usable_gb_per_gpu: float) -> int:
         """Concurrent sequences at this context that fit in this layout (0: not even one request)."""
-        room = usable_gb_per_gpu - self.table_gb / self.gpus
+        room = usable_gb_per_gpu - self.table_gb / self.gpus - self.graphs_gb
         if room < -1e-9:
             return 0
         per_sequence = self.context_tokens * self.kv_bytes_per_token_per_gpu / 1e9
@@ -73,7 +84,8 @@ class SizingRequest:
     utilization: float = 0.9
     audio_minutes: float = 0.0
     images_per_prompt: int = 4
-    max_num_seqs: int = 8  # concurrent sequences per replica (the talker: syntheses decoded together)
+    # concurrent sequences per replica (the talker: syntheses decoded together; None: what one GPU holds)
+    max_num_seqs: int | None = 8
     max_model_len: int | None = None  # override of the derived context length
     architecture: ModelArchitecture = QWEN3_OMNI_30B_A3B
     concurrency_setting: str = "--max-num-seqs"  # what the user turns to change the concurrency
@@ -90,6 +102,7 @@ class Sizing:
     fits: bool
     reason: str
     table_gb: float = 0.0  # the model card's one request
+    graphs_gb: float = 0.0  # the talker's CUDA graphs
     concurrent_sequences: int = 1
     context_tokens: int = 0
     kv_bytes_per_token: int = 0
@@ -114,6 +127,7 @@ class Sizing:
             "videoSeconds": self.video_seconds,
             "estimatedGB": self.estimated_gb,
             "tableGB": self.table_gb,
+            "graphsGB": self.graphs_gb,
             "concurrentSequences": self.concurrent_sequences,
             "contextTokens": self.context_tokens,
             "kvCacheBytesPerToken": self.kv_bytes_per_token,
@@ -150,12 +164,13 @@ def _sequences(n: int) -> str:
 
 def _breakdown(need: MemoryNeed) -> str:
     """'80.72 GB (68.74 GB for one request + 11.98 GB KV cache of 7 more sequences x 17408 tokens)'."""
+    graphs = f" + {need.graphs_gb * need.gpus:.2f} GB CUDA graphs" if need.graphs_gb else ""
     if need.concurrent_sequences == 1:
-        return f"{need.total_gb:.2f} GB (one request)"
+        return f"{need.total_gb:.2f} GB (one request{graphs})"
     more = need.concurrent_sequences - 1
     copies = need.kv_bytes_per_token_per_gpu * need.gpus / need.kv_bytes_per_token
     replicated = f", {copies:.3g}x as each GPU keeps whole KV heads and layers" if copies > 1 else ""
-    return (f"{need.total_gb:.2f} GB ({need.table_gb:.2f} GB for one request + {need.concurrent_kv_gb:.2f} GB "
+    return (f"{need.total_gb:.2f} GB ({need.table_gb:.2f} GB for one request{graphs} + {need.concurrent_kv_gb:.2f} GB "
             f"KV cache of {more} more sequence{'s' if more > 1 else ''} x {need.context_tokens} tokens{replicated})")
 
 
@@ -168,7 +183,9 @@ def size(req: SizingRequest) -> Sizing:
         raise ValueError("gpus per node and nodes per replica must be >= 1")
     if not 0 < req.utilization <= 1:
         raise ValueError(f"utilization must be in (0, 1], got {req.utilization}")
-    if req.max_num_seqs < 1:
+    if req.max_num_seqs is None and req.role != "talker":
+        raise ValueError("only the talker sizes its concurrency from its GPU; give the thinker's")
+    if req.max_num_seqs is not None and req.max_num_seqs < 1:
         raise ValueError(f"concurrent sequences must be >= 1, got {req.max_num_seqs}")
     if req.role == "talker" and req.variant != "instruct":
         raise ValueError(f"variant {req.variant} has no talker: only instruct produces speech")
@@ -192,18 +209,22 @@ def size(req: SizingRequest) -> Sizing:
     def layout(gpus: int) -> tuple[int, int]:
         return _layout(gpus, per_node) if uses_vllm else (1, 1)
 
+    sequences = req.max_num_seqs or 1
+
     def need_on(gpus: int) -> MemoryNeed:
         pods, per_pod = layout(gpus)
         return MemoryNeed(
-            table_gb=est.gigabytes, context_tokens=context, concurrent_sequences=req.max_num_seqs,
+            table_gb=est.gigabytes, context_tokens=context, concurrent_sequences=sequences,
             kv_bytes_per_token=sum(s.bytes_per_token for s in shapes),
-            kv_bytes_per_token_per_gpu=sum(s.bytes_per_token_per_gpu(per_pod, pods) for s in shapes), gpus=gpus)
+            kv_bytes_per_token_per_gpu=sum(s.bytes_per_token_per_gpu(per_pod, pods) for s in shapes), gpus=gpus,
+            graphs_gb=TALKER_GRAPHS_GB if req.role == "talker" else 0.0)
 
     def result(need: MemoryNeed, notes: list[str], **kw: Any) -> Sizing:
         return Sizing(
             role=req.role, variant=req.variant, video_seconds=req.video_seconds,
             estimated_gb=round(need.total_gb, 2), gpu_memory_gib=req.gpu_memory_gib, usable_gb_per_gpu=usable,
-            table_gb=est.gigabytes, concurrent_sequences=req.max_num_seqs, context_tokens=context,
+            table_gb=est.gigabytes, graphs_gb=need.graphs_gb * need.gpus, concurrent_sequences=sequences,
+            context_tokens=context,
             kv_bytes_per_token=need.kv_bytes_per_token, concurrent_kv_tokens=need.concurrent_kv_tokens,
             concurrent_kv_gb=round(need.concurrent_kv_gb, 2), sequences_that_fit=need.sequences_that_fit(usable),
             notes=notes, **kw)
@@ -213,6 +234,14 @@ def size(req: SizingRequest) -> Sizing:
             f"the largest request needs {context} context tokens "
             f"({req.video_seconds:g} s video, {req.audio_minutes:g} min audio, {req.images_per_prompt} images) "
             f"but the model's context is {MODEL_CONTEXT_TOKENS} tokens"))
+
+    if req.max_num_seqs is None:  # the talker: as many streams as its GPU holds, up to the largest bucket
+        held = need_on(1).sequences_that_fit(usable)
+        sequences = min(TALKER_MAX_STREAMS, max(held, 1))
+        if held >= 1:
+            why = (f"the largest batch bucket; the GPU holds {held}" if held > sequences else "what the GPU holds")
+            notes = notes + [f"talker.maxInflight unset: {sequences} concurrent streams per {req.gpu_memory_gib:g} GiB "
+                             f"GPU ({why} at {context} tokens each, with {TALKER_GRAPHS_GB:g} GB for CUDA graphs)"]
 
     chosen = next((g for g in candidates if need_on(g).fits(usable)), None)
     if chosen is None:
@@ -333,7 +362,8 @@ def size_deployment(spec: OmniDeploymentSpec, architecture: ModelArchitecture = 
 def role_sizing_status(s: Sizing) -> RoleSizing:
     """status.sizing.<role>: the GPU layout and the memory breakdown behind it."""
     return RoleSizing(
-        estimated_gb=s.estimated_gb, table_gb=s.table_gb, concurrent_sequences=s.concurrent_sequences,
+        estimated_gb=s.estimated_gb, table_gb=s.table_gb, graphs_gb=s.graphs_gb or None,
+        concurrent_sequences=s.concurrent_sequences,
         context_tokens=s.context_tokens, kv_cache_bytes_per_token=s.kv_bytes_per_token,
         concurrent_kv_tokens=s.concurrent_kv_tokens, concurrent_kv_gb=s.concurrent_kv_gb,
         kv_cache_bytes_per_gpu=s.kv_cache_bytes_per_gpu or None,

@@ -6,6 +6,9 @@ One whose next text token has not arrived yet (streaming hand-off) sits out the 
 until it does, for at most `text_wait` seconds. Each synthesis keeps its own random
 generator and sampling parameters, so its audio does not depend on what else shares the
 batch, and a fixed seed gives the same audio whether the text came whole or streamed.
+
+The device side of a step is a stepper's (DecodePlan): the fixed-shape path (fixed.py,
+CUDA graphs on a GPU) or the eager one (eager.py); code2wav runs on the vocoder thread.
 """
 
 from __future__ import annotations
@@ -17,10 +20,36 @@ from dataclasses import dataclass
 from typing import Callable
 
 from omni_runtime.payload import PayloadError, TalkerRequest
-from omni_runtime.talker.engine import TalkerEngine, cache_of, kv_layers
-from omni_runtime.talker.sampling import Sampling, choose, process_first
+from omni_runtime.talker.eager import EagerStepper
+from omni_runtime.talker.engine import TalkerEngine
+from omni_runtime.talker.fixed import FixedStepper
+from omni_runtime.talker.sampling import Sampling
+from omni_runtime.talker.vocoder import Vocoder, Worker
 
 log = logging.getLogger("omni.talker")
+
+
+DECODE_MODES = ("graphs", "fixed", "eager")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the loop steps (OMNI_TALKER_DECODE): "graphs", fixed shapes replayed as CUDA graphs on
+    CUDA (as "fixed" elsewhere); "fixed", fixed shapes without graphs; "eager", transformers'
+    forward over a dynamic cache. With fixed shapes at most `slots` syntheses are in the loop at
+    once (OMNI_MAX_INFLIGHT), each holding up to `max_tokens` positions (OMNI_TALKER_MAX_TOKENS:
+    prompt and codes)."""
+
+    mode: str = "graphs"
+    slots: int = 16
+    max_tokens: int = 8192
+
+    def stepper(self, engine: TalkerEngine):
+        if self.mode == "eager":
+            return EagerStepper(engine)
+        if self.mode in ("graphs", "fixed"):
+            return FixedStepper(engine, self.slots, self.max_tokens, graphs=self.mode == "graphs")
+        raise ValueError(f"unknown talker decode mode {self.mode!r} (one of {', '.join(DECODE_MODES)})")
 
 
 class Cancelled(Exception):
@@ -126,13 +155,16 @@ class Synthesis:
         self.cancel = threading.Event()
         self.stats = SynthesisStats(started=time.monotonic())
         self.sampling: Sampling | None = None
-        self.seen = None              # [V] bool: first-group codes generated so far
-        self.kv: list | None = None   # own cache while outside the batch
         self.length = 0               # cached positions (without batch padding)
         self.rope_delta = 0
         self.step = 0                 # decode steps taken; step k adds text token k+1
-        self.codec_embed = None       # [1, 1, D]: the codec part of the next step's input
         self.generated = 0            # first-group codes so far (the codec end included)
+        # the stepper's device state: the eager path's own cache, history and codec embedding
+        # (eager.py), or the fixed-shape path's slot (fixed.py)
+        self.kv: list | None = None
+        self.seen = None
+        self.codec_embed = None
+        self.slot: int | None = None
         self.codes: list = []         # [groups] per frame, append-only
         self.decoded = 0              # frames handed to the vocoder
         self.next_flush = 0
@@ -147,101 +179,32 @@ class Synthesis:
         self._done(result)
 
 
-class KVBatch:
-    """The KV cache of the syntheses stepped together: rows left-padded to one length.
-    Re-arranged only when the set of rows changes."""
-
-    def __init__(self, torch):
-        self.torch = torch
-        self.rows: list[Synthesis] = []
-        self.cache = None
-        self.pads: list[int] = []
-
-    def _take_out(self) -> None:
-        if self.cache is None:
-            return
-        kv = kv_layers(self.cache)
-        for i, (s, pad) in enumerate(zip(self.rows, self.pads)):
-            s.kv = [(k[i:i + 1, :, pad:], v[i:i + 1, :, pad:]) for k, v in kv]
-        self.rows, self.cache, self.pads = [], None, []
-
-    def arrange(self, rows: list[Synthesis]) -> None:
-        if rows == self.rows:
-            return
-        leaving = [s for s in self.rows if s not in rows]
-        self._take_out()
-        for s in leaving:  # own copies, so the old batch tensors can be freed
-            if s.kv is not None:
-                s.kv = [(k.clone(), v.clone()) for k, v in s.kv]
-        if not rows:
-            return
-        pad = self.torch.nn.functional.pad
-        width = max(s.length for s in rows)
-        self.pads = [width - s.length for s in rows]
-        layers = []
-        for layer in range(len(rows[0].kv)):
-            keys = [pad(s.kv[layer][0], (0, 0, p, 0)) for s, p in zip(rows, self.pads)]
-            values = [pad(s.kv[layer][1], (0, 0, p, 0)) for s, p in zip(rows, self.pads)]
-            layers.append((self.torch.cat(keys, dim=0), self.torch.cat(values, dim=0)))
-        self.cache = cache_of(layers)
-        self.rows = list(rows)
-        for s in rows:
-            s.kv = None
-
-    def drop(self, s: Synthesis) -> None:
-        """Forget a synthesis that ended (its rows go at the next arrange)."""
-        if s in self.rows:
-            self._take_out()
-        s.kv = None
-
-    def inputs(self, device):
-        """Attention mask [B, L + 1] and 3D RoPE positions [3, B, 1] of the next step."""
-        torch = self.torch
-        width = max(s.length for s in self.rows) + 1
-        mask = torch.ones((len(self.rows), width), dtype=torch.long, device=device)
-        for i, p in enumerate(self.pads):
-            if p:
-                mask[i, :p] = 0
-        pos = torch.tensor([[s.length + s.rope_delta] for s in self.rows], dtype=torch.long, device=device)
-        return mask, pos.unsqueeze(0).expand(3, -1, -1)
-
-
-class _Worker:
-    """A daemon thread running `_run`, woken through `cond`, stopped with `stop`."""
-
-    def __init__(self, name: str):
-        self.cond = threading.Condition()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def _run(self) -> None:
-        raise NotImplementedError
-
-    def stop(self, wait: float = 10.0) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(wait)
-
-
-class DecodeLoop(_Worker):
+class DecodeLoop(Worker):
     """The talker's decode thread. `submit` hands it a synthesis; `on_step(batch, stalled)`
     reports each step's batch size and how many syntheses wait for text."""
 
     def __init__(self, engine: TalkerEngine, text_wait: float = 30.0,
-                 on_step: Callable[[int, int], None] = lambda batch, stalled: None):
+                 on_step: Callable[[int, int], None] = lambda batch, stalled: None,
+                 plan: DecodePlan | None = None):
         super().__init__("talker-decode")
         self.engine = engine
         self.torch = engine.torch
         self.text_wait = text_wait
         self.on_step = on_step
+        self.plan = plan or DecodePlan()
+        self.stepper = self.plan.stepper(engine)
         self.pending: list[Synthesis] = []
         self.active: list[Synthesis] = []
-        self.batch = KVBatch(self.torch)
-        self.suppress = self.torch.tensor(engine.suppress, dtype=self.torch.long, device=engine.device)
-        self.vocoder = Vocoder(engine)
+        self.vocoder = Vocoder(engine, graphed=self.plan.mode == "graphs" and engine.device.type == "cuda")
         self.thread.start()
+
+    def warm(self) -> None:
+        """Capture the CUDA graphs of every bucket before the first request (no-op elsewhere)."""
+        warm = getattr(self.stepper, "warm", None)
+        if warm is not None:
+            with self.torch.inference_mode():
+                warm()
+        self.vocoder.warm()
 
     def submit(self, s: Synthesis) -> None:
         s.feed.on_change = self.wake
@@ -262,19 +225,29 @@ class DecodeLoop(_Worker):
         torch = self.torch
         while True:
             with self.cond:
-                while not self.stopped and not self.pending and not self._anything_to_do():
+                while not self.stopped and not self._admissible() and not self._anything_to_do():
                     self.cond.wait(timeout=0.25)
                 if self.stopped:
                     break
-                new, self.pending = self.pending, []
+                room = self.stepper.free_slots()  # the others wait for a synthesis to leave
+                new, self.pending = self.pending[:room], self.pending[room:]
             with torch.inference_mode():
+                started = []
                 for s in new:
-                    self._guard([s], self._start, s)
+                    pre = self._guard([s], self._start, s)
+                    if pre is not None:
+                        started.append((s, pre))
+                if started:
+                    self._guard([s for s, _ in started], self._first_frames, started)
                 ready = self._ready()
                 if ready:
                     self._guard(ready, self._step, ready)
         for s in self.pending + self.active:
             self.vocoder.finish(s, Cancelled("talker is shutting down"))
+
+    def _admissible(self) -> bool:
+        """Under the condition: is a submitted synthesis waiting that has a slot to go to?"""
+        return bool(self.pending) and self.stepper.free_slots() > 0
 
     def _anything_to_do(self) -> bool:
         """Under the condition: is a synthesis ready, cancelled, or past its text wait?"""
@@ -296,21 +269,23 @@ class DecodeLoop(_Worker):
             return "timed_out", TextTimeout(f"the next text token did not arrive within {self.text_wait:g} s")
         return "waiting", None
 
-    def _guard(self, rows: list[Synthesis], fn, arg) -> None:
-        """Run one phase; an error fails the syntheses it touched and never the thread."""
+    def _guard(self, rows: list[Synthesis], fn, arg):
+        """Run one phase and return what it returns; an error fails the syntheses it touched
+        (None then) and never the thread."""
         try:
-            fn(arg)
+            return fn(arg)
         except Exception as exc:  # noqa: BLE001 - reported to each request
             if not isinstance(exc, PayloadError):
                 log.exception("talker decode step failed for %d synthesis(es)", len(rows))
             for s in rows:
                 self._finish(s, exc)
+            return None
 
     def _finish(self, s: Synthesis, result) -> None:
         """Out of the loop; `done` follows the audio still queued for the vocoder."""
         if s in self.active:
             self.active.remove(s)
-        self.batch.drop(s)
+        self.stepper.release(s)
         self.vocoder.finish(s, result)
 
     def _ready(self) -> list[Synthesis]:
@@ -333,65 +308,58 @@ class DecodeLoop(_Worker):
         return ready
 
     # -- phases ---------------------------------------------------------------------
-    def _start(self, s: Synthesis) -> None:
+    def _start(self, s: Synthesis):
+        """Prefill one synthesis and hand its state to the stepper (None: it was cancelled)."""
         eng = self.engine
         if s.cancel.is_set():
             s.done(Cancelled("synthesis cancelled"))
-            return
+            return None
         first = s.feed.first()
         if first is None:
             raise PayloadError("response_ids has no text before the end-of-turn token")
         s.sampling = Sampling.of(s.req.generation)
-        s.seen = self.torch.zeros(eng.tc.text_config.vocab_size, dtype=self.torch.bool, device=eng.device)
         s.next_flush = eng.chunks.first
         pre = eng.prefill(eng.prefill_inputs(s.req, [first]))
-        s.kv, s.length, s.rope_delta = pre.kv, pre.length, pre.rope_delta
+        s.length, s.rope_delta = pre.length, pre.rope_delta
+        self.stepper.admit(s, pre)
         self.active.append(s)
-        self._advance([s], pre.hidden, pre.logits)
+        return pre
+
+    def _first_frames(self, started: list) -> None:
+        rows = [s for s, _ in started]
+        self._land(rows, self.stepper.first_frame(rows, [pre for _, pre in started]))
 
     def _step(self, rows: list[Synthesis]) -> None:
-        torch, eng = self.torch, self.engine
-        embeds = []
+        eng = self.engine
+        text = []
         for s in rows:
             _, token, ended = s.feed.at(s.step + 1)
-            embeds.append(s.codec_embed + eng.trailing_row(token, ended).view(1, 1, -1))
-        self.batch.arrange(rows)
-        mask, positions = self.batch.inputs(eng.device)
-        hidden, logits = eng.decode(torch.cat(embeds, dim=0), self.batch.cache, mask, positions)
+            text.append(eng.trailing_row(token, ended))
+        frames = self.stepper.step(rows, text)
         for s in rows:
             s.length += 1
             s.step += 1
-        self._advance(rows, hidden, logits)
+        self._land(rows, frames)
 
-    def _advance(self, rows: list[Synthesis], hidden, logits) -> None:
-        """Sample each row's next first-group code; rows that go on get their residual codes
-        (one batched code-predictor pass) and maybe an audio chunk; the others end."""
-        torch, eng = self.torch, self.engine
-        sampling = [s.sampling for s in rows]
-        scores = process_first(torch, logits, sampling, torch.stack([s.seen for s in rows]),
-                               [s.generated for s in rows], eng.codec_eos, self.suppress)
-        first = choose(torch, scores, sampling)
+    def _land(self, rows: list[Synthesis], frames: list) -> None:
+        """Each row's frame (first code group, all groups): rows that go on keep the codes and
+        maybe hand the vocoder a chunk. The codec's end or max_codes end a row without a frame
+        (transformers' generate stops there too); a full KV slot ends it after this frame."""
+        eng, capacity = self.engine, self.stepper.capacity
         going, ended = [], []
-        for i, (s, code) in enumerate(zip(rows, first.tolist())):
-            s.seen[code] = True
+        for s, (first, codes) in zip(rows, frames):
             s.generated += 1
-            (ended if code == eng.codec_eos or s.generated >= s.sampling.max_codes else going).append(i)
-        if ended:
-            self._flush([rows[i] for i in ended], final=True)
-            for i in ended:
-                self._finish(rows[i], rows[i].stats)
-        if not going:
-            return
-        members = [rows[i] for i in going]
-        idx = torch.tensor(going, device=eng.device)
-        member_sampling = [s.sampling for s in members]
-        codes, codec_embed = eng.residual_codes(hidden[idx], first[idx],
-                                                lambda _g, lg: choose(torch, lg, member_sampling, residual=True))
-        for j, s in enumerate(members):
-            s.codes.append(codes[j])
-            s.codec_embed = codec_embed[j:j + 1]
+            if first == eng.codec_eos or s.generated >= s.sampling.max_codes:
+                ended.append(s)
+                continue
+            s.codes.append(codes)
             s.stats.codes += 1
-        self._flush(members)
+            (ended if capacity is not None and s.length >= capacity else going).append(s)
+        if ended:
+            self._flush(ended, final=True)
+            for s in ended:
+                self._finish(s, s.stats)
+        self._flush(going)
 
     def _flush(self, rows: list[Synthesis], final: bool = False) -> None:
         """Hand the vocoder the frames of rows that have enough new ones (all when `final`)."""
@@ -401,64 +369,3 @@ class DecodeLoop(_Worker):
                 self.vocoder.decode(s, s.decoded, n)
                 s.decoded = n
                 s.next_flush = n + self.engine.chunks.every
-
-
-class Vocoder(_Worker):
-    """code2wav on its own thread, so decoding never waits for audio: jobs of one synthesis
-    run in order, spans of equal shape from different syntheses are decoded together."""
-
-    def __init__(self, engine: TalkerEngine):
-        super().__init__("talker-vocoder")  # stop() lets it finish the queued jobs first
-        self.engine = engine
-        self.jobs: list[tuple] = []
-        self.thread.start()
-
-    def decode(self, s: Synthesis, start: int, end: int) -> None:
-        self._put(("pcm", s, start, end))
-
-    def finish(self, s: Synthesis, result) -> None:
-        self._put(("done", s, result))
-
-    def backlog(self) -> int:
-        with self.cond:
-            return len(self.jobs)
-
-    def _put(self, job) -> None:
-        with self.cond:
-            self.jobs.append(job)
-            self.cond.notify()
-
-    def _run(self) -> None:
-        torch = self.engine.torch
-        while True:
-            with self.cond:
-                while not self.jobs and not self.stopped:
-                    self.cond.wait()
-                if not self.jobs:
-                    return
-                jobs, self.jobs = self.jobs, []
-            spans = [j for j in jobs if j[0] == "pcm" and not j[1].cancel.is_set()]
-            try:
-                with torch.inference_mode():
-                    pcm = dict(zip(map(id, spans), self.engine.pcm([(s.codes, a, b) for _, s, a, b in spans])))
-            except Exception as exc:  # noqa: BLE001 - fails the syntheses whose audio it was
-                log.exception("code2wav failed for %d chunk(s)", len(spans))
-                for _, s, _a, _b in spans:
-                    s.cancel.set()
-                    s.done(exc)
-                continue
-            for job in jobs:
-                s = job[1]
-                if job[0] == "done":
-                    s.done(job[2])
-                elif id(job) in pcm and not s.finished:
-                    self._emit(s, pcm[id(job)])
-
-    @staticmethod
-    def _emit(s: Synthesis, chunk: bytes) -> None:
-        if not chunk:
-            return
-        if s.stats.first_audio is None:
-            s.stats.first_audio = time.monotonic()
-        s.stats.samples += len(chunk) // 2
-        s.emit(chunk)

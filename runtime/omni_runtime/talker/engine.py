@@ -1,6 +1,7 @@
 """Talker + code2wav for one pod: the model, and the pure steps of speaking one or many
-requests (prefill, one batched decode step, the residual code groups, PCM from codes).
-The loop that drives these steps for every active request at once is talker_batch.py.
+requests (prefill, and the eager path's batched decode step and residual code groups).
+The loop that drives the steps for every active request at once is batch.py; the
+fixed-shape path's steps are in fixed.py, code2wav's batches in code2wav.py.
 
 The talker input is built exactly as Qwen3-Omni builds it inside one process
 (user turns: thinker embeddings through `text_projection`, multimodal positions:
@@ -49,32 +50,61 @@ class TalkerEngine:
                  chunks: ChunkPolicy | None = None):
         import torch
         from transformers import AutoConfig
+
+        t0 = time.monotonic()
+        model_dir = resolve_model_dir(model, revision)
+        config = AutoConfig.from_pretrained(model_dir)
+        torch_dtype = _dtype(torch, device, dtype)
+        parts = load_prefixed(
+            model_dir,
+            {"talker": "talker.", "code2wav": "code2wav.", "embed": "thinker.model.embed_tokens."},
+            dtype=torch_dtype,
+        )
+        if "weight" not in parts["embed"]:
+            raise RuntimeError("checkpoint lacks thinker.model.embed_tokens.weight")
+        self._build(config, device, torch_dtype, chunks)
+        load_module(self.talker, parts["talker"], "talker")
+        load_module(self.code2wav, parts["code2wav"], "code2wav")
+        self._finish(parts["embed"]["weight"].to(self.device), t0)
+        log.info("talker loaded from %s in %.1fs on %s (%s)", model_dir, self.load_seconds, self.device, torch_dtype)
+
+    @classmethod
+    def random(cls, config, device: str = "cpu", dtype: str | None = None, chunks: ChunkPolicy | None = None,
+               seed: int = 0) -> "TalkerEngine":
+        """An engine with random weights built on the device from a Qwen3OmniMoeConfig, without a
+        checkpoint: the benchmarks' full-size talker (memory and speed do not depend on the values)."""
+        import torch
+
+        from omni_runtime.tiny import draw_skipped_weights
+
+        t0 = time.monotonic()
+        engine = cls.__new__(cls)
+        torch.manual_seed(seed)
+        engine._build(config, device, _dtype(torch, device, dtype), chunks)
+        draw_skipped_weights(engine, torch, config.talker_config.initializer_range)
+        embed = torch.randn((config.thinker_config.text_config.vocab_size, config.thinker_config.text_config.hidden_size),
+                            device=engine.device, dtype=engine.dtype) * 0.02
+        engine._finish(embed, t0)
+        return engine
+
+    def _build(self, config, device: str, dtype, chunks: ChunkPolicy | None) -> None:
+        """The talker and code2wav modules (weights as transformers initialises them)."""
+        import torch
         from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as m
 
         self.torch = torch
         self.device = torch.device(device)
-        if dtype is None:
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype = getattr(torch, dtype)
+        self.dtype = dtype
         self.chunks = chunks or ChunkPolicy()
-        model_dir = resolve_model_dir(model, revision)
-        self.config = AutoConfig.from_pretrained(model_dir)
-        tc = self.config.talker_config
-        self.tc = tc
-        t0 = time.monotonic()
-        parts = load_prefixed(
-            model_dir,
-            {"talker": "talker.", "code2wav": "code2wav.", "embed": "thinker.model.embed_tokens."},
-            dtype=self.dtype,
-        )
+        self.config = config
+        self.tc = config.talker_config
         with torch.device(self.device):
-            self.talker = m.Qwen3OmniMoeTalkerForConditionalGeneration._from_config(tc, dtype=self.dtype)
-            self.code2wav = m.Qwen3OmniMoeCode2Wav._from_config(self.config.code2wav_config, dtype=self.dtype)
-        load_module(self.talker, parts["talker"], "talker")
-        load_module(self.code2wav, parts["code2wav"], "code2wav")
-        if "weight" not in parts["embed"]:
-            raise RuntimeError("checkpoint lacks thinker.model.embed_tokens.weight")
-        self.thinker_embed = parts["embed"]["weight"].to(self.device)
+            self.talker = m.Qwen3OmniMoeTalkerForConditionalGeneration._from_config(self.tc, dtype=dtype)
+            self.code2wav = m.Qwen3OmniMoeCode2Wav._from_config(config.code2wav_config, dtype=dtype)
+
+    def _finish(self, thinker_embed, t0: float) -> None:
+        tc = self.tc
+        self.thinker_embed = thinker_embed
         self.talker.eval()
         self.code2wav.eval()
         self.upsample = int(self.code2wav.total_upsample)
@@ -92,7 +122,6 @@ class TalkerEngine:
         self.codec_eos = int(tc.codec_eos_token_id)
         self._text_rows: OrderedDict[int, object] = OrderedDict()
         self._text_lock = threading.Lock()
-        log.info("talker loaded from %s in %.1fs on %s (%s)", model_dir, self.load_seconds, self.device, dtype)
 
     # -- description ----------------------------------------------------------------
     def info(self) -> dict:
@@ -298,22 +327,23 @@ class TalkerEngine:
             hiddens.append(embeds)
         return torch.stack(codes, dim=1), torch.cat(hiddens, dim=1).sum(1, keepdim=True)
 
-    def pcm(self, spans: list[tuple[list, int, int]]) -> list[bytes]:
-        """PCM16 little-endian of codes[start:end] for each (codes, start, end), with up to
-        `left_context` earlier codes re-decoded for continuity and cut off again. Spans of the
-        same shape are decoded together."""
-        torch = self.torch
-        out: list[bytes] = [b""] * len(spans)
-        shapes: dict[tuple[int, int], list[int]] = {}
-        for i, (_codes, start, end) in enumerate(spans):
-            shapes.setdefault((min(self.chunks.left_context, start), end - start), []).append(i)
-        for (ctx, _n), rows in shapes.items():
-            blocks = [torch.stack(spans[i][0][spans[i][1] - ctx:spans[i][2]], dim=-1) for i in rows]
-            wav = self.code2wav(torch.stack(blocks).to(self.device))[:, 0, ctx * self.upsample:]
-            pcm = (wav.float().clamp(-1, 1) * 32767.0).round().to(torch.int16).cpu().numpy().astype("<i2")
-            for j, i in enumerate(rows):
-                out[i] = pcm[j].tobytes()
-        return out
+    def sample_count(self, frames: int) -> int:
+        """Samples code2wav gives for `frames` codes: its upsampling keeps every frame's samples,
+        each decoder block's transposed convolution (kernel 2r, stride r) trims r on both sides."""
+        cfg = self.config.code2wav_config
+        n = frames
+        for r in cfg.upsampling_ratios:
+            n *= r
+        for r in cfg.upsample_rates:
+            n = (n - 1) * r
+        return max(n, 0)
+
+
+def _dtype(torch, device: str, dtype: str | None):
+    """bf16 on a GPU, fp32 elsewhere, unless named."""
+    if dtype is None:
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, dtype)
 
 
 def kv_layers(cache) -> list:

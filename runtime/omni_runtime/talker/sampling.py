@@ -102,3 +102,56 @@ def choose(torch, scores, rows: list[Sampling], residual: bool = False):
     drawn = torch.searchsorted(cdf, u).clamp(max=vocab - 1).view(-1)
     picked[idx] = drawn
     return picked
+
+
+# -- the same arithmetic with fixed shapes ---------------------------------------------------
+# The fixed-shape decode path (fixed.py) runs sampling inside a CUDA graph: no host reads, no
+# row subsets, no Python branches on tensor values. Every row is processed the same way (a
+# row's settings arrive as tensors) and the greedy/sampled choice is a `where` at the end.
+# Applying a warper with its neutral setting (temperature 1, top-k 0, top-p 1) leaves a row's
+# draw unchanged, so these give the same codes as `process_first` + `choose` row by row.
+
+def uniforms(rows: list[Sampling], count: int) -> list[list[float]]:
+    """`count` draws per row from each sampling row's own stream, in the order `choose` takes
+    them (the first code group, then the residual groups); greedy rows draw nothing."""
+    return [[1.0 - r.rng.random() for _ in range(count)] if r.do_sample else [1.0] * count for r in rows]
+
+
+def first_scores(torch, logits, seen, penalty, early, eos: int, suppressed):
+    """`process_first` for fixed shapes: `penalty` [B, 1] float, `early` [B] bool (fewer codes than
+    min_codes so far), `suppressed` [V] bool."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    scores = torch.where(seen, penalized, logits)
+    scores[:, eos] = torch.where(early, torch.full_like(scores[:, eos], -float("inf")), scores[:, eos])
+    return scores.masked_fill(suppressed, -float("inf"))
+
+
+def draw_first(torch, scores, do_sample, temperature, top_k, top_p, u):
+    """`choose` for the first code group with fixed shapes: `do_sample` [B] bool, `temperature`
+    and `top_p` [B, 1] float, `top_k` [B] long (0: off), `u` [B] the row's uniform draw."""
+    s = scores / temperature
+    ordered = torch.sort(s, dim=-1, descending=True).values  # the k-th largest value, for any k
+    k = top_k.clamp(min=1, max=s.shape[-1]).sub(1).view(-1, 1)
+    floor = torch.where(top_k.view(-1, 1) > 0, ordered.gather(1, k), torch.full_like(s[:, :1], -float("inf")))
+    s = s.masked_fill(s < floor, -float("inf"))
+    return _top_p_draw(torch, scores.argmax(dim=-1), s, do_sample, top_p, u)
+
+
+def draw_residual(torch, scores, do_sample, top_p, u):
+    """`choose(..., residual=True)` with fixed shapes: the code predictor's fixed top-k and top-p
+    (`top_p` [1, 1] float holding RESIDUAL_TOP_P in the scores' dtype)."""
+    kmax = min(RESIDUAL_TOP_K, scores.shape[-1])
+    floor = torch.topk(scores, kmax).values[:, -1:]
+    s = scores.masked_fill(scores < floor, -float("inf"))
+    return _top_p_draw(torch, scores.argmax(dim=-1), s, do_sample, top_p, u)
+
+
+def _top_p_draw(torch, greedy, s, do_sample, top_p, u):
+    ordered, order = torch.sort(s, descending=False)
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - top_p)
+    drop[:, -1] = False
+    s = s.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    cdf = s.softmax(dim=-1).cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, u.view(-1, 1).to(cdf.dtype) * cdf[:, -1:]).clamp(max=s.shape[-1] - 1).view(-1)
+    return torch.where(do_sample, drawn, greedy)

@@ -26,11 +26,12 @@ import time
 from aiohttp import web
 
 from omni_runtime.audio import wav_header
-from omni_runtime.config import TalkerSettings
+from omni_runtime.config import Env, TalkerSettings
 from omni_runtime.metrics import TalkerMetrics, metrics_app
 from omni_runtime.payload import PayloadError, TalkerRequest, parse
 from omni_runtime.server import EngineService, json_error, serve
-from omni_runtime.talker.batch import Cancelled, DecodeLoop, Synthesis, TextAbandoned, TextFeed, TextTimeout
+from omni_runtime.talker.batch import (Cancelled, DecodeLoop, DecodePlan, Synthesis, TextAbandoned, TextFeed,
+                                       TextTimeout)
 
 log = logging.getLogger("omni.talker")
 
@@ -111,9 +112,20 @@ class TalkerService(EngineService):
         self._update()
 
     async def load(self, factory) -> None:
-        await super().load(factory)
-        if self.engine is not None:
-            self.loop = DecodeLoop(self.engine, self.cfg.text_wait, self._on_step)
+        def build():
+            engine = factory()
+            loop = DecodeLoop(engine, self.cfg.text_wait, self._on_step, DecodePlan(
+                mode=self.cfg.decode, slots=self.max_inflight, max_tokens=self.cfg.max_tokens))
+            try:
+                loop.warm()  # every bucket's CUDA graphs before the pod reports ready
+            except Exception as exc:
+                loop.stop()
+                raise RuntimeError(f"capturing the talker's CUDA graphs failed ({type(exc).__name__}: {exc}); "
+                                   f"{Env.TALKER_DECODE}=fixed or eager runs without them") from exc
+            self.loop = loop
+            return engine
+
+        await super().load(build)
 
     def _on_step(self, batch: int, stalled: int) -> None:  # decode thread; prometheus is thread-safe
         self.metrics.batch_size.set(batch)
@@ -126,7 +138,7 @@ class TalkerService(EngineService):
         if self.engine is None:
             return json_error(503, "model is loading", "unavailable")
         return web.json_response({**self.engine.info(), "max_inflight": self.max_inflight, "max_queue": self.max_queue,
-                                  "streaming": True})
+                                  "streaming": True, "decode": self.cfg.decode, "max_tokens": self.cfg.max_tokens})
 
     def _retry_after(self) -> str:
         # rough: a batch slot frees every few seconds on the real model
