@@ -145,6 +145,14 @@ class LocalCluster:
                                "kwok makes its pods Ready itself, so no process may be run for them")
         node_agent.serve_pods(self.node_dir, model, images=images)
 
+    def container_pid(self, namespace: str, pod: str) -> int:
+        """The pid of the process the node agent runs for a pod's (first) container."""
+        status, body = self.api("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
+        if status != 200:
+            raise ClusterError(f"pod {namespace}/{pod}: HTTP {status}")
+        container = body["spec"]["containers"][0]["name"]
+        return int((self.node_dir / "pods" / body["metadata"]["uid"] / f"{container}.pid").read_text())
+
     def log_file(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
 

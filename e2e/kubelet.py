@@ -7,7 +7,8 @@ the environment and volumes a kubelet would give it, and reports the exit in the
 status; the real Job controller then applies backoffLimit and podFailurePolicy.
 
 Per pod, under ``<pods_dir>/<pod uid>/``: ``<container>.log`` (stdout and stderr),
-``<container>.termination-log`` and one directory per volume that is not a claim (emptyDir;
+``<container>.termination-log``, ``<container>.pid`` (the running process, for a test that kills
+it as a node's OOM killer would) and one directory per volume that is not a claim (emptyDir;
 Secret, ConfigMap, downward API and projected volumes with their files, the service-account
 token included).
 Only ``restartPolicy: Never`` pods with one container are supported (what a loader Job makes).
@@ -197,6 +198,7 @@ class LoaderKubelet:
                 stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True,
                 preexec_fn=die_with_parent,  # no container outlives the agent
             )
+        (pod_dir / f"{ctr['name']}.pid").write_text(str(proc.pid))
         log.info("started %s/%s (pid %d): %s; log %s", meta["namespace"], meta["name"], proc.pid,
                  " ".join(argv), log_file)
         return Container(
