@@ -2,15 +2,16 @@
 
 A private local cluster whose node agent runs every pod's real process (tiny random-weight model,
 CPU), the operator, and one OmniDeployment with two pods per role (e2e/serving_deployment.py).
-Clients send small chat requests back to back (every other one streamed, every fourth asking for
-speech), each on a new connection to a gateway pod that is Ready and not terminating, re-read every
+Clients send small chat requests back to back (of every four one streamed and one
+asking for speech), each on a new connection to a gateway pod that is Ready and not terminating, re-read every
 second as kube-proxy would (e2e/gateway_clients.py). For each role in turn: a steady phase, then a
 spec change that rolls the role, until its workload reports every pod updated and ready. The steady
 phase after one rollout is the one before the next.
 
     .venv/bin/python -m bench.rollout_bench [--clients 3] [--steady 20]
 
-Prints, per phase, the requests sent (by send time), how many failed, and the p50/p99 latency;
+Prints, per phase, the requests sent (by send time), how many failed, the p50/p99 latency of all of
+them and the p99 of the text ones (speech answers are longer and random in length);
 the last line: the requests that failed during rollouts (goal 0) and the p99 latency during a
 rollout divided by the p99 before it (the baseline, measured in the same run).
 """
@@ -38,8 +39,10 @@ def p50(values: list[float]) -> float:
 
 def row(phase: str, outcomes: list[Outcome], seconds: float) -> str:
     latencies = [o.latency for o in outcomes]
+    text = [o.latency for o in outcomes if o.kind != "speech"]
     failed = sum(not o.ok for o in outcomes)
-    return (f"{phase:18s} {seconds:6.0f} {len(outcomes):8d} {failed:6d} {p50(latencies):7.2f} {p99(latencies):7.2f}")
+    return (f"{phase:18s} {seconds:6.0f} {len(outcomes):8d} {failed:6d} {p50(latencies):7.2f} {p99(latencies):7.2f}"
+            f" {p99(text):10.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                     phases.append((role, "after", mark, time.monotonic()))
     outcomes = clients.outcomes
     print(f"# load average {os.getloadavg()[0]:.1f} at the end (the machine is shared: other work runs beside it)")
-    print(f"{'phase':18s} {'s':>6s} {'requests':>8s} {'failed':>6s} {'p50 s':>7s} {'p99 s':>7s}")
+    print(f"{'phase':18s} {'s':>6s} {'requests':>8s} {'failed':>6s} {'p50 s':>7s} {'p99 s':>7s} {'text p99 s':>10s}")
     by_phase = {}
     for role, phase, start, end in phases:
         sent = [o for o in outcomes if start <= o.sent < end]

@@ -5,7 +5,7 @@ kube-proxy sends each new connection to one of the Service's endpoints: the gate
 Ready and not terminating, as it last heard from the apiserver. ``GatewayPods`` keeps that view,
 re-read about every second, and ``Clients`` send requests back to back, each on a new connection
 to a pod picked at random from it, recording what every request got (``Outcome``): small chat
-requests, every other one streamed, every fourth asking for speech.
+requests, of every four one streamed and one asking for speech.
 """
 
 from __future__ import annotations

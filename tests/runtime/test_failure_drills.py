@@ -2,8 +2,8 @@
 
 One OmniDeployment with two pods of every role runs the tiny model on a private local cluster
 whose node agent runs the pods' real processes, Ready only from their probes
-(e2e/serving_deployment.py). Three clients send small chat requests back to back (every other one
-streamed, every fourth asking for speech), each on a new connection to a gateway pod that is Ready
+(e2e/serving_deployment.py). Three clients send small chat requests back to back (of every four
+one streamed and one asking for speech), each on a new connection to a gateway pod that is Ready
 and not terminating as re-read every second, the way kube-proxy routes a Service
 (e2e/gateway_clients.py). The drills share the deployment and run in this order:
 
