@@ -48,7 +48,7 @@ SERVING_SELECTOR = ("app.kubernetes.io/managed-by=omni-operator,"
                     "app.kubernetes.io/component in (thinker,talker,gateway)")
 POD_DNS_DIR = Path(__file__).resolve().parent / "pod_dns"
 BACKOFF_START, BACKOFF_MAX = 5.0, 60.0  # a kubelet starts at 10 s and caps at 300 s
-GRACE_MAX = 60.0  # the demo does not wait a production grace period (the operator renders minutes)
+GRACE_MAX = 60.0  # a production grace period is minutes; the demo and the drills do not wait that long
 
 # What this node's registry holds: the images the operator renders when a role names none.
 DEFAULT_IMAGES = frozenset(f"{DEFAULT_IMAGE_REPOSITORY}/{role}:{__version__}" for role in ROLES)
@@ -144,8 +144,8 @@ class ServingKubelet(LoaderKubelet):
             self._forget(uid, c)
         self.running.clear()
 
-    def _forget(self, uid: str, c: Container) -> None:
-        for d in c.volume_dirs:
+    def _forget(self, uid: str, c: Container | None) -> None:
+        for d in c.volume_dirs if c is not None else ():
             shutil.rmtree(d, ignore_errors=True)
         self.finished.pop(uid, None)
         for table in (self.probes, self.restarts, self.restart_counts, self.pulls):
@@ -174,6 +174,8 @@ class ServingKubelet(LoaderKubelet):
         self.running.pop(meta["uid"], None)
         if c is not None:
             self.finished[meta["uid"]] = c  # forgotten once the pod is gone from the list
+        else:  # it never ran, or waits for a restart
+            self._forget(meta["uid"], None)
 
     @staticmethod
     def _startable(pod: dict[str, Any]) -> bool:

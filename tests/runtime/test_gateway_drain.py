@@ -124,6 +124,29 @@ def test_a_request_held_for_a_replica_gets_a_retryable_503_at_the_drain_deadline
     assert gateway.popen.wait(timeout=30) == 0
 
 
+def test_a_request_whose_thinker_is_killed_before_it_answered_is_answered_by_another(tiny_model, replicas, spawn):
+    """A thinker sends a whole (non-streamed) answer at the end: killed while generating it, it has
+    sent nothing, so the gateway takes the broken connection as any refused one and retries the
+    request on the other replica."""
+    victim = spawn("thinker", common(tiny_model), args=("--engine", "transformers")).wait_ready(300)
+    gateway = spawn("gateway", {**common(tiny_model),
+                                "OMNI_THINKER_SERVICE": endpoints(victim, replicas["thinker_b"])}).wait_ready()
+
+    async def scenario():
+        async with aiohttp.ClientSession() as s:
+            answer = asyncio.ensure_future(_post(s, gateway.url, chat(300, ignore_eos=True)))
+            while victim.metrics()["omni_requests_running"] < 1:  # both idle: the first listed takes it
+                assert not answer.done(), await answer
+                await asyncio.sleep(0.05)
+            victim.popen.kill()  # as the OOM killer would
+            return await asyncio.wait_for(answer, 120)
+
+    status, _, body = run(scenario())
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 300
+
+
 def test_a_terminating_thinker_or_talker_behind_a_gateway_loses_no_request(tiny_model, replicas, spawn):
     """(Last in the module: it stops thinker_a and talker_a.) The worst case of a stale endpoint list: the gateway keeps both replicas configured, and with
     scraping off it tries the stopping one first. Its 503, then its refused connection, move each
