@@ -128,10 +128,10 @@ class LoaderKubelet:
             if uid not in self.running and uid not in self.finished and self._startable(pod):
                 self._start(pod)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = KILL_GRACE_SECONDS) -> None:
         for c in self.running.values():
             signal_process(c.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        deadline = time.monotonic() + grace
         for c in self.running.values():
             try:
                 c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -48,6 +48,7 @@ SERVING_SELECTOR = ("app.kubernetes.io/managed-by=omni-operator,"
                     "app.kubernetes.io/component in (thinker,talker,gateway)")
 POD_DNS_DIR = Path(__file__).resolve().parent / "pod_dns"
 BACKOFF_START, BACKOFF_MAX = 5.0, 60.0  # a kubelet starts at 10 s and caps at 300 s
+NODE_STOP_GRACE = 2.0
 GRACE_MAX = 60.0  # a production grace period is minutes; the demo and the drills do not wait that long
 
 # What this node's registry holds: the images the operator renders when a role names none.
@@ -136,6 +137,11 @@ class ServingKubelet(LoaderKubelet):
         for uid, c in list(self.finished.items()):
             if uid not in pods:
                 self._forget(uid, c)
+
+    def stop(self, grace: float = NODE_STOP_GRACE) -> None:
+        """The node stops (or stops serving): nothing routes to its pods any more, so their
+        processes get a short grace, not their pods' (a gateway's would outlast the agent's own)."""
+        super().stop(grace)
 
     def stop_pods(self) -> None:
         """Stop every container (serving was switched off)."""
