@@ -5,7 +5,9 @@ kube-scheduler, kwok and the node agent run as local processes. kwok plays the k
 the fake nodes in ``e2e.nodes.NODE_POOLS`` and hands pods loopback IPs from ``e2e.nodes.POD_CIDR``, so
 a test can run a real process on a pod's IP. The node agent (e2e/node_agent.py) does what
 kwok does not: it provisions hostPath volumes for claims, runs the operator's weight-loader
-pods for real, and serves a stand-in Hugging Face hub (``LocalCluster.hub_url``).
+pods for real, and serves a stand-in Hugging Face hub (``LocalCluster.hub_url``). Started with
+``serving=True`` it also runs the operator's serving pods (``serve_pods``), Ready only from their
+readiness probes (e2e/kwok_stages.py, e2e/serving_kubelet.py).
 
     from e2e.cluster import LocalCluster
     c = LocalCluster()          # state in <repo>/.e2e-state
