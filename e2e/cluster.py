@@ -5,7 +5,9 @@ kube-scheduler, kwok and the node agent run as local processes. kwok plays the k
 the fake nodes in ``e2e.nodes.NODE_POOLS`` and hands pods loopback IPs from ``e2e.nodes.POD_CIDR``, so
 a test can run a real process on a pod's IP. The node agent (e2e/node_agent.py) does what
 kwok does not: it provisions hostPath volumes for claims, runs the operator's weight-loader
-pods for real, and serves a stand-in Hugging Face hub (``LocalCluster.hub_url``).
+pods for real, and serves a stand-in Hugging Face hub (``LocalCluster.hub_url``). Started with
+``serving=True`` it also runs the operator's serving pods (``serve_pods``), Ready only from their
+readiness probes (e2e/kwok_stages.py, e2e/serving_kubelet.py).
 
     from e2e.cluster import LocalCluster
     c = LocalCluster()          # state in <repo>/.e2e-state
@@ -36,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from e2e import node_agent
 from e2e.binaries import KWOK_STAGES, default_bin_dir, ensure_binaries, missing_binaries
@@ -71,12 +73,17 @@ class LocalCluster:
         bin_dir: Path | str | None = None,
         die_with_parent: bool = False,
         audit: bool = False,
+        serving: bool = False,
     ):
         """``die_with_parent``: the components are killed when this process dies
         (used by the test fixture so that even a killed test run leaves nothing behind).
-        ``audit``: the apiserver writes an audit log (``AUDIT_POLICY``) to ``audit_log``."""
+        ``audit``: the apiserver writes an audit log (``AUDIT_POLICY``) to ``audit_log``.
+        ``serving``: the node agent runs the operator's serving pods (``serve_pods``) as a kubelet
+        would, Ready only from their readiness probe; without it kwok makes every pod Ready at once
+        and nothing runs (the control plane alone, what most tests need). See e2e/kwok_stages.py."""
         self.die_with_parent = die_with_parent
         self.audit = audit
+        self.serving = serving
         self.state_dir = Path(state_dir or os.environ.get("OMNI_E2E_STATE") or DEFAULT_STATE_DIR).resolve()
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else default_bin_dir()
         self.kubeconfig = self.state_dir / "kubeconfig"
@@ -132,6 +139,22 @@ class LocalCluster:
             raise ClusterError(f"PV {volume} of PVC {namespace}/{claim} is not a hostPath volume")
         return Path(pv["spec"]["hostPath"]["path"])
 
+    def serve_pods(self, model: Path | None, *, images: Iterable[str] | None = None) -> None:
+        """Run the serving pods' processes with ``model`` as the stand-in hub's default repo, or
+        stop them (None); ``images``: what the node can pull (e2e/node_agent.serve_pods)."""
+        if model is not None and not (self.serving or self._read_info().get("serving")):
+            raise ClusterError(f"the cluster of {self.state_dir} was started without serving=True: "
+                               "kwok makes its pods Ready itself, so no process may be run for them")
+        node_agent.serve_pods(self.node_dir, model, images=images)
+
+    def container_pid(self, namespace: str, pod: str) -> int:
+        """The pid of the process the node agent runs for a pod's (first) container."""
+        status, body = self.api("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
+        if status != 200:
+            raise ClusterError(f"pod {namespace}/{pod}: HTTP {status}")
+        container = body["spec"]["containers"][0]["name"]
+        return int((self.node_dir / "pods" / body["metadata"]["uid"] / f"{container}.pid").read_text())
+
     def log_file(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
 
@@ -163,6 +186,10 @@ class LocalCluster:
             if self.audit and not self._info.get("audit"):
                 raise ClusterError(f"the cluster running from {self.state_dir} has no audit log; "
                                    "stop it first to start one with audit=True")
+            if self.serving != bool(self._info.get("serving")):
+                running = "runs serving pods" if self._info.get("serving") else "runs the control plane alone"
+                raise ClusterError(f"the cluster running from {self.state_dir} {running}; stop it first "
+                                   f"(python -m e2e.demo --down) to start one with serving={self.serving}")
             _log(f"reusing the cluster running from {self.state_dir} at {self.server}")
             self._ensure_nodes(timeout)
             return self
@@ -436,7 +463,7 @@ class LocalCluster:
         self._info = {"server": server, "ports": {"etcd": ports.etcd, "kube-apiserver": ports.apiserver,
                                                   "kube-controller-manager": ports.controller_manager,
                                                   "kube-scheduler": ports.scheduler},
-                      "audit": self.audit}
+                      "audit": self.audit, "serving": self.serving}
         self._write_kubeconfigs(server)
 
         etcd_dir = self.state_dir / "etcd"
@@ -458,7 +485,7 @@ class LocalCluster:
         self._spawn("kwok", kwok_args(self._component_kubeconfig("kwok"), self._write_kwok_stages()))
         shutil.rmtree(self.node_dir, ignore_errors=True)  # volumes and pods of an earlier cluster
         self._spawn(NODE_AGENT, [f"--kubeconfig={self._component_kubeconfig(NODE_AGENT)}",
-                                 f"--state-dir={self.node_dir}"])
+                                 f"--state-dir={self.node_dir}", *(["--serving-pods"] if self.serving else [])])
         self._wait("the node agent", NODE_AGENT, lambda: bool(node_agent.read_info(self.node_dir)), deadline)
         self._info["hub_url"] = node_agent.read_info(self.node_dir)["hub_url"]
         self._write_info()
@@ -484,7 +511,7 @@ class LocalCluster:
 
     def _write_kwok_stages(self) -> Path:
         path = self._run_dir / KWOK_STAGES
-        path.write_text(derive_stages((self.bin_dir / KWOK_STAGES).read_text()))
+        path.write_text(derive_stages((self.bin_dir / KWOK_STAGES).read_text(), serving=self.serving))
         return path
 
     def _write_info(self) -> None:
@@ -575,8 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--purge", action="store_true", help="down: also delete the state dir")
     parser.add_argument("--timeout", type=float, default=180.0, help="up: seconds to wait for readiness")
     parser.add_argument("--audit", action="store_true", help="up: audit log of the operator's writes in logs/")
+    parser.add_argument("--serving", action="store_true",
+                        help="up: the node agent runs the operator's serving pods (Ready from their probes)")
     args = parser.parse_args(argv)
-    c = LocalCluster(args.state_dir, audit=args.audit)
+    c = LocalCluster(args.state_dir, audit=args.audit, serving=args.serving)
     if args.command == "up":
         try:
             c.start(timeout=args.timeout)

@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = next(d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == "OmniDeployment")
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace", "default")
-    cluster = LocalCluster(args.state_dir)
+    cluster = LocalCluster(args.state_dir, serving=args.serve)
     state_dir = cluster.state_dir
     operator_log = cluster.log_dir / "operator.log"
     started_cluster = False
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
         if args.serve:
             step("The model the pods serve: tiny, random weights, built on this machine")
             model = demo_serving.tiny_model()
-            serve_pods(cluster.node_dir, model)
+            cluster.serve_pods(model)
             say(f"{model}\nThe stand-in hub serves it for any repo; the node agent runs every serving pod's "
                 "process (thinker on the transformers engine, talker, gateway) on the pod's address, "
                 "with the environment the operator rendered.")

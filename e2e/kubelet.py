@@ -7,7 +7,8 @@ the environment and volumes a kubelet would give it, and reports the exit in the
 status; the real Job controller then applies backoffLimit and podFailurePolicy.
 
 Per pod, under ``<pods_dir>/<pod uid>/``: ``<container>.log`` (stdout and stderr),
-``<container>.termination-log`` and one directory per volume that is not a claim (emptyDir;
+``<container>.termination-log``, ``<container>.pid`` (the running process, for a test that kills
+it as a node's OOM killer would) and one directory per volume that is not a claim (emptyDir;
 Secret, ConfigMap, downward API and projected volumes with their files, the service-account
 token included).
 Only ``restartPolicy: Never`` pods with one container are supported (what a loader Job makes).
@@ -127,10 +128,10 @@ class LoaderKubelet:
             if uid not in self.running and uid not in self.finished and self._startable(pod):
                 self._start(pod)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = KILL_GRACE_SECONDS) -> None:
         for c in self.running.values():
             signal_process(c.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        deadline = time.monotonic() + grace
         for c in self.running.values():
             try:
                 c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -197,6 +198,7 @@ class LoaderKubelet:
                 stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True,
                 preexec_fn=die_with_parent,  # no container outlives the agent
             )
+        (pod_dir / f"{ctr['name']}.pid").write_text(str(proc.pid))
         log.info("started %s/%s (pid %d): %s; log %s", meta["namespace"], meta["name"], proc.pid,
                  " ".join(argv), log_file)
         return Container(

@@ -6,12 +6,13 @@ LocalCluster starts and stops it with its other components (log: ``<logs>/node-a
 About every half second it
 - provisions a hostPath PersistentVolume for each pending claim (e2e/volumes.py),
 - runs the operator's weight-loader pods for real and reports their exit (e2e/kubelet.py),
-- while ``serving.json`` names a model (``{"model": DIR}``, written by ``serve_pods``):
-  runs the serving pods (thinker, talker, gateway) as a kubelet would (e2e/serving_kubelet.py),
-  from the images its registry holds (``"images"``, by default the operator's default images;
-  any other image fails to pull),
+- with ``--serving-pods`` (a cluster started with ``serving=True``, whose kwok leaves the
+  operator's serving pods to this node, e2e/kwok_stages.py): while ``serving.json`` names a model
+  (``{"model": DIR}``, written by ``serve_pods``) it runs the serving pods (thinker, talker,
+  gateway) as a kubelet would (e2e/serving_kubelet.py), from the images its registry holds
+  (``"images"``, by default the operator's default images; any other image fails to pull),
   keeps the stand-in cluster DNS's records (e2e/service_dns.py), and its hub serves DIR as the
-  default repo,
+  default repo; deleted serving pods are stopped and removed whether or not it serves,
 and for its whole life serves a stand-in Hugging Face hub (e2e/hub.py) whose default repo is a
 small placeholder checkpoint: loader pods that name no ``HF_ENDPOINT`` download from it, as
 from a node-level hub mirror (the real hub is unreachable here).
@@ -82,7 +83,7 @@ def serve_pods(state_dir: Path, model: Path | None, *, images: Iterable[str] | N
     _write_file(state_dir, SERVING_FILE, settings)
 
 
-def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> None:
+def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event, *, serving_pods: bool = False) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     hub = HubStandIn()
     placeholder = write_placeholder_checkpoint(state_dir / "hub-default")
@@ -94,11 +95,17 @@ def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> No
                                      dns_records=state_dir / DNS_FILE)
     dns = ServiceDns(api, state_dir / DNS_FILE)
     serving: dict = {}
+    refused = False
     _write_file(state_dir, INFO_FILE, {"pid": os.getpid(), "hub_url": hub.url})
     log.info("serving; stand-in hub at %s", hub.url)
     try:
         while not stop.is_set():
             wanted = read_serving(state_dir)
+            if wanted and not serving_pods:
+                if not refused:
+                    log.error("serving.json names a model, but this cluster was started without serving pods "
+                              "(kwok makes them Ready itself): nothing is run")
+                refused, wanted = True, {}
             if wanted != serving:
                 if not wanted:
                     serving_kubelet.stop_pods()
@@ -109,7 +116,9 @@ def run(api: KubeApi, state_dir: Path, python: str, stop: threading.Event) -> No
                     log.error("cannot serve %s from the hub: %s", wanted.get("model"), e)
                 log.info("serving pods %s", f"on, hub default {wanted['model']}" if wanted else "off")
                 serving = wanted
-            for part in (provisioner, kubelet, *((serving_kubelet, dns) if serving else ())):
+            serving_kubelet.starts = bool(serving)  # without a model it only removes deleted pods
+            parts = (provisioner, kubelet, *((serving_kubelet,) if serving_pods else ()), *((dns,) if serving else ()))
+            for part in parts:
                 try:
                     part.sync()
                 except TRANSPORT_ERRORS as e:  # the apiserver restarts in some tests: retry next pass
@@ -130,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs omni_runtime")
+    parser.add_argument("--serving-pods", action="store_true",
+                        help="kwok leaves the operator's serving pods to this node (run, probe, delete)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -137,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run(KubeApi.from_kubeconfig(args.kubeconfig), args.state_dir.resolve(), args.python, stop)
+    run(KubeApi.from_kubeconfig(args.kubeconfig), args.state_dir.resolve(), args.python, stop,
+        serving_pods=args.serving_pods)
     return 0
 
 

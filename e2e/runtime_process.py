@@ -17,11 +17,13 @@ from .procs import free_ports
 
 
 class RuntimeProcess:
-    """`env` may name OMNI_PORT / OMNI_METRICS_PORT; free loopback ports are taken otherwise."""
+    """`env` may name OMNI_PORT / OMNI_METRICS_PORT; free loopback ports are taken otherwise. No
+    Service routes to these processes, so nothing has to learn that one stops: they stop without
+    a shutdown delay unless `env` sets OMNI_SHUTDOWN_DELAY_SECONDS."""
 
     def __init__(self, role: str, env: dict, log: Path, args=(), python: str | None = None):
         ports = free_ports(2)
-        env = {Env.PORT: str(ports[0]), Env.METRICS_PORT: str(ports[1]), **env}
+        env = {Env.PORT: str(ports[0]), Env.METRICS_PORT: str(ports[1]), Env.SHUTDOWN_DELAY_SECONDS: "0", **env}
         self.role = role
         self.port = int(env[Env.PORT])
         self.metrics_port = int(env[Env.METRICS_PORT])

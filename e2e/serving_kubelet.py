@@ -4,10 +4,14 @@ The loader kubelet (e2e/kubelet.py) runs a pod's ``omni-runtime`` command once; 
 (``restartPolicy: Always``) is run as a kubelet runs it:
 - started with the environment and volumes the operator rendered, on the pod's address;
 - Ready only while its ``readinessProbe`` (httpGet) answers 2xx, so the stand-in DNS, the
-  StatefulSet's ready count and the OmniDeployment's Ready condition follow the real process;
+  Deployment's and StatefulSet's ready counts (what their rollouts wait for) and the
+  OmniDeployment's Ready condition follow the real process;
 - restarted after it exits, with a doubling back-off (``CrashLoopBackOff`` in the meantime, the
   exit code and the log tail in ``lastState``);
-- stopped (SIGTERM, then SIGKILL after the grace period) when the pod is deleted;
+- stopped when the pod is deleted: SIGTERM, probes going on while it drains, SIGKILL after the
+  deletion's grace period (``kubectl delete --grace-period``, else the pod's own); the pod object
+  is deleted once the process has exited, so it stays Terminating (and its address taken) as long
+  as a kubelet keeps it;
 - not started at all when its image cannot be pulled: this node's registry holds only the images
   the operator renders by default (``ghcr.io/qwen3-omni/<role>:<operator version>``, or the list
   ``serve_pods(images=...)`` gives); any other reference is reported as a kubelet reports a missing
@@ -19,10 +23,9 @@ The fake GPU nodes have no GPU, so this node overrides what only a GPU could hon
 name tensor parallelism and a KV cache for 80 GB cards). Service names resolve through the
 stand-in cluster DNS (e2e/pod_dns, e2e/service_dns.py).
 
-kwok still plays the rest of the kubelet (the pod's address, deletion). Its pod-ready stage
-marks a Pending pod Ready after a second or more; a pod is started and reported Running (not
-ready) as soon as it has its address, and a Ready that kwok wrote anyway is taken back on the
-next pass (half a second), since only the probe decides.
+kwok gives each such pod its address and nothing else (the cluster runs with ``serving=True``,
+e2e/kwok_stages.py): no stage of kwok marks it Ready or deletes it. A pod is started and reported
+Running (not ready) as soon as it has its address, and only its probe makes it Ready.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ SERVING_SELECTOR = ("app.kubernetes.io/managed-by=omni-operator,"
                     "app.kubernetes.io/component in (thinker,talker,gateway)")
 POD_DNS_DIR = Path(__file__).resolve().parent / "pod_dns"
 BACKOFF_START, BACKOFF_MAX = 5.0, 60.0  # a kubelet starts at 10 s and caps at 300 s
-GRACE_MAX = 30.0  # the demo does not wait a production grace period (the operator renders minutes)
+NODE_STOP_GRACE = 2.0
+GRACE_MAX = 60.0  # a production grace period is minutes; the demo and the drills do not wait that long
 
 # What this node's registry holds: the images the operator renders when a role names none.
 DEFAULT_IMAGES = frozenset(f"{DEFAULT_IMAGE_REPOSITORY}/{role}:{__version__}" for role in ROLES)
@@ -92,6 +96,7 @@ class ServingKubelet(LoaderKubelet):
         self.restart_counts: dict[str, int] = {}  # pod uid -> restarts so far
         self.pulls: dict[str, Pull] = {}          # pod uid -> its failed image pull
         self.images: frozenset[str] = DEFAULT_IMAGES  # what can be pulled here
+        self.starts = True  # False: serving is off; deleted pods are still removed
 
     def _node_env(self, pod: dict[str, Any]) -> dict[str, str]:
         return {
@@ -112,17 +117,19 @@ class ServingKubelet(LoaderKubelet):
             log.warning("listing serving pods: HTTP %s %s", status, body)
             return
         pods = {p["metadata"]["uid"]: p for p in body.get("items", [])}
-        # New pods first: each pass that a new pod waits gives kwok's pod-ready stage a chance.
         for uid, pod in pods.items():
-            if uid in self.running or uid in self.finished or not self._startable(pod):
-                continue
-            restart = self.restarts.get(uid)
-            if restart is None or time.monotonic() >= restart.at:
-                self._start(pod)
+            if pod["metadata"].get("deletionTimestamp"):
+                self._terminate(pod, self.running.get(uid))
+            elif self.starts and uid not in self.running and uid not in self.finished and self._startable(pod):
+                restart = self.restarts.get(uid)
+                if restart is None or time.monotonic() >= restart.at:
+                    self._start(pod)
         for uid, c in list(self.running.items()):
             pod = pods.get(uid)
-            if pod is None or pod["metadata"].get("deletionTimestamp"):
+            if pod is None:  # deleted without a grace period (--force): stop the process
                 self._kill(c)
+            elif pod["metadata"].get("deletionTimestamp"):
+                continue  # _terminate's
             elif c.proc.poll() is not None:
                 self._crashed(pod, c)
             else:
@@ -131,6 +138,11 @@ class ServingKubelet(LoaderKubelet):
             if uid not in pods:
                 self._forget(uid, c)
 
+    def stop(self, grace: float = NODE_STOP_GRACE) -> None:
+        """The node stops (or stops serving): nothing routes to its pods any more, so their
+        processes get a short grace, not their pods' (a gateway's would outlast the agent's own)."""
+        super().stop(grace)
+
     def stop_pods(self) -> None:
         """Stop every container (serving was switched off)."""
         self.stop()
@@ -138,17 +150,43 @@ class ServingKubelet(LoaderKubelet):
             self._forget(uid, c)
         self.running.clear()
 
-    def _forget(self, uid: str, c: Container) -> None:
-        for d in c.volume_dirs:
+    def _forget(self, uid: str, c: Container | None) -> None:
+        for d in c.volume_dirs if c is not None else ():
             shutil.rmtree(d, ignore_errors=True)
         self.finished.pop(uid, None)
         for table in (self.probes, self.restarts, self.restart_counts, self.pulls):
             table.pop(uid, None)
 
+    def _terminate(self, pod: dict[str, Any], c: Container | None) -> None:
+        """A deleted pod: its process stopped as a kubelet stops it (SIGTERM, SIGKILL past the
+        grace period, the readiness probe going on meanwhile), then the pod object deleted."""
+        meta = pod["metadata"]
+        if c is not None and c.proc.poll() is None:
+            if c.kill_deadline is None and meta.get("deletionGracePeriodSeconds") is not None:
+                c.grace = min(float(meta["deletionGracePeriodSeconds"]), GRACE_MAX)
+            self._kill(c)
+            if c.proc.poll() is None:
+                self._probe(pod, c)
+                return
+        status, body = self.api.request(
+            "DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+            {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+             "preconditions": {"uid": meta["uid"]}})
+        if status not in (200, 202, 404, 409):
+            log.warning("deleting %s/%s: HTTP %s %s", meta["namespace"], meta["name"], status, body)
+            return
+        log.info("%s/%s removed%s", meta["namespace"], meta["name"],
+                 f" after its process exited with {exit_code(c.proc.returncode)}" if c is not None else "")
+        self.running.pop(meta["uid"], None)
+        if c is not None:
+            self.finished[meta["uid"]] = c  # forgotten once the pod is gone from the list
+        else:  # it never ran, or waits for a restart
+            self._forget(meta["uid"], None)
+
     @staticmethod
     def _startable(pod: dict[str, Any]) -> bool:
-        # From the moment kwok gives the pod its address (still Pending): reporting it Running
-        # first keeps kwok's own pod-ready stage, which would mark it Ready, from matching.
+        # From the moment kwok gives the pod its address (still Pending), as a kubelet starts
+        # containers once the network plugin has given the sandbox its address.
         st = pod.get("status", {})
         return (not pod["metadata"].get("deletionTimestamp") and bool(st.get("podIP"))
                 and bool(pod["spec"].get("nodeName")) and st.get("phase") in ("Pending", "Running"))

@@ -16,7 +16,6 @@ import yaml
 
 from e2e.binaries import ensure_binaries
 from e2e.cluster import LocalCluster
-from e2e.node_agent import serve_pods
 from e2e.operator_process import OperatorProcess, install_crd
 
 from .test_operator_cluster import condition, kget, wait
@@ -28,11 +27,11 @@ NAMESPACE = "default"
 
 @pytest.fixture(scope="module")
 def serving_cluster(tmp_path_factory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("serving"), die_with_parent=True)
+    c = LocalCluster(tmp_path_factory.mktemp("serving"), die_with_parent=True, serving=True)
     ensure_binaries(c.bin_dir)
     c.start(timeout=240, build=False)
     try:
-        serve_pods(c.node_dir, c.node_dir / "hub-default")
+        c.serve_pods(c.node_dir / "hub-default")
         install_crd(c)
         c.kubectl("apply", "-f", "-", input=yaml.safe_dump({
             "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "empty-weights", "namespace": NAMESPACE},

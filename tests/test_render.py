@@ -101,6 +101,21 @@ def test_thinker_pod_has_shm_probes_and_the_sized_vllm_arguments():
     assert pod["terminationGracePeriodSeconds"] >= 300
 
 
+def test_grace_periods_cover_the_shutdown_delay_where_a_role_serves_through_it_and_the_longest_request():
+    resource = example("omni.yaml")
+    resource["spec"]["workload"].update({"maxRequestSeconds": 120, "shutdownDelaySeconds": 15})
+    seen = {}
+    for obj in plan_offline(resource).objects:
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        role = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        env = env_of(obj)
+        seen[role] = (obj["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+                      env["OMNI_DRAIN_SECONDS"], env.get("OMNI_SHUTDOWN_DELAY_SECONDS"))
+    # the gateway and the vLLM thinker keep taking requests through the delay; the talker refuses at once
+    assert seen == {"gateway": (15 + 120 + 30, "120", "15"), "thinker": (165, "120", "15"), "talker": (150, "120", None)}
+
+
 def test_thinking_variant_renders_no_talker():
     plan = plan_offline(example("thinking.yaml"))
     assert not [o for o in plan.objects if o["metadata"]["labels"]["app.kubernetes.io/component"] == "talker"]

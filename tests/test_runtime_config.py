@@ -20,6 +20,8 @@ def test_gateway_defaults_and_overrides():
     cfg = GatewaySettings.from_env(GATEWAY)
     assert (cfg.port, cfg.scrape_seconds, cfg.upstream_metrics_port, cfg.upstream_wait) == (8080, 1.0, 9400, 120.0)
     assert (cfg.max_media_bytes, cfg.mm_states_wait, cfg.speech_streaming) == (25 << 20, 10.0, True)
+    assert (cfg.shutdown_delay, cfg.drain_seconds) == (10.0, 30.0)
+    assert LauncherSettings.from_env({Env.SHUTDOWN_DELAY_SECONDS: "4"}).shutdown_delay == 4.0
     cfg = GatewaySettings.from_env({**GATEWAY, Env.SCRAPE_SECONDS: "0", Env.UPSTREAM_WAIT_SECONDS: "0",
                                     Env.MAX_MEDIA_BYTES: "1000", Env.MM_STATES_WAIT_SECONDS: "0.5",
                                     Env.TALKER_GENERATION: '{"temperature": 0.7}', Env.PORT: ""})
@@ -34,6 +36,7 @@ def test_gateway_defaults_and_overrides():
     (Env.UPSTREAM_WAIT_SECONDS, "nan"), (Env.UPSTREAM_METRICS_PORT, "99999"), (Env.TALKER_SERVICE, "x:1|y"),
     (Env.MAX_MEDIA_BYTES, "0"), (Env.MM_STATES_WAIT_SECONDS, "-1"), (Env.MM_STATES_WAIT_SECONDS, "later"),
     (Env.SPEECH_STREAMING, "sometimes"), (Env.TALKER_GENERATION, "{not json"), (Env.PORT, "70000"),
+    (Env.SHUTDOWN_DELAY_SECONDS, "-1"),
 ])
 def test_a_bad_value_is_an_error_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=f"^{name}={value!r}: "):

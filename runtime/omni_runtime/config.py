@@ -32,6 +32,7 @@ class Env:
     PORT = "OMNI_PORT"
     METRICS_PORT = "OMNI_METRICS_PORT"
     DRAIN_SECONDS = "OMNI_DRAIN_SECONDS"
+    SHUTDOWN_DELAY_SECONDS = "OMNI_SHUTDOWN_DELAY_SECONDS"
     DEVICE = "OMNI_DEVICE"
     DTYPE = "OMNI_DTYPE"
     MAX_REQUEST_BYTES = "OMNI_MAX_REQUEST_BYTES"
@@ -78,6 +79,9 @@ class Env:
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"  # where a kubelet reads a container's last words
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 DEFAULT_MAX_MEDIA_BYTES = 25 << 20  # vLLM's own default cap for one audio clip (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)
+# How long after SIGTERM a pod still gets new requests: its removal from the Service's endpoints
+# reaches kube-proxy on every node, ingress controllers and the gateways' DNS over seconds.
+DEFAULT_SHUTDOWN_DELAY_SECONDS = 10.0
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 OptionalPort = Annotated[int, Field(ge=0, le=65535)]  # 0: none
@@ -160,6 +164,8 @@ class LauncherSettings(ThinkerSettings):
     """`omni-runtime thinker --engine vllm`: the vLLM arguments and where this pod stands in its replica."""
 
     vllm_args: list[str] = Field(default_factory=list, alias=Env.VLLM_ARGS)
+    shutdown_delay: NonNegative = Field(DEFAULT_SHUTDOWN_DELAY_SECONDS, alias=Env.SHUTDOWN_DELAY_SECONDS,
+                                        description="after SIGTERM, vLLM keeps running at least this long")
     nnodes: Annotated[int, Field(ge=1)] = Field(1, alias=Env.NNODES)
     master_addr: str | None = Field(None, alias=Env.MASTER_ADDR)
     master_port: Port = Field(29501, alias=Env.MASTER_PORT)
@@ -227,6 +233,8 @@ class GatewaySettings(ServingSettings):
     upstream_wait: NonNegative = Field(120.0, alias=Env.UPSTREAM_WAIT_SECONDS)
     mm_states_wait: NonNegative = Field(10.0, alias=Env.MM_STATES_WAIT_SECONDS)
     speech_streaming: bool = Field(True, alias=Env.SPEECH_STREAMING)
+    shutdown_delay: NonNegative = Field(DEFAULT_SHUTDOWN_DELAY_SECONDS, alias=Env.SHUTDOWN_DELAY_SECONDS,
+                                        description="after SIGTERM, new requests are still served this long")
 
     @field_validator("talker_generation", mode="before")
     @classmethod

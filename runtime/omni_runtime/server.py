@@ -4,10 +4,12 @@ turn SIGTERM into a drain, exit 0 (1 when the model could not load)."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -62,6 +64,41 @@ async def serve(sites: list[tuple[web.Application, str, int]], drain: Callable[[
             await runner.cleanup()
     log.info("stopped")
     return code
+
+
+class Phase(str, enum.Enum):
+    """Where a process that serves through its shutdown delay is, after SIGTERM."""
+
+    SERVING = "serving"
+    ANNOUNCED = "announced"  # not ready; still serving new requests while endpoints propagate
+    CLOSING = "closing"      # new requests refused; in-flight ones finish
+    EXPIRED = "expired"      # the drain's deadline passed: what is left is ended
+
+
+@dataclass(frozen=True)
+class DrainTimes:
+    """When each phase begins, in seconds after SIGTERM (pure)."""
+
+    shutdown_delay: float
+    drain_seconds: float
+
+    @property
+    def closing_at(self) -> float:
+        return self.shutdown_delay
+
+    @property
+    def expires_at(self) -> float:
+        # a request accepted at the end of the delay gets the whole drain_seconds to finish
+        return self.shutdown_delay + self.drain_seconds
+
+    def phase(self, since_sigterm: float | None) -> Phase:
+        if since_sigterm is None:
+            return Phase.SERVING
+        if since_sigterm < self.closing_at:
+            return Phase.ANNOUNCED
+        if since_sigterm < self.expires_at:
+            return Phase.CLOSING
+        return Phase.EXPIRED
 
 
 async def wait_until_idle(busy: Callable[[], bool], seconds: float) -> bool:

@@ -411,10 +411,12 @@ def test_sigterm_drains_real_requests_in_flight(vllm_thinkers):
     assert vllm_pids and not [pid for pid in vllm_pids if alive(pid)], "vLLM processes left behind"
 
 
-def test_drain_gives_up_after_drain_seconds(vllm_thinkers):
-    """OMNI_DRAIN_SECONDS=2 and a request that needs much longer: the launcher stops
-    vLLM after the drain time, exits 0, and the request is cut."""
-    p = vllm_thinkers.take("drain-timeout", eager=True, drain_seconds=2, max_model_len=4096)
+def test_vllm_serves_through_the_shutdown_delay_and_the_drain_gives_up_after_drain_seconds(vllm_thinkers):
+    """OMNI_SHUTDOWN_DELAY_SECONDS=2: a request sent after SIGTERM (as a gateway whose DNS has not
+    caught up sends one) is still served in full. OMNI_DRAIN_SECONDS=2 and a request that needs much
+    longer: the launcher stops vLLM after the delay and the drain time, exits 0, and the request is cut."""
+    p = vllm_thinkers.take("drain-timeout", eager=True, drain_seconds=2, max_model_len=4096,
+                           extra_env={"OMNI_SHUTDOWN_DELAY_SECONDS": "2"})
 
     async def scenario():
         first_token = asyncio.Event()
@@ -422,15 +424,18 @@ def test_drain_gives_up_after_drain_seconds(vllm_thinkers):
         await _started(load, first_token)
         t0 = time.monotonic()
         p.terminate()
+        await asyncio.sleep(0.5)
+        late = await _streamed(p, 1, 8, asyncio.Event())
         try:
             (result,) = await load
             cut = not result["done"] or result["completion_tokens"] != 4000
         except (aiohttp.ClientError, asyncio.TimeoutError):
             cut = True
-        return cut, t0
+        return late, cut, t0
 
-    cut, t0 = asyncio.run(scenario())
+    late, cut, t0 = asyncio.run(scenario())
     code = p.popen.wait(timeout=60)
     waited = time.monotonic() - t0
+    assert [(r["status"], r["done"], r["completion_tokens"]) for r in late] == [(200, True, 8)]
     assert cut and code == 0
-    assert 2.0 <= waited < 40, waited
+    assert 4.0 <= waited < 40, waited

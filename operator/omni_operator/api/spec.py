@@ -188,6 +188,10 @@ class WorkloadProfile(ApiModel):
                                       description="Override the context length derived from the inputs above.")
     max_request_seconds: int = Field(default=300, ge=1, le=86400,
                                      description="Longest request; pods get this long to drain on scale-down.")
+    shutdown_delay_seconds: int = Field(default=10, ge=0, le=600, description=(
+        "After SIGTERM, how long a gateway keeps serving new requests (and a vLLM thinker keeps its engine "
+        "up) while the pod's removal from the Service endpoints reaches kube-proxy, ingress controllers and "
+        "load balancers; readiness fails at once. Their grace period is this + maxRequestSeconds + 30."))
 
 
 def _label_key_cel(key: str) -> str:

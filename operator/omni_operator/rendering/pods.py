@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from omni_operator.api.spec import RoleSpec
+from omni_operator.api.spec import RoleSpec, WorkloadProfile
 from omni_operator.rendering.meta import (HTTP_PORT, METRICS_PORT, RenderInput, common_labels, image_for,
                                           served_model_name)
 from omni_runtime.config import Env
@@ -25,6 +25,22 @@ STARTUP_BUDGET_SECONDS = 1200
 
 
 STARTUP_PERIOD_SECONDS = 10
+
+
+# After its drain a pod still flushes its last responses and stops (vLLM's engine takes seconds).
+STOP_MARGIN_SECONDS = 30
+# The roles that keep taking new requests through the shutdown delay after SIGTERM: clients reach a
+# gateway through kube-proxy and ingress, which learn of its removal late; a vLLM thinker cannot
+# refuse what the gateways' stale DNS still sends it. The talker refuses new work at once (its only
+# client, the gateway, fails over on the 503), so its drain starts at SIGTERM.
+SERVE_THROUGH_SHUTDOWN_DELAY = ("gateway", "thinker")
+
+
+def termination_grace_seconds(workload: WorkloadProfile, role: str) -> int:
+    """terminationGracePeriodSeconds: the shutdown delay (where the role serves through it), the
+    longest request, and the stop itself."""
+    delay = workload.shutdown_delay_seconds if role in SERVE_THROUGH_SHUTDOWN_DELAY else 0
+    return delay + workload.max_request_seconds + STOP_MARGIN_SECONDS
 
 
 def _gpu_tolerations(role_spec: RoleSpec, gpu_resource: str | None) -> list[dict[str, Any]]:
@@ -94,9 +110,12 @@ def env_list(pairs: dict[str, str]) -> list[dict[str, Any]]:
 
 def role_env(inp: RenderInput, role: str, extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The environment contract every runtime container reads (omni_runtime.config)."""
+    workload = inp.spec.workload
+    stop = {Env.DRAIN_SECONDS: str(workload.max_request_seconds)}
+    if role in SERVE_THROUGH_SHUTDOWN_DELAY:
+        stop[Env.SHUTDOWN_DELAY_SECONDS] = str(workload.shutdown_delay_seconds)
     return env_list({Env.ROLE: role, Env.SERVED_MODEL_NAME: served_model_name(inp),
-                     Env.PORT: str(HTTP_PORT[role]), Env.METRICS_PORT: str(METRICS_PORT),
-                     Env.DRAIN_SECONDS: str(inp.spec.workload.max_request_seconds), **(extra or {})})
+                     Env.PORT: str(HTTP_PORT[role]), Env.METRICS_PORT: str(METRICS_PORT), **stop, **(extra or {})})
 
 
 def pod_template(inp: RenderInput, role: str, pod_spec: dict[str, Any],
@@ -154,7 +173,7 @@ def build_pod_spec(inp: RenderInput, role: str, role_spec: RoleSpec, *, gpu_reso
         "securityContext": pod_sc,
         # Nothing in a runtime pod calls the Kubernetes API, and its processes parse untrusted media.
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": inp.spec.workload.max_request_seconds + 30,
+        "terminationGracePeriodSeconds": termination_grace_seconds(inp.spec.workload, role),
         "enableServiceLinks": False,
         "volumes": volumes + [{"name": "tmp", "emptyDir": {}}],
         "affinity": _affinity(role_spec, spread_labels, shard_labels),

@@ -6,7 +6,7 @@
                                 least-loaded talker, opened while the thinker still writes;
                                 transcript and audio as OpenAI-style `audio` deltas
     GET  /v1/models
-    GET  /health                200 serving, 503 draining
+    GET  /health                200 serving, 503 from SIGTERM on (drain.py)
 
 Modules, one concern each:
     validation  what a chat request may contain (content parts, media URLs, audio options); pure
@@ -18,6 +18,8 @@ Modules, one concern each:
     speech      the speech pipeline (thinker -> states -> talker -> audio to the client)
     handoff     the streamed talker request body: payload head line, then ids as they come
     speech_client  the client's side of a speech request: SSE deltas or one JSON answer
+    drain       the stop sequence: not ready, still serving while endpoints propagate, then
+                refusing new work while in-flight work finishes; hooks other parts join
     app         the aiohttp application, request accounting, the text proxy, amain
 """
 

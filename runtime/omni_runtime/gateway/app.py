@@ -1,5 +1,6 @@
 """The gateway's aiohttp application: authentication, request accounting (queue gauges,
-latency, status codes), the text proxy to the thinkers, and the process entry point."""
+latency, status codes), the text proxy to the thinkers, the stop sequence (drain.py), and the
+process entry point."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import logging
 import time
 
+import aiohttp
 from aiohttp import web
 
 from omni_runtime.config import GatewaySettings
+from omni_runtime.gateway import sse
 from omni_runtime.gateway.auth import ApiKeys
+from omni_runtime.gateway.drain import Drain, DrainTimes
 from omni_runtime.gateway.speech import Speech
 from omni_runtime.gateway.upstream import ClientGone, Upstreams, UpstreamUnavailable
 from omni_runtime.gateway.validation import BadRequest, validate_chat
@@ -30,24 +34,25 @@ class Gateway:
         self.keys = ApiKeys(cfg.api_keys_file)
         self.waiting = 0
         self.running = 0
-        self.draining = False
+        self.drain = Drain(DrainTimes(cfg.shutdown_delay, cfg.drain_seconds))
+        # at the drain's deadline, requests still held for a replica get a 503 with Retry-After
+        self.drain.on_deadline(self.upstreams.release_held)
 
     def _update(self):
         self.metrics.queue_depth.set(self.waiting)
         self.metrics.running.set(self.running)
-        self.metrics.ready.set(0 if self.draining else 1)
-        self.metrics.draining.set(1 if self.draining else 0)
+        self.metrics.ready.set(1 if self.drain.ready else 0)
+        self.metrics.draining.set(0 if self.drain.ready else 1)
 
     async def start(self):
         await self.upstreams.start()
         self._update()
 
-    async def drain(self):
-        self.draining = self.upstreams.draining = True
+    async def stop(self):
+        """SIGTERM: the drain's phases (drain.py), then the upstream session closes."""
+        self.drain.begin()
         self._update()
-        deadline = time.monotonic() + self.cfg.drain_seconds
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self.drain.run()
         await asyncio.sleep(0.2)  # let the last responses flush before the listeners close
         await self.upstreams.close()
 
@@ -58,13 +63,22 @@ class Gateway:
         if not self.keys.check(request.headers.get("Authorization")):
             self.metrics.count(401)
             return json_error(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
-        if self.draining:
+        if not self.drain.accepting:
             self.metrics.count(503)
-            return json_error(503, "gateway is draining", "unavailable", headers={"Retry-After": "1"})
-        return await handler(request)
+            resp = json_error(503, "this gateway replica is shutting down; retry (another replica serves)",
+                              "unavailable", headers={"Retry-After": "1"})
+            resp.force_close()
+            return resp
+        with self.drain.track():
+            resp = await handler(request)
+        if not self.drain.ready:
+            # a keep-alive connection stays on this pod: the client's next request should open a
+            # new one, which the Service routes to a replica that is not stopping
+            resp.force_close()
+        return resp
 
     async def health(self, _request):
-        if self.draining:
+        if not self.drain.ready:
             return web.json_response({"status": "draining"}, status=503)
         return web.json_response({"status": "ok", "running": self.running})
 
@@ -135,14 +149,29 @@ class Gateway:
 
     async def _chat_text(self, request, body, stream: bool, first_byte):
         async with self.upstreams.call("POST", self.upstreams.thinkers, "/v1/chat/completions", request,
-                                       json=body) as (_ep, up):
+                                       json=body) as (ep, up):
             first_byte()
             if not stream or up.status != 200:
-                data = await up.read()
+                try:
+                    data = await up.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    return _broke_off(ep, exc)
                 return web.Response(body=data, status=up.status, content_type=up.content_type or "application/json")
             resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await resp.prepare(request)
-            async for chunk in up.content.iter_any():
+            while True:
+                try:
+                    chunk = await up.content.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # the thinker went away mid-answer (its process killed, its node lost): end the
+                    # client's stream with an error event rather than leave it cut off
+                    log.warning("thinker %s broke off a stream: %s: %s", ep.url, type(exc).__name__, exc)
+                    await resp.write(sse.error_event(f"the thinker serving this request went away mid-answer "
+                                                     f"({type(exc).__name__}); retry", "upstream_error", 502))
+                    await resp.write(sse.DONE)
+                    break
+                if not chunk:
+                    break
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
@@ -155,8 +184,15 @@ class Gateway:
         return app
 
 
+def _broke_off(ep, exc: BaseException) -> web.Response:
+    """A thinker's answer cut before it was whole: 502, retryable."""
+    log.warning("thinker %s broke off an answer: %s: %s", ep.url, type(exc).__name__, exc)
+    return json_error(502, f"the thinker serving this request went away mid-answer ({type(exc).__name__}); retry",
+                      "upstream_error", headers={"Retry-After": "1"})
+
+
 async def amain(cfg: GatewaySettings) -> int:
     gw = Gateway(cfg)
     await gw.start()
     sites = [(gw.app(), cfg.host, cfg.port), (metrics_app(gw.metrics), cfg.host, cfg.metrics_port)]
-    return await serve(sites, gw.drain)
+    return await serve(sites, gw.stop)

@@ -74,10 +74,11 @@ class SpeechClient:
         return self.resp if self.resp is not None else web.Response(status=499)
 
     async def fail(self, status: int, message: str, kind: str) -> web.StreamResponse:
-        """A JSON error while nothing was sent, else the stream's last event."""
+        """A JSON error while nothing was sent, else the stream's last event. An upstream that
+        went away (502, 503) is worth retrying: the answer says when."""
         if self.stream or self.resp is not None:
             return await self.finish(sse.error_event(message, kind, status))
-        return json_error(status, message, kind)
+        return json_error(status, message, kind, headers={"Retry-After": "1"} if status in (502, 503) else None)
 
     async def answer(self, reply: sse.ThinkerReply, rate: int, pcm: bytes) -> web.StreamResponse:
         """The final chunk (stream), or the whole answer with the audio as WAV or PCM16."""

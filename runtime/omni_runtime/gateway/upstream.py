@@ -72,7 +72,7 @@ class Upstreams:
         self.talkers = Pool("talker", parse_service_list(cfg.talker_service, mport), stale_after=stale)
         self.session: aiohttp.ClientSession | None = None
         self.scraper: asyncio.Task | None = None
-        self.draining = False
+        self.held_released = False  # the gateway's drain ran out of time: held requests end
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -81,6 +81,10 @@ class Upstreams:
             auto_decompress=False)
         if self.cfg.scrape_seconds > 0:
             self.scraper = asyncio.ensure_future(self._scrape_loop())
+
+    async def release_held(self) -> None:
+        """End every request held for a replica (503 with Retry-After): the drain's deadline."""
+        self.held_released = True
 
     async def close(self) -> None:
         if self.scraper:
@@ -174,13 +178,14 @@ class Upstreams:
                 gauge.dec()
 
     async def pause(self, request, seconds: float) -> None:
-        """Sleep while a request waits; stop early if the client left or the gateway drains."""
+        """Sleep while a request waits; stop early if the client left or the gateway's drain ran out."""
         end = time.monotonic() + seconds
         while True:
             if request is not None and (request.transport is None or request.transport.is_closing()):
                 raise ClientGone()
-            if self.draining:
-                raise UpstreamUnavailable(503, "gateway is draining")
+            if self.held_released:
+                raise UpstreamUnavailable(503, "this gateway replica is shutting down and no replica became "
+                                               "available before its drain deadline; retry")
             left = end - time.monotonic()
             if left <= 0:
                 return

@@ -297,7 +297,8 @@ class ThinkerService(EngineService):
 
     async def chat(self, request: web.Request):
         if self.draining:
-            return json_error(503, "thinker is draining", "unavailable")
+            self.metrics.count(503)  # the gateway takes it as "try another replica"
+            return json_error(503, "thinker is draining", "unavailable", headers={"Retry-After": "1"})
         if self.engine is None:
             return json_error(503, "model is loading", "unavailable")
         try:

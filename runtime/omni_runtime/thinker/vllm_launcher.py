@@ -152,7 +152,7 @@ async def supervise(argv: list[str], facts: dict, cfg: LauncherSettings) -> int:
     from aiohttp import web
 
     from omni_runtime.metrics import CONTENT_TYPE_LATEST, ThinkerMetrics, metrics_app, parse_prometheus_text
-    from omni_runtime.server import serve
+    from omni_runtime.server import DrainTimes, Phase, serve
 
     metrics = ThinkerMetrics()
     store, owned = mm_states_store(cfg.mm_states)
@@ -228,21 +228,27 @@ async def supervise(argv: list[str], facts: dict, cfg: LauncherSettings) -> int:
             log.error("vllm exited on its own with %s", code)
         return code if code > 0 else 1
 
+    async def busy() -> bool:
+        # Asked afresh each time: the periodic scrape can predate requests that arrived
+        # just before. An unanswered scrape counts as busy.
+        try:
+            status, text = await _http_get(engine + "/metrics")
+            return status != 200 or sum(vllm_load(parse_prometheus_text(text))) > 0
+        except Exception:  # noqa: BLE001 - engine not answering
+            return True
+
     async def drain() -> None:
         metrics.draining.set(1)
-        deadline = time.monotonic() + cfg.drain_seconds
+        began = time.monotonic()
+        times = DrainTimes(cfg.shutdown_delay, cfg.drain_seconds)
+        deadline = began + times.expires_at
         if not facts["headless"]:
-            # The pod left the Service endpoints when it began terminating; let the
-            # requests vLLM already holds finish.
-            # Ask vLLM afresh each time: the periodic scrape can predate requests that
-            # arrived just before SIGTERM. An unanswered scrape counts as busy.
-            while time.monotonic() < deadline and proc.returncode is None:
-                try:
-                    status, text = await _http_get(engine + "/metrics")
-                    busy = status != 200 or sum(vllm_load(parse_prometheus_text(text))) > 0
-                except Exception:  # noqa: BLE001 - engine not answering
-                    busy = True
-                if not busy:
+            # vLLM cannot be told to refuse new requests, and the gateways keep sending some until
+            # the pod's removal from the Service reaches their DNS: vLLM serves them through the
+            # shutdown delay, then stops once it holds none (or the drain's time is up).
+            while proc.returncode is None:
+                phase = times.phase(time.monotonic() - began)
+                if phase is Phase.EXPIRED or (phase is Phase.CLOSING and not await busy()):
                     break
                 await asyncio.sleep(0.5)
         if proc.returncode is None:
