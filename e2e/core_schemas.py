@@ -3,7 +3,7 @@
     python -m e2e.core_schemas [--check]
 
 reads ``/openapi/v3/api/v1`` from the local control plane (started if none runs) and writes
-``operator/omni_operator/core_schemas.json``: each type of ``TYPES`` with every ``$ref`` inlined,
+``operator/omni_operator/api/core_schemas.json``: each type of ``TYPES`` with every ``$ref`` inlined,
 made structural (no defaults, no descriptions below the top) so a CRD can hold it, the way Go
 operators' generated CRDs embed core types. ``--check`` exits 1 when the file differs.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from e2e.cluster import REPO_ROOT, LocalCluster
 
-OUT = REPO_ROOT / "operator" / "omni_operator" / "core_schemas.json"
+OUT = REPO_ROOT / "operator" / "omni_operator" / "api" / "core_schemas.json"
 TYPES = {"Affinity": "io.k8s.api.core.v1.Affinity"}
 _DROP = {"default", "description", "x-kubernetes-patch-strategy", "x-kubernetes-patch-merge-key"}
 
