@@ -119,7 +119,8 @@ def test_omnideployment_converges_onto_the_gpu_pools(cluster, namespace, operato
     # 10.73 GB for one synthesis (the model card) + the KV cache of 15 more (maxInflight 16) at 29696 tokens.
     assert status["sizing"]["talker"]["estimatedGB"] == 19.85
     assert {c["type"]: c["status"] for c in status["conditions"]} == \
-        {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True", "WeightsReady": "True"}
+        {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True", "WeightsReady": "True",
+         "Reconciling": "False", "Stalled": "False"}
     # every key the operator wrote is one the typed model knows (and so the CRD keeps)
     OmniDeploymentStatus.model_validate(status)
     placement = pods_by_node_pool(cluster, namespace)
@@ -219,6 +220,11 @@ def test_unsizable_spec_sets_a_condition_and_creates_nothing(cluster, namespace,
     assert sizing["reason"] == "InsufficientGPUMemory"
     assert "77.79 GB" in sizing["message"] and "2 x 16 GiB" in sizing["message"]
     assert condition(result, "Degraded")["status"] == "True"
+    # kstatus (Flux, kpt, Config Sync): Failed, with the operator's words
+    assert (condition(result, "Stalled")["status"], condition(result, "Stalled")["reason"]) == \
+        ("True", "InsufficientGPUMemory")
+    assert condition(result, "Stalled")["message"] == sizing["message"]
+    assert condition(result, "Reconciling")["status"] == "False"
     assert children(cluster, namespace, "toosmall") == {}
 
 
@@ -263,6 +269,7 @@ def test_objects_not_owned_are_never_taken_over(cluster, namespace, operator):
     result = wait("Degraded=True", lambda: (r := kget(cluster, "omni", "mine", "-n", namespace))
                   and condition(r, "Degraded").get("reason") == "ApplyFailed" and r, operator=operator)
     assert "mine-gateway already exists and is not owned" in condition(result, "Degraded")["message"]
+    assert (condition(result, "Stalled")["status"], condition(result, "Stalled")["reason"]) == ("True", "ApplyFailed")
     svc = kget(cluster, "service", "mine-gateway", "-n", namespace)
     assert "ownerReferences" not in svc["metadata"] and svc["spec"]["ports"][0]["port"] == 80
     assert children(cluster, namespace, "mine") == {}, "nothing half-applied"
