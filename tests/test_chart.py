@@ -668,6 +668,15 @@ LUA_CASES = {
         _cond("Ready", "True", "Ready", "", generation=None)]}, "Healthy", "Ready"),
     "not ready yet": ({"observedGeneration": 2, "conditions": [_cond("Ready", "False", "WaitingForPods", "")]},
                       "Progressing", "WaitingForPods"),
+    "stalled": ({"observedGeneration": 2, "conditions": [
+        _cond("SizingValid", "True"), _cond("Degraded", "False"), _cond("Progressing", "True", "RollingOut"),
+        _cond("Reconciling", "False", "Stalled"),
+        _cond("Stalled", "True", "CrashLoopBackOff", "thinker 0/1 ready (CrashLoopBackOff: exited with 1)"),
+        _cond("Ready", "False", "CrashLoopBackOff")]}, "Degraded", "CrashLoopBackOff: exited with 1"),
+    "reconciling": ({"observedGeneration": 2, "conditions": [
+        _cond("Reconciling", "True", "LoadingWeights", "12 of 40 GB"), _cond("Stalled", "False"),
+        _cond("Progressing", "True", "LoadingWeights", "12 of 40 GB"), _cond("Ready", "False", "WaitingForWeights")]},
+        "Progressing", "12 of 40 GB"),
 }
 
 
