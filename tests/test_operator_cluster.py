@@ -441,13 +441,7 @@ def test_operator_works_with_exactly_its_rbac_rules(cluster, namespace, crd, tmp
     cluster.kubectl("create", "clusterrolebinding", role, f"--clusterrole={role}",
                     f"--serviceaccount={namespace}:{sa}")
     try:
-        token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
-        kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())
-        kubeconfig["users"] = [{"name": sa, "user": {"token": token}}]
-        for ctx in kubeconfig["contexts"]:
-            ctx["context"]["user"] = sa
-        sa_config = tmp_path / "sa-kubeconfig"
-        sa_config.write_text(yaml.safe_dump(kubeconfig))
+        sa_config = cluster.service_account_kubeconfig(namespace, sa, tmp_path / "sa-kubeconfig", duration="1h")
 
         class SaCluster:  # the same cluster, seen with the service account's credentials
             env = dict(cluster.env, KUBECONFIG=str(sa_config))
