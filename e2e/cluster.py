@@ -71,12 +71,16 @@ class LocalCluster:
         bin_dir: Path | str | None = None,
         die_with_parent: bool = False,
         audit: bool = False,
+        probe_serving_pods: bool = False,
     ):
         """``die_with_parent``: the components are killed when this process dies
         (used by the test fixture so that even a killed test run leaves nothing behind).
-        ``audit``: the apiserver writes an audit log (``AUDIT_POLICY``) to ``audit_log``."""
+        ``audit``: the apiserver writes an audit log (``AUDIT_POLICY``) to ``audit_log``.
+        ``probe_serving_pods``: kwok never marks the operator's serving pods Ready; only the node
+        agent's probes do (e2e/kwok_stages.py), so serve them (``serve_pods``) or they never are."""
         self.die_with_parent = die_with_parent
         self.audit = audit
+        self.probe_serving_pods = probe_serving_pods
         self.state_dir = Path(state_dir or os.environ.get("OMNI_E2E_STATE") or DEFAULT_STATE_DIR).resolve()
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else default_bin_dir()
         self.kubeconfig = self.state_dir / "kubeconfig"
@@ -496,7 +500,8 @@ class LocalCluster:
 
     def _write_kwok_stages(self) -> Path:
         path = self._run_dir / KWOK_STAGES
-        path.write_text(derive_stages((self.bin_dir / KWOK_STAGES).read_text()))
+        path.write_text(derive_stages((self.bin_dir / KWOK_STAGES).read_text(),
+                                      probe_serving_pods=self.probe_serving_pods))
         return path
 
     def _write_info(self) -> None:

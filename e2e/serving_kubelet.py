@@ -19,10 +19,11 @@ The fake GPU nodes have no GPU, so this node overrides what only a GPU could hon
 name tensor parallelism and a KV cache for 80 GB cards). Service names resolve through the
 stand-in cluster DNS (e2e/pod_dns, e2e/service_dns.py).
 
-kwok still plays the rest of the kubelet (the pod's address, deletion). Its pod-ready stage
-marks a Pending pod Ready after a second or more; a pod is started and reported Running (not
-ready) as soon as it has its address, and a Ready that kwok wrote anyway is taken back on the
-next pass (half a second), since only the probe decides.
+kwok still plays the rest of the kubelet (the pod's address, deletion). Its pod-ready stage gives
+a Pending pod its address and marks it Running and Ready in the same step; the pod is started and
+reported not ready on the next pass (half a second), since only the probe decides. A cluster
+started with ``probe_serving_pods`` (e2e/kwok_stages.py) has kwok give these pods their address
+without Ready, so no replica ever counts before its process answers.
 """
 
 from __future__ import annotations
