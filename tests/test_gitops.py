@@ -230,32 +230,36 @@ class ReplicaLog:
         self.platform = platform
         self.changes: list[tuple[str, int, int, set[str]]] = []  # (workload, from, to, managers of spec.replicas)
         self.stop = threading.Event()
+        self._seen: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def poll(self) -> None:
+        for key, obj in self.platform.children().items():
+            if not key.startswith(("StatefulSet/", "Deployment/")):
+                continue
+            n = obj["spec"].get("replicas", 1)
+            if key in self._seen and self._seen[key] != n:
+                owners = {m["manager"] for m in obj["metadata"].get("managedFields", [])
+                          if "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})}
+                self.changes.append((key, self._seen[key], n, owners))
+            self._seen[key] = n
+
     def _run(self) -> None:
-        seen: dict[str, int] = {}
         while not self.stop.wait(1.0):  # decisions are seconds apart (stabilization windows)
             try:
-                kids = self.platform.children()
+                self.poll()
             except Exception:  # noqa: BLE001 - the next look
                 continue
-            for key, obj in kids.items():
-                if not key.startswith(("StatefulSet/", "Deployment/")):
-                    continue
-                n = obj["spec"].get("replicas", 1)
-                if key in seen and seen[key] != n:
-                    owners = {m["manager"] for m in obj["metadata"].get("managedFields", [])
-                              if "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {})}
-                    self.changes.append((key, seen[key], n, owners))
-                seen[key] = n
 
     def __enter__(self) -> "ReplicaLog":
+        self.poll()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self._thread.join(10)
+        self.poll()
 
 
 def gateway(platform: Platform) -> tuple[str, str]:
@@ -278,7 +282,9 @@ def test_flux_reconciling_under_load_never_undoes_the_autoscalers_decisions(depl
         # Load until the autoscaler has scaled the thinker up, with Flux asked to reconcile again
         # and again meanwhile (each waits for its health check: the scale-up counts as in progress).
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and (len(reconciles) < 6 or not log.changes):
+        def thinker_scaled() -> bool:
+            return any(w == f"StatefulSet/{NAME}-thinker" for w, *_ in log.changes)
+        while time.monotonic() < deadline and (len(reconciles) < 6 or not thinker_scaled()):
             reconciles.append(gitops.wait_handled(gitops.request_reconcile(), timeout=600))
         burst.stop.set()
         # Then the scale-down, with Flux reconciling through it too.
@@ -286,6 +292,10 @@ def test_flux_reconciling_under_load_never_undoes_the_autoscalers_decisions(depl
                                                or burst.in_flight):
             reconciles.append(gitops.wait_handled(gitops.request_reconcile(), timeout=600))
         burst.join(120)
+        # The autoscaler records a decision, then scales: let the last one reach the StatefulSet.
+        wait_until("the thinker StatefulSet at the autoscaler's last decision", lambda: deployed.children()[
+            f"StatefulSet/{NAME}-thinker"]["spec"]["replicas"] == deployed.omni()["status"]["thinker"]["desiredReplicas"],
+            60)
     omni = deployed.omni()
     decisions = [(d["role"], d["fromReplicas"], d["toReplicas"]) for d in omni["status"].get("lastScaleDecisions", [])]
     assert ("thinker", 1, 2) in decisions and ("thinker", 2, 1) in decisions, (decisions, deployed.log_tail())
