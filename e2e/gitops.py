@@ -150,8 +150,8 @@ class GitOpsPlatform:
         def failed():
             ks = self.kustomization()
             ready = condition(ks, "Ready")
-            return ks if ready.get("status") == "False" and ks["status"].get("lastAttemptedRevision", "").endswith(sha) \
-                else None
+            attempted = (ks or {}).get("status", {}).get("lastAttemptedRevision", "")
+            return ks if ready.get("status") == "False" and attempted.endswith(sha) else None
         return self._wait(f"the Kustomization to fail at {sha[:12]}", failed, timeout)
 
     def _wait(self, what: str, check, timeout: float) -> Any:

@@ -342,8 +342,10 @@ def test_with_probe_serving_pods_kwok_gives_serving_pods_an_address_but_never_re
         other["metadata"]["labels"] = {"app.kubernetes.io/component": "thinker"}  # not the operator's
         c.apply(serving, other, namespace="default")
         c.wait_for("the plain pod Ready", lambda: _is_ready(c.get_json("pod", "plain", "-n", "default")), timeout=60)
-        pod = c.wait_for("the serving pod's address", lambda: (p := c.get_json("pod", "omni-thinker-0", "-n", "default"))
-                         .get("status", {}).get("podIP") and p, timeout=60)
+        def addressed() -> dict[str, Any] | None:
+            pod = c.get_json("pod", "omni-thinker-0", "-n", "default")
+            return pod if pod.get("status", {}).get("podIP") else None
+        pod = c.wait_for("the serving pod's address", addressed, timeout=60)
         assert pod["status"]["phase"] == "Running" and _condition(pod, "Ready")["status"] == "False"
         assert [s["ready"] for s in pod["status"]["containerStatuses"]] == [False]
         assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(POD_CIDR)

@@ -194,10 +194,16 @@ def test_an_unsizable_commit_fails_the_health_check_and_a_fixing_commit_recovers
 # ----------------------------------------------------------------------------- 3. spec change
 
 
+def thinker_pods(platform: Platform) -> dict[str, str]:
+    """name -> uid of the thinker's pods."""
+    pods = json.loads(platform.cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l",
+                                               INSTANCE + ",app.kubernetes.io/component=thinker", "-o", "json").stdout)
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods["items"]}
+
+
 def test_a_spec_commit_rolls_the_deployment_and_flux_waits_for_the_rollout(deployed):
     gitops = deployed.gitops
-    pods_before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in json.loads(deployed.cluster.kubectl(
-        "get", "pods", "-n", NAMESPACE, "-l", INSTANCE + ",app.kubernetes.io/component=thinker", "-o", "json").stdout)["items"]}
+    pods_before = thinker_pods(deployed)
     sha = deployed.commit_omni({"workload": {"maxRequestSeconds": 120}}, "thinker: drain for 120 s")
     ks = gitops.wait_applied(sha)
     omni = deployed.omni()
@@ -206,8 +212,7 @@ def test_a_spec_commit_rolls_the_deployment_and_flux_waits_for_the_rollout(deplo
     env = {e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env[Env.DRAIN_SECONDS] == "120"
     assert sts["status"]["updateRevision"] == sts["status"]["currentRevision"]
-    pods_after = {p["metadata"]["name"]: p["metadata"]["uid"] for p in json.loads(deployed.cluster.kubectl(
-        "get", "pods", "-n", NAMESPACE, "-l", INSTANCE + ",app.kubernetes.io/component=thinker", "-o", "json").stdout)["items"]}
+    pods_after = thinker_pods(deployed)
     assert pods_after.keys() == pods_before.keys() and not set(pods_after.values()) & set(pods_before.values()), \
         "every thinker pod was replaced"
     # Flux was healthy only once the operator had stopped reconciling the rollout.
@@ -293,9 +298,10 @@ def test_flux_reconciling_under_load_never_undoes_the_autoscalers_decisions(depl
             reconciles.append(gitops.wait_handled(gitops.request_reconcile(), timeout=600))
         burst.join(120)
         # The autoscaler records a decision, then scales: let the last one reach the StatefulSet.
-        wait_until("the thinker StatefulSet at the autoscaler's last decision", lambda: deployed.children()[
-            f"StatefulSet/{NAME}-thinker"]["spec"]["replicas"] == deployed.omni()["status"]["thinker"]["desiredReplicas"],
-            60)
+        def scaled_as_decided() -> bool:
+            sts = deployed.children()[f"StatefulSet/{NAME}-thinker"]
+            return sts["spec"]["replicas"] == deployed.omni()["status"]["thinker"]["desiredReplicas"]
+        wait_until("the thinker StatefulSet at the autoscaler's last decision", scaled_as_decided, 60)
     omni = deployed.omni()
     decisions = [(d["role"], d["fromReplicas"], d["toReplicas"]) for d in omni["status"].get("lastScaleDecisions", [])]
     assert ("thinker", 1, 2) in decisions and ("thinker", 2, 1) in decisions, (decisions, deployed.log_tail())

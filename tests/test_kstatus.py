@@ -87,7 +87,8 @@ def test_stalled_carries_the_operators_own_words():
     assert got["Stalled"]["message"] == got["SizingValid"]["message"] == sizing
     crash = PodProblem("CrashLoopBackOff", "pod a-thinker-1 container thinker: exited with 1: no such file")
     got = by_type(conditions(roles=SHORT, problems={"thinker": crash}))
-    assert got["Stalled"]["message"] == got["Ready"]["message"] == f"thinker 1/2 ready (CrashLoopBackOff: {crash.message})"
+    expected = f"thinker 1/2 ready (CrashLoopBackOff: {crash.message})"
+    assert got["Stalled"]["message"] == got["Ready"]["message"] == expected
 
 
 def test_an_unsizable_update_stalls_even_with_the_old_replicas_ready():

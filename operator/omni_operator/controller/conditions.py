@@ -132,8 +132,8 @@ def compute_conditions(*, generation: int | None, sizing_error: str | None, sizi
     pods_stuck = next((problems[r].reason for r in roles if r in problems and problems[r].reason in NEEDS_A_CHANGE),
                       None)
     stuck = _stalled_by(sizing, apply_failure, weights_failed, weights_message, pods_stuck, not_ready)
-    return [ready, progressing, degraded, sizing, *kstatus_conditions(ready, progressing, degraded, stuck, generation)] \
-        + ([weights] if weights else [])
+    kstatus = kstatus_conditions(ready, progressing, degraded, stuck, generation)
+    return [ready, progressing, degraded, sizing, *kstatus] + ([weights] if weights else [])
 
 
 def kstatus_conditions(ready: dict[str, Any], progressing: dict[str, Any], degraded: dict[str, Any],
@@ -142,8 +142,8 @@ def kstatus_conditions(ready: dict[str, Any], progressing: dict[str, Any], degra
     `stuck` (reason, message); else Reconciling=True with whatever keeps the object from Ready, or the
     rollout, scaling or weights still under way; both False once it is Ready and settled."""
     if stuck is not None:
-        return [condition(RECONCILING, False, "Stalled", "the operator cannot get further without a change (see Stalled)",
-                          generation),
+        return [condition(RECONCILING, False, "Stalled",
+                          "the operator cannot get further without a change (see Stalled)", generation),
                 condition(STALLED, True, *stuck, generation)]
     if progressing["status"] == "True":
         busy = progressing

@@ -495,7 +495,8 @@ def _apply_error(obj: dict[str, Any], err: KubeError, *, checked: bool) -> Apply
     if err.status == 404 and kind not in BUILTIN_KINDS:
         return ApplyFailure(f"the {obj['apiVersion']} {kind} API is not served by this cluster, so "
                             f"{kind} {name} cannot be created: install its provider "
-                            f"({_PROVIDERS.get(kind, 'its CRD')}) or choose another spec.autoscaling.mode", lasting=True)
+                            f"({_PROVIDERS.get(kind, 'its CRD')}) or choose another spec.autoscaling.mode",
+                            lasting=True)
     lasting = err.status in _REFUSALS
     if checked:
         return ApplyFailure(f"the apiserver refused {kind} {name}, so nothing was applied: {err.message}", lasting)
