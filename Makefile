@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-runtime setup-vllm system-tools image-tools tools binaries demo test test-pure test-schema \
-	test-cluster test-runtime test-vllm test-images test-lowest generate clean
+.PHONY: setup setup-runtime setup-vllm system-tools image-tools tools binaries flux demo test test-pure test-schema \
+	test-cluster test-runtime test-vllm test-gitops test-images test-lowest generate clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,11 +56,17 @@ tools:
 binaries:
 	bash e2e/build-binaries.sh
 
+# Flux's source-controller and kustomize-controller, with their CRDs and RBAC (the GitOps tier).
+flux:
+	bash e2e/build-flux.sh
+
 # openssl (certificates of the local control plane), a Lua 5.1 interpreter (the Argo CD health
-# check runs on gopher-lua, Lua 5.1) and shellcheck (actionlint checks the workflows' scripts with it);
-# installed from Debian when missing and we may.
+# check runs on gopher-lua, Lua 5.1), shellcheck (actionlint checks the workflows' scripts with it)
+# and git (its http-backend serves the GitOps tier's repository); installed from Debian when
+# missing and we may.
 system-tools:
 	@missing=""; command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v git >/dev/null || missing="$$missing git"; \
 	command -v lua5.1 >/dev/null || missing="$$missing lua5.1"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	if [ -n "$$missing" ]; then \
@@ -86,7 +92,7 @@ demo: setup-runtime system-tools binaries
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 # Every tier, then the lowest-versions run: the command CI runs (.ci/run).
-test: test-pure test-schema test-cluster test-runtime test-vllm test-images test-lowest
+test: test-pure test-schema test-cluster test-runtime test-vllm test-gitops test-images test-lowest
 
 test-pure: setup
 	$(PYTEST) --tier=pure
@@ -102,6 +108,10 @@ test-runtime: setup-runtime system-tools binaries
 
 test-vllm: setup-runtime setup-vllm
 	$(PYTEST) --tier=vllm
+
+# Flux from Git on a private control plane whose serving pods run the tiny model for real.
+test-gitops: setup-runtime system-tools binaries flux
+	$(PYTEST) --tier=gitops
 
 # The operator and gateway images built with buildah and started as their pods start them (read-only
 # root, the rendered user and env), probed on loopback; the chart's operator against the local control

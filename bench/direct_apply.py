@@ -29,7 +29,7 @@ def write_one(kube: Kube, resource: dict[str, Any]) -> None:
     for obj in plan.objects:
         kube.apply(obj)
     conditions = compute_conditions(generation=meta.get("generation"), sizing_error=None,
-                                    sizing_reason=plan.sizing.reason, invalid_spec=False, apply_error=None, roles={},
+                                    sizing_reason=plan.sizing.reason, invalid_spec=False, apply_failure=None, roles={},
                                     weights=plan.weights.condition)
     gpus = gpus_for(plan.sizing, plan.replicas)
     status = {"observedGeneration": meta.get("generation"), "sizing": sizing_status(plan.sizing, gpus).wire(),

@@ -324,6 +324,18 @@ class LocalCluster:
         or nothing at all (``anonymous``). Returns (HTTP status, parsed JSON or text)."""
         return self._request(method, path, body, token=token, anonymous=anonymous)
 
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path, duration: str = "24h") -> Path:
+        """A kubeconfig at `path` that authenticates as ServiceAccount namespace/name with a bound token,
+        as a pod of that account would (the account must exist)."""
+        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={duration}").stdout.strip()
+        config = json.loads(self.kubeconfig.read_text())
+        config["users"] = [{"name": name, "user": {"token": token}}]
+        for ctx in config["contexts"]:
+            ctx["context"]["user"] = name
+        path.write_text(json.dumps(config, indent=2))
+        os.chmod(path, 0o600)
+        return path
+
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
         """Poll ``check`` until it returns something truthy; raise ClusterError on timeout."""
         return wait_until(what, check, timeout, interval, error=ClusterError)

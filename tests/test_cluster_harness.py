@@ -327,3 +327,27 @@ def test_start_reuses_a_running_cluster_and_cli(cluster: LocalCluster) -> None:
     assert str(cluster.bin_dir) in env.stdout
     assert cluster.env["KUBECONFIG"] == str(cluster.kubeconfig)
     assert cluster.env["PATH"].split(":")[0] == str(cluster.bin_dir)
+
+
+def test_a_serving_cluster_s_kwok_gives_serving_pods_an_address_but_never_ready(tmp_path: Path) -> None:
+    """Only the node agent's probes may make the operator's serving pods Ready (it serves none
+    here); kwok still runs every other pod as before."""
+    c = LocalCluster(tmp_path / "probed", die_with_parent=True, serving=True)
+    c.start(timeout=240, build=False)
+    try:
+        serving = _pod("omni-thinker-0", _pod_spec("cpu"))
+        serving["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "omni-operator",
+                                         "app.kubernetes.io/component": "thinker"}
+        other = _pod("plain", _pod_spec("cpu"))
+        other["metadata"]["labels"] = {"app.kubernetes.io/component": "thinker"}  # not the operator's
+        c.apply(serving, other, namespace="default")
+        c.wait_for("the plain pod Ready", lambda: _is_ready(c.get_json("pod", "plain", "-n", "default")), timeout=60)
+        def addressed() -> dict[str, Any] | None:
+            pod = c.get_json("pod", "omni-thinker-0", "-n", "default")
+            return pod if pod.get("status", {}).get("podIP") else None
+        pod = c.wait_for("the serving pod's address", addressed, timeout=60)
+        assert pod["status"]["phase"] == "Pending" and _condition(pod, "Ready")["status"] == "False"
+        assert not [s for s in pod["status"].get("containerStatuses") or [] if s.get("ready")]
+        assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(POD_CIDR)
+    finally:
+        c.stop()

@@ -58,6 +58,16 @@ def test_crd_has_printer_columns_subresources_and_cel():
     assert any("metadata.name.size()" in r for r in rules)
 
 
+def test_a_new_object_reads_as_not_yet_observed_until_the_operator_writes_status():
+    """kstatus skips the generation check when status.observedGeneration is absent and then calls an
+    object without conditions Current: with this default (applied as the apiserver reads from etcd)
+    a new OmniDeployment is InProgress for Flux, kpt and Config Sync until the operator has seen it.
+    tests/test_gitops.py sees the apiserver serve it."""
+    status = crd_schema()["properties"]["status"]
+    assert status["default"] == {"observedGeneration": 0}
+    assert status["properties"]["observedGeneration"]["type"] == "integer"
+
+
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_validate_against_the_crd(path):
     validate_against_crd(load_yaml(path))

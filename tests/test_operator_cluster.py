@@ -121,7 +121,8 @@ def test_omnideployment_converges_onto_the_gpu_pools(cluster, namespace, operato
     assert status["sizing"]["talker"]["estimatedGB"] == 23.07
     assert status["sizing"]["talker"]["concurrentSequences"] == 18
     assert {c["type"]: c["status"] for c in status["conditions"]} == \
-        {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True", "WeightsReady": "True"}
+        {"Ready": "True", "Progressing": "False", "Degraded": "False", "SizingValid": "True", "WeightsReady": "True",
+         "Reconciling": "False", "Stalled": "False"}
     # every key the operator wrote is one the typed model knows (and so the CRD keeps)
     OmniDeploymentStatus.model_validate(status)
     placement = pods_by_node_pool(cluster, namespace)
@@ -221,6 +222,11 @@ def test_unsizable_spec_sets_a_condition_and_creates_nothing(cluster, namespace,
     assert sizing["reason"] == "InsufficientGPUMemory"
     assert "77.79 GB" in sizing["message"] and "2 x 16 GiB" in sizing["message"]
     assert condition(result, "Degraded")["status"] == "True"
+    # kstatus (Flux, kpt, Config Sync): Failed, with the operator's words
+    assert (condition(result, "Stalled")["status"], condition(result, "Stalled")["reason"]) == \
+        ("True", "InsufficientGPUMemory")
+    assert condition(result, "Stalled")["message"] == sizing["message"]
+    assert condition(result, "Reconciling")["status"] == "False"
     assert children(cluster, namespace, "toosmall") == {}
 
 
@@ -265,6 +271,7 @@ def test_objects_not_owned_are_never_taken_over(cluster, namespace, operator):
     result = wait("Degraded=True", lambda: (r := kget(cluster, "omni", "mine", "-n", namespace))
                   and condition(r, "Degraded").get("reason") == "ApplyFailed" and r, operator=operator)
     assert "mine-gateway already exists and is not owned" in condition(result, "Degraded")["message"]
+    assert (condition(result, "Stalled")["status"], condition(result, "Stalled")["reason"]) == ("True", "ApplyFailed")
     svc = kget(cluster, "service", "mine-gateway", "-n", namespace)
     assert "ownerReferences" not in svc["metadata"] and svc["spec"]["ports"][0]["port"] == 80
     assert children(cluster, namespace, "mine") == {}, "nothing half-applied"
@@ -431,13 +438,7 @@ def test_operator_works_with_exactly_its_rbac_rules(cluster, namespace, crd, tmp
     cluster.kubectl("create", "clusterrolebinding", role, f"--clusterrole={role}",
                     f"--serviceaccount={namespace}:{sa}")
     try:
-        token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
-        kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())
-        kubeconfig["users"] = [{"name": sa, "user": {"token": token}}]
-        for ctx in kubeconfig["contexts"]:
-            ctx["context"]["user"] = sa
-        sa_config = tmp_path / "sa-kubeconfig"
-        sa_config.write_text(yaml.safe_dump(kubeconfig))
+        sa_config = cluster.service_account_kubeconfig(namespace, sa, tmp_path / "sa-kubeconfig", duration="1h")
 
         class SaCluster:  # the same cluster, seen with the service account's credentials
             env = dict(cluster.env, KUBECONFIG=str(sa_config))

@@ -82,7 +82,7 @@ def test_ready_condition_carries_the_first_roles_reason_and_every_cause():
     problems = {"gateway": PodProblem("MissingSecret", "pod g-0 container gateway: secret \"k\" not found"),
                 "talker": PodProblem("CrashLoopBackOff", "pod k-0: stale")}  # talker is ready: ignored
     ready = next(c for c in compute_conditions(generation=1, sizing_error=None, sizing_reason="", invalid_spec=False,
-                                               apply_error=None, roles=roles, problems=problems)
+                                               apply_failure=None, roles=roles, problems=problems)
                  if c["type"] == "Ready")
     assert ready["reason"] == "MissingSecret"
     assert ready["message"] == ('thinker 0/1 ready, gateway 0/1 ready (MissingSecret: pod g-0 container gateway: '

@@ -72,6 +72,8 @@ def test_status_names_the_missing_secret_and_the_crash_loop_until_they_are_fixed
         assert ready["status"] == "False" and ready["reason"] == "CrashLoopBackOff"  # the first role's problem
         assert "thinker 0/1 ready (CrashLoopBackOff: pod broken-thinker-0" in ready["message"]
         assert "gateway 0/1 ready (MissingSecret: pod broken-gateway-" in ready["message"]
+        stalled = condition(obj, "Stalled")  # kstatus: Failed until someone changes something
+        assert (stalled["status"], stalled["reason"], stalled["message"]) == ("True", "CrashLoopBackOff", ready["message"])
         printed = c.kubectl("get", "omni", "broken", "-n", NAMESPACE, "-o", "wide").stdout
         assert "CrashLoopBackOff" in printed  # the REASON printer column
 
@@ -94,6 +96,8 @@ def test_status_names_the_schedulers_reason_for_a_pod_no_node_takes(serving_clus
         message = obj["status"]["thinker"]["message"]
         assert message.startswith("pod nowhere-thinker-0: 0/") and "node(s) didn't match" in message, message
         assert condition(obj, "Ready")["reason"] == "Unschedulable"
+        # a cluster autoscaler may be bringing the node: still converging, not stalled
+        assert (condition(obj, "Reconciling")["status"], condition(obj, "Stalled")["status"]) == ("True", "False")
 
 
 def test_status_names_the_missing_priority_class_no_pod_can_be_created_without(serving_cluster, tmp_path):
@@ -116,6 +120,7 @@ def test_status_names_the_missing_priority_class_no_pod_can_be_created_without(s
         ready = condition(obj, "Ready")
         assert ready["status"] == "False" and ready["reason"] == "FailedCreate"
         assert "thinker 0/1 ready (FailedCreate: Create Pod unranked-thinker-0" in ready["message"]
+        assert (condition(obj, "Stalled")["status"], condition(obj, "Stalled")["reason"]) == ("True", "FailedCreate")
 
         # The PriorityClass appears: the controllers create the pods, and the reason goes away.
         c.kubectl("create", "priorityclass", "gpu-first", "--value=1000")
@@ -140,6 +145,7 @@ def test_status_names_the_image_the_node_cannot_pull(serving_cluster, tmp_path):
         message = obj["status"]["thinker"]["message"]
         assert message.startswith("pod unpulled-thinker-0 container thinker: ") and f'"{image}"' in message, message
         assert condition(obj, "Ready")["reason"] == "ImagePullBackOff"
+        assert (condition(obj, "Stalled")["status"], condition(obj, "Stalled")["reason"]) == ("True", "ImagePullBackOff")
         pod = kget(c, "pod", "unpulled-thinker-0", "-n", NAMESPACE)
         waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]
         assert pod["status"]["phase"] == "Pending" and waiting["reason"] in ("ErrImagePull", "ImagePullBackOff")

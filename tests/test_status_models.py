@@ -33,7 +33,7 @@ def test_a_condition_the_apiserver_would_refuse_fails_where_it_is_made():
 def test_what_the_reconciler_computes_round_trips_through_the_model():
     roles = {"thinker": RoleObservation(desired=2, current=2, ready=1, up_to_date=False)}
     conditions = compute_conditions(generation=3, sizing_error=None, sizing_reason="sized", invalid_spec=False,
-                                    apply_error=None, roles=roles)
+                                    apply_failure=None, roles=roles)
     status = OmniDeploymentStatus(observed_generation=3, conditions=[Condition.model_validate(c) for c in conditions],
                                   thinker=roles["thinker"].as_status())
     patch = status.patch()

@@ -135,7 +135,7 @@ def test_nothing_runs_on_gpus_until_the_cache_is_complete():
     assert "StatefulSet" not in kinds(plan)  # no thinker or talker pod without weights
     assert plan.weights.condition["reason"] == "CreatingCache"
     conditions = {c["type"]: c for c in compute_conditions(
-        generation=3, sizing_error=None, sizing_reason="", invalid_spec=False, apply_error=None, roles={},
+        generation=3, sizing_error=None, sizing_reason="", invalid_spec=False, apply_failure=None, roles={},
         weights=plan.weights.condition, waiting_for_weights=True)}
     assert conditions["Ready"]["status"] == "False" and conditions["Ready"]["reason"] == "WaitingForWeights"
     assert conditions["WeightsReady"]["status"] == "False"
@@ -213,7 +213,7 @@ def test_a_failed_loader_is_reported_with_its_own_words_and_nothing_starts():
     assert "StatefulSet" not in kinds(plan)
     assert plan.weights.poll_after is None  # nothing to wait for until the spec changes
     conditions = {c["type"]: c for c in compute_conditions(
-        generation=3, sizing_error=None, sizing_reason="", invalid_spec=False, apply_error=None, roles={},
+        generation=3, sizing_error=None, sizing_reason="", invalid_spec=False, apply_failure=None, roles={},
         weights=plan.weights.condition, weights_failed=True, waiting_for_weights=True)}
     assert conditions["Degraded"]["reason"] == "WeightsFailed" and why in conditions["Degraded"]["message"]
 

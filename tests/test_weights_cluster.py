@@ -133,6 +133,7 @@ def test_a_gated_repository_without_a_token_is_reported_and_nothing_starts(clust
     assert "gated" in message and "tokenSecretRef" in message, message
     assert condition(r, "Degraded")["reason"] == "WeightsFailed"
     assert condition(r, "Ready")["reason"] == "WaitingForWeights"
+    assert (condition(r, "Stalled")["status"], condition(r, "Stalled")["reason"]) == ("True", "WeightsFailed")
     assert r["status"]["weights"]["phase"] == "Failed"
     assert kget(cluster, "statefulsets", "-n", namespace)["items"] == []
     job = kget(cluster, "job", r["status"]["weights"]["claimName"], "-n", namespace)

@@ -2,7 +2,9 @@
 -- Install as resource.customizations.health.omni.qwen.ai_OmniDeployment in argocd-cm.
 --
 --   Degraded     SizingValid=False (the workload does not fit the GPUs: the operator will not
---                roll it out until the spec changes), or Degraded=True
+--                roll it out until the spec changes), Stalled=True (it cannot get further without
+--                a change: a refused child, failed weights, a missing Secret, a crash loop), or
+--                Degraded=True
 --   Progressing  the operator has not yet observed the latest spec (status.observedGeneration,
 --                or the Ready condition's observedGeneration, is behind metadata.generation),
 --                no status yet, Progressing=True (even with Ready=True: a rollout is under way),
@@ -58,6 +60,7 @@ end
 
 local conditions = conditionsByType(status)
 local sizing = conditions["SizingValid"]
+local stalled = conditions["Stalled"]
 local degraded = conditions["Degraded"]
 local progressing = conditions["Progressing"]
 local ready = conditions["Ready"]
@@ -65,6 +68,13 @@ local ready = conditions["Ready"]
 if sizing ~= nil and sizing.status == "False" then
   hs.status = "Degraded"
   hs.message = "Sizing invalid: " .. describe(sizing, "the workload does not fit the GPU pool")
+  return hs
+end
+
+-- The same verdict as kstatus' Failed (Flux, kpt, Config Sync).
+if stalled ~= nil and stalled.status == "True" then
+  hs.status = "Degraded"
+  hs.message = describe(stalled, "Stalled")
   return hs
 end
 

@@ -135,6 +135,10 @@ def build_crd() -> dict[str, Any]:
     spec_schema["description"] = "Desired state of a Qwen3-Omni deployment."
     status_schema = _schema_of(OmniDeploymentStatus, keep_defaults=False)
     status_schema["description"] = "Observed state, written by the operator."
+    # Until the operator's first status, reads show observedGeneration 0, behind metadata.generation:
+    # kstatus tools (Flux's wait, kpt, Config Sync) then see a new object as in progress, not as
+    # Current the moment it exists (the apiserver applies defaults when it reads from etcd).
+    status_schema["default"] = {"observedGeneration": 0}
     root = {
         "type": "object",
         "description": "OmniDeployment runs Qwen3-Omni (thinker, talker, gateway) on GPU node pools.",

@@ -101,8 +101,14 @@ class WeightsStatus(ApiModel):
 
 
 class OmniDeploymentStatus(ApiModel):
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = Field(default=None, description=(
+        "The metadata.generation this status was computed for (written by every reconcile)."))
+    conditions: list[Condition] = Field(default_factory=list, description=(
+        "Ready, Progressing, Degraded, SizingValid, WeightsReady (with model.repo); and the kstatus pair "
+        "that Flux, kpt and Config Sync read: Reconciling (True while the operator converges: weights "
+        "loading, a rollout, replicas short) and Stalled (True when it cannot get further without a "
+        "change: an unsizable spec, a refused child, failed weights, a missing Secret or PriorityClass, "
+        "an image that cannot be pulled, a crash loop); both False once Ready and settled."))
     thinker: RoleStatus | None = None
     talker: RoleStatus | None = None
     gateway: RoleStatus | None = None

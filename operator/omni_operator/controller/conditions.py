@@ -1,5 +1,10 @@
 """The OmniDeployment's conditions from what a reconcile observed (pure).
 
+Ready, Progressing, Degraded, SizingValid and WeightsReady say what the operator sees; Reconciling
+and Stalled say the same in the kstatus conventions (sigs.k8s.io/cli-utils), which Flux's `wait` and
+`healthChecks`, kpt and Config Sync read instead: Reconciling=True while the operator still
+converges, Stalled=True when it cannot get further without a change (docs/gitops.md has the table).
+
 What goes into the status is built through the typed models of omni_operator.api.status;
 the reconciler does the I/O around it."""
 
@@ -9,10 +14,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from omni_operator.api.status import Condition, RoleStatus
-from omni_operator.controller.pod_problems import PodProblem
+from omni_operator.controller.pod_problems import NEEDS_A_CHANGE, PodProblem
 
 READY, PROGRESSING, DEGRADED, SIZING_VALID = "Ready", "Progressing", "Degraded", "SizingValid"
 WEIGHTS_READY = "WeightsReady"
+RECONCILING, STALLED = "Reconciling", "Stalled"  # kstatus
+
+
+@dataclass(frozen=True)
+class ApplyFailure:
+    """Why a plan was not applied. `lasting`: the apiserver refused it (validation, admission, a name
+    someone else holds, an API it does not serve), so the same plan fails again until something
+    changes; otherwise (a write conflict, a child still being deleted, a server error) a retry may pass."""
+
+    message: str
+    lasting: bool
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,7 @@ def condition(type_: str, status: bool | str, reason: str, message: str, generat
 
 
 def compute_conditions(*, generation: int | None, sizing_error: str | None, sizing_reason: str,
-                       invalid_spec: bool, apply_error: str | None,
+                       invalid_spec: bool, apply_failure: ApplyFailure | None,
                        roles: dict[str, RoleObservation], weights: dict[str, Any] | None = None,
                        weights_failed: bool = False, waiting_for_weights: bool = False,
                        problems: dict[str, PodProblem] | None = None) -> list[dict[str, Any]]:
@@ -83,8 +99,8 @@ def compute_conditions(*, generation: int | None, sizing_error: str | None, sizi
         degraded = condition(DEGRADED, True, "SizingInvalid",
                              "the spec cannot be sized; running replicas are left unchanged: " + sizing_error,
                              generation)
-    elif apply_error:
-        degraded = condition(DEGRADED, True, "ApplyFailed", apply_error, generation)
+    elif apply_failure:
+        degraded = condition(DEGRADED, True, "ApplyFailed", apply_failure.message, generation)
     elif weights_failed:
         degraded = condition(DEGRADED, True, "WeightsFailed", weights_message, generation)
     else:
@@ -112,7 +128,50 @@ def compute_conditions(*, generation: int | None, sizing_error: str | None, sizi
     else:
         reason = next((problems[r].reason for r in roles if r in problems), "ReplicasNotReady")
         ready = condition(READY, False, reason, ", ".join(not_ready), generation)
-    return [ready, progressing, degraded, sizing] + ([weights] if weights else [])
+
+    pods_stuck = next((problems[r].reason for r in roles if r in problems and problems[r].reason in NEEDS_A_CHANGE),
+                      None)
+    stuck = _stalled_by(sizing, apply_failure, weights_failed, weights_message, pods_stuck, not_ready)
+    kstatus = kstatus_conditions(ready, progressing, degraded, stuck, generation)
+    return [ready, progressing, degraded, sizing, *kstatus] + ([weights] if weights else [])
+
+
+def kstatus_conditions(ready: dict[str, Any], progressing: dict[str, Any], degraded: dict[str, Any],
+                       stuck: tuple[str, str] | None, generation: int | None) -> list[dict[str, Any]]:
+    """Reconciling and Stalled, never both True (kstatus reads Reconciling first): Stalled=True with
+    `stuck` (reason, message); else Reconciling=True with whatever keeps the object from Ready, or the
+    rollout, scaling or weights still under way; both False once it is Ready and settled."""
+    if stuck is not None:
+        return [condition(RECONCILING, False, "Stalled",
+                          "the operator cannot get further without a change (see Stalled)", generation),
+                condition(STALLED, True, *stuck, generation)]
+    if progressing["status"] == "True":
+        busy = progressing
+    elif ready["status"] != "True":
+        busy = ready
+    elif degraded["status"] == "True":  # a write that may pass on the next try
+        busy = degraded
+    else:
+        return [condition(RECONCILING, False, "Reconciled", "every role is rolled out and ready", generation),
+                condition(STALLED, False, "AsExpected", "", generation)]
+    return [condition(RECONCILING, True, busy["reason"], busy["message"], generation),
+            condition(STALLED, False, "AsExpected", "", generation)]
+
+
+def _stalled_by(sizing: dict[str, Any], apply_failure: ApplyFailure | None, weights_failed: bool,
+                weights_message: str, pods_stuck: str | None, not_ready: list[str]) -> tuple[str, str] | None:
+    """(reason, message) when the operator cannot get further without a change to the spec or to
+    the cluster: retrying the same plan fails the same way. A transient apply failure, pods waiting
+    for a node (a cluster autoscaler may bring one) and pods starting are not stalled."""
+    if sizing["status"] == "False":
+        return sizing["reason"], sizing["message"]
+    if apply_failure is not None and apply_failure.lasting:
+        return "ApplyFailed", apply_failure.message
+    if weights_failed:
+        return "WeightsFailed", weights_message
+    if pods_stuck is not None:
+        return pods_stuck, ", ".join(not_ready)
+    return None
 
 
 def merge_conditions(previous: list[dict[str, Any]], new: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:

@@ -27,6 +27,10 @@ _WAITING = {
 }
 _ORDER = ("FailedCreate", "MissingSecret", "CreateContainerConfigError", "ImagePullBackOff", "CreateContainerError",
           "CrashLoopBackOff", "Unschedulable")
+# The problems that stay until someone changes the spec or the cluster (a Secret, a PriorityClass,
+# an image, the program): kstatus' Stalled. Unschedulable is not among them: a cluster autoscaler
+# may be bringing the node.
+NEEDS_A_CHANGE = frozenset(_ORDER) - {"Unschedulable"}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from omni_operator.api.spec import AutoscalingMode
 from omni_operator.api.status import Condition, OmniDeploymentStatus
 from omni_operator.controller import metrics
 from omni_operator.controller.cache import ObjectCache
-from omni_operator.controller.conditions import (RoleObservation, compute_conditions, condition_events,
+from omni_operator.controller.conditions import (ApplyFailure, RoleObservation, compute_conditions, condition_events,
                                                  merge_conditions, observe_role)
 from omni_operator.controller.drift import is_subset, owned_by, parse_timestamp
 from omni_operator.controller.pod_problems import PodProblem, failed_create, missing_pods, role_problems
@@ -96,10 +96,14 @@ class Outcome:
     applied: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     status_written: bool = False
-    error: str | None = None
+    failure: ApplyFailure | None = None  # why the plan was not applied
     skipped: str | None = None
     requeue: bool = False  # the object changed under us; reconcile it again
     requeue_after: float | None = None  # a loader is at work: look at its progress again after this
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.message if self.failure else None
 
 
 class Reconciler:
@@ -180,8 +184,8 @@ class Reconciler:
             # that stays (a policy, a name held by someone else) then costs dry runs, not a create
             # and delete of children (whose events would bring the next try at once).
             check_all = self._failed_plans.get((namespace, name)) == meta.get("generation")
-            outcome.error = self._apply(plan, live, uid, namespace, outcome, check_all=check_all)
-            if outcome.error is None:
+            outcome.failure = self._apply(plan, live, uid, namespace, outcome, check_all=check_all)
+            if outcome.failure is None:
                 self._failed_plans.pop((namespace, name), None)
                 self._prune(plan, live, uid, namespace, outcome)
             else:
@@ -226,7 +230,7 @@ class Reconciler:
         return live
 
     def _apply(self, plan: Plan, live: dict, uid: str, namespace: str, outcome: Outcome, *,
-               check_all: bool = False) -> str | None:
+               check_all: bool = False) -> ApplyFailure | None:
         """Write what differs from the plan, all or nothing. A new child is created (POST), which
         never writes into an object that exists: a name someone else holds shows as a failed
         create, and whatever this reconcile created before it is deleted again. Creates come
@@ -280,14 +284,16 @@ class Reconciler:
             outcome.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
         return None
 
-    def _taken(self, key: tuple[str, str], namespace: str, uid: str, current: dict, live: dict) -> str | None:
+    def _taken(self, key: tuple[str, str], namespace: str, uid: str, current: dict, live: dict
+               ) -> ApplyFailure | None:
         """A create found the name taken: read whose it is. Ours (written by a previous leader and
         not shown by the watch yet) becomes the live copy; someone else's stops the plan."""
         found = self.kube.get(key[0], namespace, key[1])
         if found is None:
-            return f"{key[0]} {namespace}/{key[1]} is being deleted; it is created again once it is gone"
+            return ApplyFailure(f"{key[0]} {namespace}/{key[1]} is being deleted; it is created again once it is gone",
+                                lasting=False)
         if not owned_by(found, uid):
-            return _not_owned(key, namespace)
+            return ApplyFailure(_not_owned(key, namespace), lasting=True)
         current[key] = live[key] = found
         return None
 
@@ -409,7 +415,7 @@ class Reconciler:
         conditions = compute_conditions(
             generation=generation, sizing_error=sizing_error,
             sizing_reason=plan.sizing.reason if plan else "", invalid_spec=invalid_spec,
-            apply_error=outcome.error, roles=roles,
+            apply_failure=outcome.failure, roles=roles,
             weights=weights_decision.condition if weights_decision else None,
             weights_failed=bool(weights_decision and weights_decision.failed),
             waiting_for_weights=bool(weights_decision and weights_decision.mount is None), problems=problems)
@@ -469,17 +475,25 @@ def _needs_write(obj: dict[str, Any], found: dict[str, Any] | None) -> bool:
     return found is None or not (is_subset(obj, found) or obj["kind"] in CREATE_ONLY_KINDS)
 
 
-def _apply_error(obj: dict[str, Any], err: KubeError, *, checked: bool) -> str:
+# Answers that stay the same for the same object until someone changes it or the cluster: bad
+# request, forbidden (admission, quota, RBAC), invalid. A conflict, throttling or a server error may
+# pass on the next try.
+_REFUSALS = (400, 403, 422)
+
+
+def _apply_error(obj: dict[str, Any], err: KubeError, *, checked: bool) -> ApplyFailure:
     """Degraded's message for a child the apiserver did not take. `checked`: refused by a dry
     run or by its create, so nothing of the plan was kept (what was created before is deleted)."""
     kind, name = obj["kind"], obj["metadata"]["name"]
     if err.status == 404 and kind not in BUILTIN_KINDS:
-        return (f"the {obj['apiVersion']} {kind} API is not served by this cluster, so "
-                f"{kind} {name} cannot be created: install its provider "
-                f"({_PROVIDERS.get(kind, 'its CRD')}) or choose another spec.autoscaling.mode")
+        return ApplyFailure(f"the {obj['apiVersion']} {kind} API is not served by this cluster, so "
+                            f"{kind} {name} cannot be created: install its provider "
+                            f"({_PROVIDERS.get(kind, 'its CRD')}) or choose another spec.autoscaling.mode",
+                            lasting=True)
+    lasting = err.status in _REFUSALS
     if checked:
-        return f"the apiserver refused {kind} {name}, so nothing was applied: {err.message}"
-    return f"applying {kind} {name} failed: {err.message}"
+        return ApplyFailure(f"the apiserver refused {kind} {name}, so nothing was applied: {err.message}", lasting)
+    return ApplyFailure(f"applying {kind} {name} failed: {err.message}", lasting)
 
 
 def _not_owned(key: tuple[str, str], namespace: str) -> str:
