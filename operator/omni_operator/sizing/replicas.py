@@ -18,7 +18,7 @@ from omni_operator.sizing.model_card import GIB_IN_GB, Role, Variant, estimate_g
 # talker.maxInflight says otherwise, a talker pod takes as many streams as its one GPU holds.
 TALKER_MAX_STREAMS = 64  # the largest batch bucket
 # The memory pools of the talker's CUDA graphs (64 step and code-predictor shapes, code2wav up to
-# 8 chunks x 64 frames). An estimate from the shapes (docs/performance-talker.md) until
+# 8 chunks x 64 frames). An estimate from the shapes (docs/concepts/talker.md) until
 # bench.talker_device_bench measures it on a GPU.
 TALKER_GRAPHS_GB = 2.0
 
