@@ -12,6 +12,7 @@ from aiohttp import web
 
 from omni_runtime.config import GatewaySettings
 from omni_runtime.gateway.auth import ApiKeys
+from omni_runtime.gateway.realtime import RealtimeEndpoint
 from omni_runtime.gateway.speech import Speech
 from omni_runtime.gateway.upstream import ClientGone, Upstreams, UpstreamUnavailable
 from omni_runtime.gateway.validation import BadRequest, validate_chat
@@ -27,6 +28,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.upstreams = Upstreams(cfg, self.metrics)
         self.speech = Speech(self.upstreams, cfg, self.metrics)
+        self.realtime = RealtimeEndpoint(cfg, self.speech, self.metrics, on_change=self._update)
         self.keys = ApiKeys(cfg.api_keys_file)
         self.waiting = 0
         self.running = 0
@@ -34,7 +36,8 @@ class Gateway:
 
     def _update(self):
         self.metrics.queue_depth.set(self.waiting)
-        self.metrics.running.set(self.running)
+        # an open realtime session is a request in progress (docs/realtime.md, "Scaling")
+        self.metrics.running.set(self.running + self.realtime.sessions)
         self.metrics.ready.set(0 if self.draining else 1)
         self.metrics.draining.set(1 if self.draining else 0)
 
@@ -45,9 +48,11 @@ class Gateway:
     async def drain(self):
         self.draining = self.upstreams.draining = True
         self._update()
+        realtime = asyncio.ensure_future(self.realtime.drain(self.cfg.drain_seconds))
         deadline = time.monotonic() + self.cfg.drain_seconds
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        await realtime
         await asyncio.sleep(0.2)  # let the last responses flush before the listeners close
         await self.upstreams.close()
 
@@ -152,6 +157,7 @@ class Gateway:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/realtime", self.realtime.handle)
         return app
 
 
