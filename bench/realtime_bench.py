@@ -1,0 +1,254 @@
+"""Voice-to-voice latency of realtime sessions, against the HTTP speech path, and barge-in.
+
+Real processes on loopback, the tiny random-weight model: one thinker (transformers
+engine), one talker and a gateway, driven by the OpenAI SDK's realtime client with real
+speech from espeak-ng. Every user "speaks" an utterance in real time (20 ms chunks at 1x),
+then waits for the whole answer; concurrent users do so side by side.
+
+  1. voice-to-voice latency at 1, 4 and 8 concurrent sessions: from the last appended audio
+     of the user's turn to the first `response.output_audio.delta` (manual commit, so VAD
+     silence is not in it); the baseline, in the same run: the same utterance (the same
+     16 kHz WAV) as one streamed `/v1/chat/completions` request with audio output, from
+     sending it to its first audio chunk, by the same number of users speaking first.
+     Both ask for the same answer (16 tokens, greedy) and speech (32 codec frames);
+     realtime turns delete their items after each answer, so both prompts are the same;
+  2. what server VAD adds: end of speech -> `input_audio_buffer.speech_stopped`
+     (silence_duration_ms 500 of it), and end of speech -> first audio of the answer;
+  3. barge-in: the user starts speaking over a long answer -> the last audio delta of
+     that answer (and -> its `response.done`, cancelled).
+
+    .venv/bin/python -m bench.realtime_bench [--turns 4] [--barge-ins 20] [--device cuda]
+
+Needs `make setup-runtime` and espeak-ng (`make system-tools`). The last line holds the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from e2e.runtime_process import RuntimeProcess
+from e2e.speech import espeak_pcm16, silence
+
+ANSWER_TOKENS = 16
+CODES = 32                 # speech per answer: 2.56 s on the real model's 12.5 Hz codec
+CHUNK = 960                # 20 ms of 24 kHz PCM16
+MODEL = "tiny"
+UTTERANCE = "What is the weather like today?"
+INTERRUPTION = "Wait, stop, I have another question."
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def speech_span(pcm: bytes, level: float = 0.02) -> bytes:
+    """The utterance from its first to its last sample louder than `level` (espeak-ng pads both
+    ends with silence): speech starts with its first chunk and ends with its last."""
+    loud = np.flatnonzero(np.abs(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768) > level)
+    return pcm[2 * int(loud[0]):2 * (int(loud[-1]) + 1)]
+
+
+async def speak(conn, pcm: bytes) -> float:
+    """Append `pcm` at 1x real time; the time the last chunk was sent."""
+    start = time.monotonic()
+    for n, i in enumerate(range(0, len(pcm), CHUNK)):
+        await asyncio.sleep(max(0.0, start + n * 0.02 - time.monotonic()))
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + CHUNK]).decode())
+    return time.monotonic()
+
+
+async def next_of(conn, kind: str, seen: list | None = None):
+    while True:
+        ev = await conn.recv()
+        if seen is not None:
+            seen.append((time.monotonic(), ev))
+        if ev.type == "error":
+            raise RuntimeError(f"realtime error: {ev.error}")
+        if ev.type == kind:
+            return ev
+
+
+def sdk(url: str):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(api_key="unused", base_url=url + "/v1")
+
+
+# -- 1: voice to voice, realtime and HTTP -----------------------------------------------------
+async def realtime_user(url: str, pcm: bytes, turns: int) -> list[float]:
+    out = []
+    async with sdk(url).realtime.connect(model=MODEL) as conn:
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": ANSWER_TOKENS,
+                                           "audio": {"input": {"turn_detection": None}}})
+        await next_of(conn, "session.updated")
+        for _ in range(turns):
+            last = await speak(conn, pcm)
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            seen: list = []
+            await next_of(conn, "response.output_audio.delta", seen)
+            out.append(seen[-1][0] - last)
+            done = await next_of(conn, "response.done")
+            user = next(ev.item_id for _, ev in seen if ev.type == "input_audio_buffer.committed")
+            for item in (user, done.response.output[0].id):  # the next turn's prompt is this one's again
+                await conn.conversation.item.delete(item_id=item)
+                await next_of(conn, "conversation.item.deleted")
+    return out
+
+
+async def http_user(url: str, wav_b64: str, turns: int, seconds: float) -> list[float]:
+    body = {"model": MODEL, "stream": True, "max_tokens": ANSWER_TOKENS, "temperature": 0,
+            "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"},
+            "messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                       "input_audio": {"data": wav_b64, "format": "wav"}}]}]}
+    out = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        for _ in range(turns):
+            await asyncio.sleep(seconds)  # the user speaks before the request can go
+            sent = time.monotonic()
+            first = None
+            async with s.post(url + "/v1/chat/completions", json=body) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"gateway answered {r.status}: {(await r.text())[:300]}")
+                async for line in r.content:
+                    if first is None and line.startswith(b"data: {") and b'"data"' in line:
+                        first = time.monotonic() - sent
+            if first is None:
+                raise RuntimeError("no audio in the HTTP answer")
+            out.append(first)
+    return out
+
+
+# -- 2: what server VAD adds ------------------------------------------------------------------
+async def vad_turn(url: str, pcm: bytes) -> tuple[float, float]:
+    async with sdk(url).realtime.connect(model=MODEL) as conn:
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": ANSWER_TOKENS})
+        await next_of(conn, "session.updated")
+        seen: list = []
+        end = await speak(conn, silence(0.3) + pcm)
+        tail = asyncio.ensure_future(speak(conn, silence(1.5)))
+        await next_of(conn, "input_audio_buffer.speech_stopped", seen)
+        stopped = seen[-1][0]
+        await next_of(conn, "response.output_audio.delta", seen)
+        first = seen[-1][0]
+        await tail
+        await next_of(conn, "response.done")
+        return stopped - end, first - end
+
+
+# -- 3: barge-in --------------------------------------------------------------------------------
+async def barge_in(url: str, pcm: bytes, interruption: bytes) -> tuple[float, float]:
+    """(speech start -> last audio delta of the interrupted answer, speech start -> its response.done)."""
+    async with sdk(url).realtime.connect(model=MODEL) as conn:
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": 4000})
+        await next_of(conn, "session.updated")
+        seen: list = []
+        talk = asyncio.ensure_future(speak(conn, silence(0.3) + pcm + silence(0.8)))
+        created = await next_of(conn, "response.created", seen)
+        for _ in range(3):  # the answer is being spoken
+            await next_of(conn, "response.output_audio.delta", seen)
+        await talk
+        seen.clear()
+        talk = asyncio.ensure_future(speak(conn, interruption + silence(0.8)))
+        start = time.monotonic()  # its first chunk goes out now: speech starts
+        done = await next_of(conn, "response.done", seen)
+        if done.response.id != created.response.id or done.response.status != "cancelled":
+            raise RuntimeError(f"the answer was not cut: {done.response.status}")
+        deltas = [t for t, ev in seen if ev.type == "response.output_audio.delta" and ev.response_id == done.response.id]
+        last = max(deltas) if deltas else start
+        await talk
+        return max(0.0, last - start), seen[-1][0] - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--turns", type=int, default=4, help="turns per user at each concurrency")
+    ap.add_argument("--barge-ins", type=int, default=20)
+    ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
+    args = ap.parse_args()
+
+    from omni_runtime.audio import wav_header
+    from omni_runtime.gateway.realtime.resample import to_model_rate
+    from omni_runtime.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
+    model = build_tiny_model(work / "model")
+    pcm = speech_span(espeak_pcm16(UTTERANCE))
+    interruption = speech_span(espeak_pcm16(INTERRUPTION))
+    pcm16k = to_model_rate(pcm)
+    wav_b64 = base64.b64encode(wav_header(16000, len(pcm16k) // 2) + pcm16k).decode()
+    seconds = len(pcm) / 48000
+    common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": args.device, "OMNI_SERVED_MODEL_NAME": MODEL}
+    procs = []
+    try:
+        thinker = RuntimeProcess("thinker", common, work / "thinker.log", ("--engine", "transformers"))
+        talker = RuntimeProcess("talker", {**common, "OMNI_MAX_INFLIGHT": "16", "OMNI_MAX_QUEUE": "16"},
+                                work / "talker.log")
+        upstreams = {"OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
+                     "OMNI_TALKER_SERVICE": f"127.0.0.1:{talker.port}|{talker.metrics_port}"}
+        gw = RuntimeProcess("gateway", {
+            **common, **upstreams, "OMNI_REALTIME_THINKER_PARAMS": json.dumps({"temperature": 0}),
+            "OMNI_TALKER_GENERATION": json.dumps({"max_codes": CODES, "min_codes": CODES, "seed": 3})},
+            work / "gateway.log")
+        long_gw = RuntimeProcess("gateway", {
+            **common, **upstreams, "OMNI_REALTIME_THINKER_PARAMS": json.dumps({"temperature": 0, "ignore_eos": True}),
+            "OMNI_TALKER_GENERATION": json.dumps({"max_codes": 3000, "min_codes": 3000, "seed": 3})},
+            work / "gateway-long.log")
+        procs += [thinker, talker, gw, long_gw]
+        for p in procs:
+            p.wait_ready(timeout=180)
+        asyncio.run(realtime_user(gw.url, pcm, 1))  # warm-up, both paths
+        asyncio.run(http_user(gw.url, wav_b64, 1, 0))
+
+        where = "CPU" if args.device == "cpu" else args.device
+        print(f"# tiny model, {where} ({os.cpu_count()} cores, shared), OMP_NUM_THREADS=1 per process; "
+              f"utterance {seconds:.2f} s; logs in {work}")
+        print(f"1. voice-to-voice: last audio of the turn -> first audio of the answer ({ANSWER_TOKENS} tokens, "
+              f"{CODES} codec frames), {args.turns} turns per user")
+        ratios = {}
+        for n in (1, 4, 8):
+            async def both(n=n):
+                rt = await asyncio.gather(*(realtime_user(gw.url, pcm, args.turns) for _ in range(n)))
+                http = await asyncio.gather(*(http_user(gw.url, wav_b64, args.turns, seconds) for _ in range(n)))
+                return [x for r in rt for x in r], [x for r in http for x in r]
+
+            rt, http = asyncio.run(both())
+            ratios[n] = pct(rt, 0.5) / pct(http, 0.5)
+            print(f"   {n} concurrent: realtime p50 {pct(rt, 0.5) * 1000:.0f} ms p99 {pct(rt, 0.99) * 1000:.0f} ms"
+                  f"   HTTP p50 {pct(http, 0.5) * 1000:.0f} ms p99 {pct(http, 0.99) * 1000:.0f} ms"
+                  f"   ({len(rt)}/{len(http)} turns)   ratio p50 {ratios[n]:.2f}")
+
+        print("2. server VAD (silence_duration_ms 500): end of speech -> speech_stopped; -> first audio")
+        vad = [asyncio.run(vad_turn(gw.url, pcm)) for _ in range(max(3, args.turns))]
+        stops, firsts = [v[0] for v in vad], [v[1] for v in vad]
+        print(f"   speech_stopped p50 {pct(stops, 0.5) * 1000:.0f} ms p99 {pct(stops, 0.99) * 1000:.0f} ms;"
+              f"   first audio p50 {pct(firsts, 0.5) * 1000:.0f} ms   ({len(vad)} turns)")
+
+        print("3. barge-in: the user speaks over a long answer")
+        cuts = [asyncio.run(barge_in(long_gw.url, pcm, interruption)) for _ in range(args.barge_ins)]
+        last, done = [c[0] for c in cuts], [c[1] for c in cuts]
+        print(f"   speech start -> last audio delta: p50 {pct(last, 0.5) * 1000:.0f} ms p99 {pct(last, 0.99) * 1000:.0f} ms"
+              f";   -> response.done (cancelled): p50 {pct(done, 0.5) * 1000:.0f} ms p99 {pct(done, 0.99) * 1000:.0f} ms"
+              f"   ({len(cuts)} barge-ins)")
+        print("ratios: realtime/HTTP voice-to-voice p50 " + ", ".join(f"{n}: {r:.2f}" for n, r in ratios.items())
+              + f" (goal <= 1.0); barge-in p99 {pct(last, 0.99) * 1000:.0f} ms (goal <= 200 ms)")
+        return 0
+    finally:
+        for p in procs:
+            p.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
