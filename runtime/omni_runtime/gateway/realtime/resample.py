@@ -2,8 +2,8 @@
 
 Realtime input is PCM16 mono at 24 kHz; the thinker's audio encoder (Whisper features) and
 the VAD take 16 kHz. Linear interpolation would fold the 8-12 kHz band of the input back
-into the speech band, so the resampler is a polyphase windowed-sinc FIR (Kaiser window),
-fed chunk by chunk: a stream resampled in pieces equals the stream resampled at once.
+into the speech band, so the resampler is a windowed-sinc FIR (Kaiser window) at the common
+rate, fed chunk by chunk: a stream resampled in pieces equals the stream resampled at once.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def float_to_pcm16(x: np.ndarray) -> bytes:
 
 
 class Resampler:
-    """`rate_in` -> `rate_out` on consecutive float32 chunks. The output lags the input by
-    the filter's half length (TAPS_PER_PHASE / 2 input samples); `flush()` returns it."""
+    """`rate_in` -> `rate_out` on consecutive float32 chunks: zero-stuff by `up`, low-pass,
+    keep every `down`-th sample (numpy's convolution does the filtering in C). The output
+    lags the input by the filter's half length (TAPS_PER_PHASE / 2 input samples); `flush()`
+    returns that tail."""
 
     def __init__(self, rate_in: int, rate_out: int, taps_per_phase: int = TAPS_PER_PHASE):
         if rate_in <= 0 or rate_out <= 0:
@@ -37,38 +39,30 @@ class Resampler:
         g = gcd(rate_in, rate_out)
         self.up, self.down = rate_out // g, rate_in // g
         self.identity = self.up == self.down
-        k = taps_per_phase
-        self.k = k
-        n = k * self.up
-        # the prototype low-pass at the upsampled rate, cut below the lower of the two Nyquists
+        self.k = taps_per_phase
+        n = taps_per_phase * self.up
+        # the low-pass at the upsampled rate, cut below the lower of the two Nyquist frequencies
         cutoff = ROLLOFF * 0.5 / max(self.up, self.down)  # cycles per upsampled sample
         t = np.arange(n) - (n - 1) / 2
-        h = 2 * cutoff * np.sinc(2 * cutoff * t) * np.kaiser(n, KAISER_BETA) * self.up
-        self.phases = h.reshape(k, self.up).T.astype(np.float32)  # phases[p, j] = h[p + j * up]
-        self.history = np.zeros(k - 1, dtype=np.float32)  # input before the first sample is silence
-        self.base = -(k - 1)   # stream index of history[0]
-        self.next_out = 0      # stream index of the next output sample
+        self.taps = (2 * cutoff * np.sinc(2 * cutoff * t) * np.kaiser(n, KAISER_BETA) * self.up).astype(np.float32)
+        self.tail = np.zeros(n - 1, dtype=np.float32)  # the upsampled stream before the next chunk (silence at first)
+        self.at = 0        # upsampled-stream index of the next chunk's first sample
+        self.next_out = 0  # upsampled-stream index of the next output sample (a multiple of `down`)
 
     def process(self, x: np.ndarray) -> np.ndarray:
         if self.identity:
             return np.asarray(x, dtype=np.float32)
-        self.history = np.concatenate([self.history, np.asarray(x, dtype=np.float32)])
-        total = self.base + len(self.history)  # input samples seen
-        # output m needs input sample floor(m * down / up), which must exist: m * down < total * up
-        end = (total * self.up + self.down - 1) // self.down
-        if end <= self.next_out:
+        stuffed = np.zeros(len(x) * self.up, dtype=np.float32)
+        stuffed[::self.up] = x
+        stream = np.concatenate([self.tail, stuffed])
+        first, self.at = self.at, self.at + len(stuffed)  # the filter's output i is stream index first + i
+        self.tail = stream[len(stream) - len(self.tail):]
+        skip = self.next_out - first
+        if skip >= len(stuffed):
             return np.zeros(0, dtype=np.float32)
-        m = np.arange(self.next_out, end)
-        at = m * self.down
-        newest = at // self.up - self.base  # history index of each output's newest input sample
-        window = self.history[newest[:, None] - np.arange(self.k)[None, :]]
-        y = np.einsum("ij,ij->i", self.phases[at % self.up], window).astype(np.float32)
-        self.next_out = end
-        keep_from = (end * self.down) // self.up - (self.k - 1) - self.base
-        if keep_from > 0:
-            self.history = self.history[keep_from:]
-            self.base += keep_from
-        return y
+        y = np.convolve(stream, self.taps, mode="valid")[skip::self.down]
+        self.next_out += len(y) * self.down
+        return y.astype(np.float32, copy=False)
 
     def flush(self) -> np.ndarray:
         """The tail still inside the filter (half its length of silence pushed through)."""
