@@ -11,7 +11,8 @@ then waits for the whole answer; concurrent users do so side by side.
      16 kHz WAV) as one streamed `/v1/chat/completions` request with audio output, from
      sending it to its first audio chunk, by the same number of users speaking first.
      Both ask for the same answer (16 tokens, greedy) and speech (32 codec frames);
-     realtime turns delete their items after each answer, so both prompts are the same;
+     realtime turns delete their items after each answer, so both prompts are the same; the
+     two paths take turns round by round (A B B A), each round one turn per user;
   2. what server VAD adds: end of speech -> `input_audio_buffer.speech_stopped`
      (silence_duration_ms 500 of it), and end of speech -> first audio of the answer;
   3. barge-in: the user starts speaking over a long answer -> the last audio delta of
@@ -178,7 +179,7 @@ async def barge_in(url: str, pcm: bytes, interruption: bytes) -> tuple[float, fl
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--turns", type=int, default=4, help="turns per user at each concurrency")
+    ap.add_argument("--turns", type=int, default=6, help="rounds (one turn per user each) per path and concurrency")
     ap.add_argument("--barge-ins", type=int, default=20)
     ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
     args = ap.parse_args()
@@ -221,15 +222,22 @@ def main() -> int:
         print(f"# tiny model, {where} ({os.cpu_count()} cores, shared), OMP_NUM_THREADS=1 per process; "
               f"utterance {seconds:.2f} s; logs in {work}")
         print(f"1. voice-to-voice: last audio of the turn -> first audio of the answer ({ANSWER_TOKENS} tokens, "
-              f"{CODES} codec frames), {args.turns} turns per user")
+              f"{CODES} codec frames), {args.turns} rounds of one turn per user, the paths alternating")
         ratios = {}
         for n in (1, 4, 8):
-            async def both(n=n):
-                rt = await asyncio.gather(*(realtime_user(gw.url, pcm, args.turns) for _ in range(n)))
-                http = await asyncio.gather(*(http_user(gw.url, wav_b64, args.turns, seconds) for _ in range(n)))
-                return [x for r in rt for x in r], [x for r in http for x in r]
+            async def realtime_round(n=n):
+                return [x for r in await asyncio.gather(*(realtime_user(gw.url, pcm, 1) for _ in range(n))) for x in r]
 
-            rt, http = asyncio.run(both())
+            async def http_round(n=n):
+                return [x for r in await asyncio.gather(*(http_user(gw.url, wav_b64, 1, seconds) for _ in range(n)))
+                        for x in r]
+
+            # the two paths take turns, in A B B A order, so that load on the machine from outside
+            # drifting during the run falls on both alike
+            rt, http = [], []
+            for r in range(args.turns):
+                for path in ((realtime_round, http_round) if r % 2 == 0 else (http_round, realtime_round)):
+                    (rt if path is realtime_round else http).extend(asyncio.run(path()))
             ratios[n] = pct(rt, 0.5) / pct(http, 0.5)
             print(f"   {n} concurrent: realtime p50 {pct(rt, 0.5) * 1000:.0f} ms p99 {pct(rt, 0.99) * 1000:.0f} ms"
                   f"   HTTP p50 {pct(http, 0.5) * 1000:.0f} ms p99 {pct(http, 0.99) * 1000:.0f} ms"

@@ -493,3 +493,26 @@ def test_turns_of_a_session_stay_on_one_thinker_until_it_leaves(stack, spawn):
     assert moved, "the first turn went to the first listed (idle) thinker"
     assert statuses[3] in ANSWERED and count(first) == 1
     assert gw.metrics()["omni_gateway_affinity_moves_total"] == 1
+
+
+def test_the_example_client_streams_a_wav_file_and_writes_the_spoken_answer(stack, speech, tmp_path):
+    import subprocess
+    import sys
+    import wave
+
+    from .vllm_procs import REPO
+
+    question = tmp_path / "question.wav"
+    with wave.open(str(question), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(24000)
+        w.writeframes(silence(0.3) + speech["weather"])
+    answer = tmp_path / "answer.wav"
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "realtime_client.py"), str(question),
+                          "--url", stack["gw"].url, "--api-key", KEY, "--model", MODEL, "--out", str(answer)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "end of question heard" in out.stdout and "output tokens" in out.stdout
+    with wave.open(str(answer)) as w:
+        assert w.getframerate() == 24000 and w.getnframes() > 0.8 * 24 * 1920

@@ -14,8 +14,7 @@ import pytest
 from e2e.speech import espeak_pcm16, silence
 
 from .helpers import run
-from .test_gateway_mm_states import TalkerTap
-from .vllm_procs import SERVED
+from .vllm_procs import SERVED, speech_stack
 
 pytestmark = pytest.mark.vllm
 
@@ -26,17 +25,9 @@ SPEECH_GEN = {"max_codes": 12, "min_codes": 12, "seed": 3}
 @pytest.fixture(scope="module")
 def stack(vllm_thinkers, tiny_model, module_spawn):
     thinker = vllm_thinkers.get("shared", max_num_seqs=2)  # the same thinker test_vllm_thinker.py uses
-    common = {"OMNI_MODEL": str(tiny_model), "OMNI_DEVICE": "cpu", "OMNI_SERVED_MODEL_NAME": SERVED}
-    talker = module_spawn("talker", common)
-    tap = TalkerTap(talker.url)
-    gw = module_spawn("gateway", {
-        **common, "OMNI_TALKER_GENERATION": json.dumps(SPEECH_GEN), "OMNI_SCRAPE_SECONDS": "0",
-        "OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
-        "OMNI_TALKER_SERVICE": f"127.0.0.1:{tap.port}|{talker.metrics_port}"})
-    talker.wait_ready()
-    gw.wait_ready()
-    yield {"thinker": thinker, "gw": gw, "tap": tap}
-    tap.close()
+    stack = {"thinker": thinker, **speech_stack(thinker, tiny_model, module_spawn, SPEECH_GEN)}
+    yield stack
+    stack["tap"].close()
 
 
 def test_turns_reuse_the_thinkers_prefix_cache_and_speak_every_turn(stack, tiny_model):

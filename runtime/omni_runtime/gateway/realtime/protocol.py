@@ -156,6 +156,18 @@ def voice(value, where: str) -> str:
     return string(value, where, 64)
 
 
+def answer_settings(obj: dict, where: str) -> dict:
+    """What a session sets for its responses and a response.create may override."""
+    changes: dict = {}
+    if "output_modalities" in obj:
+        changes["output_modalities"] = modalities(obj["output_modalities"], f"{where}.output_modalities")
+    if "instructions" in obj:
+        changes["instructions"] = string(obj["instructions"], f"{where}.instructions", 200_000, empty=True)
+    if "max_output_tokens" in obj:
+        changes["max_output_tokens"] = max_tokens(obj["max_output_tokens"], f"{where}.max_output_tokens")
+    return changes
+
+
 def no_tools(obj: dict, where: str) -> None:
     if obj.get("tools") not in (None, []):
         raise unsupported(f"{where}.tools", "tools and function calling are not served")
@@ -240,15 +252,9 @@ class SessionConfig:
         s = check_keys(obj, SESSION_KEYS, "session")
         if s.get("type", "realtime") != "realtime":
             raise unsupported("session.type", "only realtime sessions are served (no transcription sessions)")
-        changes: dict = {}
+        changes = answer_settings(s, "session")
         if "model" in s:
             changes["model"] = string(s["model"], "session.model")
-        if "instructions" in s:
-            changes["instructions"] = string(s["instructions"], "session.instructions", 200_000, empty=True)
-        if "output_modalities" in s:
-            changes["output_modalities"] = modalities(s["output_modalities"], "session.output_modalities")
-        if "max_output_tokens" in s:
-            changes["max_output_tokens"] = max_tokens(s["max_output_tokens"], "session.max_output_tokens")
         no_tools(s, "session")
         if s.get("truncation") not in (None, "auto"):
             raise unsupported("session.truncation", "only auto: the oldest items are dropped once the conversation "
@@ -316,13 +322,7 @@ class ResponseParams:
             raise unsupported("response.input", "responses answer the session's conversation; add items with "
                                                 "conversation.item.create")
         params = cls(session.output_modalities, session.instructions, session.voice, session.max_output_tokens)
-        changes: dict = {}
-        if "output_modalities" in p:
-            changes["output_modalities"] = modalities(p["output_modalities"], "response.output_modalities")
-        if "instructions" in p:
-            changes["instructions"] = string(p["instructions"], "response.instructions", 200_000, empty=True)
-        if "max_output_tokens" in p:
-            changes["max_output_tokens"] = max_tokens(p["max_output_tokens"], "response.max_output_tokens")
+        changes = answer_settings(p, "response")
         if p.get("audio") is not None:
             audio = check_keys(p["audio"], ("output",), "response.audio")
             out = check_keys(audio.get("output") or {}, ("format", "voice"), "response.audio.output")
