@@ -262,6 +262,11 @@ def test_history_limits_drop_the_oldest_items():
         ids.append(out.events[-1]["item"]["id"])
     assert kinds(out) == ["conversation.item.deleted", "conversation.item.added", "conversation.item.done"]
     assert out.events[0]["item_id"] == ids[0] and [i.id for i in s.conversation.items] == ids[1:]
+    wordy = new_session(limits=Limits(max_text_chars=10))
+    for text in ("abcdef", "ghijkl"):
+        out = wordy.handle(ev("conversation.item.create", item={"type": "message", "role": "user",
+                                                                "content": [{"type": "input_text", "text": text}]}))
+    assert kinds(out)[0] == "conversation.item.deleted" and [i.text for i in wordy.conversation.items] == ["ghijkl"]
 
 
 def test_drain_closes_idle_sessions_now_and_busy_ones_after_their_response():

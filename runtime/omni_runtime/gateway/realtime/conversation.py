@@ -101,11 +101,12 @@ def parse_item(obj) -> Item:
 
 class Conversation:
     """The items of one session, and the limits that keep it bounded: beyond `max_audio_seconds`
-    of user audio or `max_items` items, the oldest items are dropped (`insert` returns them)."""
+    of user audio, `max_items` items or `max_text_chars` characters of text, the oldest items
+    are dropped (`insert` returns them)."""
 
-    def __init__(self, max_audio_seconds: float, max_items: int):
+    def __init__(self, max_audio_seconds: float, max_items: int, max_text_chars: int):
         self.items: list[Item] = []
-        self.max_audio_seconds, self.max_items = max_audio_seconds, max_items
+        self.max_audio_seconds, self.max_items, self.max_text_chars = max_audio_seconds, max_items, max_text_chars
 
     def index(self, item_id: str) -> int:
         for i, item in enumerate(self.items):
@@ -135,7 +136,8 @@ class Conversation:
     def _keep_limits(self, keep: Item) -> list[Item]:
         dropped = []
         while len(self.items) > 1 and (len(self.items) > self.max_items or
-                                       sum(i.audio_seconds for i in self.items) > self.max_audio_seconds):
+                                       sum(i.audio_seconds for i in self.items) > self.max_audio_seconds or
+                                       sum(len(i.text) for i in self.items) > self.max_text_chars):
             victim = self.items[0] if self.items[0] is not keep else self.items[1]
             if victim.status == "in_progress":
                 break  # the response being written stays

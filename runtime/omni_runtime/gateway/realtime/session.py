@@ -30,6 +30,7 @@ class Limits:
     max_buffer_seconds: float = 120.0      # audio awaiting a commit
     max_history_audio_seconds: float = 180.0
     max_items: int = 1000
+    max_text_chars: int = 1_000_000  # far beyond any thinker context; bounds what a client can pile up
 
 
 @dataclass
@@ -145,7 +146,7 @@ def ms(samples: int) -> int:
 class RealtimeSession:
     def __init__(self, config: SessionConfig, limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic):
         self.config, self.limits, self.clock = config, limits, clock
-        self.conversation = Conversation(limits.max_history_audio_seconds, limits.max_items)
+        self.conversation = Conversation(limits.max_history_audio_seconds, limits.max_items, limits.max_text_chars)
         self.buffer = AudioBuffer()
         self.resampler = Resampler(INPUT_RATE, MODEL_RATE)
         self.segmenter: SpeechSegmenter | None = None
