@@ -78,11 +78,13 @@ class Connection:
     # -- in ------------------------------------------------------------------------------
 
     async def _read(self) -> None:
-        while self.closing is None:
+        while True:
+            self._timers()  # on every event too: a client that never pauses still meets the session's end
+            if self.closing is not None:
+                return
             try:
                 msg = await self.ws.receive(timeout=self._until_next_timer())
             except asyncio.TimeoutError:
-                self._timers()
                 continue
             if msg.type == WSMsgType.TEXT:
                 self.last_activity = time.monotonic()
