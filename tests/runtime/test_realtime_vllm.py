@@ -14,7 +14,7 @@ import pytest
 from e2e.speech import espeak_pcm16, silence
 
 from .helpers import run
-from .vllm_procs import SERVED, speech_stack
+from .vllm_procs import SERVED, start_speech_stack
 
 pytestmark = pytest.mark.vllm
 
@@ -25,7 +25,7 @@ SPEECH_GEN = {"max_codes": 12, "min_codes": 12, "seed": 3}
 @pytest.fixture(scope="module")
 def stack(vllm_thinkers, tiny_model, module_spawn):
     thinker = vllm_thinkers.get("shared", max_num_seqs=2)  # the same thinker test_vllm_thinker.py uses
-    stack = {"thinker": thinker, **speech_stack(thinker, tiny_model, module_spawn, SPEECH_GEN)}
+    stack = {"thinker": thinker, **start_speech_stack(thinker, tiny_model, module_spawn, SPEECH_GEN)}
     yield stack
     stack["tap"].close()
 

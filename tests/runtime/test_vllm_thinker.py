@@ -25,7 +25,7 @@ import pytest
 from e2e.procs import descendants
 
 from .helpers import chat_prompt_ids, sine_wav
-from .vllm_procs import REPO, SERVED, alive, speech_stack
+from .vllm_procs import REPO, SERVED, alive, start_speech_stack
 
 pytestmark = pytest.mark.vllm
 
@@ -239,7 +239,7 @@ def encode_mp4(venv, frames=4, fps=2, size=64) -> bytes:
 @pytest.fixture(scope="module")
 def speech_stack(thinker, tiny_model, module_spawn):
     """gateway -> the shared vLLM thinker, and -> a recording proxy -> a real talker."""
-    stack = speech_stack(thinker, tiny_model, module_spawn, SPEECH_GEN)
+    stack = start_speech_stack(thinker, tiny_model, module_spawn, SPEECH_GEN)
     yield stack
     stack["tap"].close()
 

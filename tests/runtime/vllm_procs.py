@@ -136,7 +136,7 @@ class VllmPool:
             p.stop()
 
 
-def speech_stack(thinker: VllmThinker, model: Path, spawn, generation: dict) -> dict:
+def start_speech_stack(thinker: VllmThinker, model: Path, spawn, generation: dict) -> dict:
     """A gateway in front of `thinker` and, through a recording proxy (`tap`), a real talker."""
     from .test_gateway_mm_states import TalkerTap
 
