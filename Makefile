@@ -62,13 +62,15 @@ flux:
 
 # openssl (certificates of the local control plane), a Lua 5.1 interpreter (the Argo CD health
 # check runs on gopher-lua, Lua 5.1), shellcheck (actionlint checks the workflows' scripts with it)
-# and git (its http-backend serves the GitOps tier's repository); installed from Debian when
+# git (its http-backend serves the GitOps tier's repository) and espeak-ng (real speech for the
+# realtime tests and benchmark); installed from Debian when
 # missing and we may.
 system-tools:
 	@missing=""; command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v git >/dev/null || missing="$$missing git"; \
 	command -v lua5.1 >/dev/null || missing="$$missing lua5.1"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -106,7 +108,7 @@ test-cluster: setup system-tools binaries
 test-runtime: setup-runtime system-tools binaries
 	$(PYTEST) --tier=runtime
 
-test-vllm: setup-runtime setup-vllm
+test-vllm: setup-runtime setup-vllm system-tools
 	$(PYTEST) --tier=vllm
 
 # Flux from Git on a private control plane whose serving pods run the tiny model for real.

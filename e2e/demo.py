@@ -391,6 +391,9 @@ def answer_and_load(cluster: LocalCluster, name: str, namespace: str, args: argp
     say("(random weights: the words and the sound are noise; every step on the way is the real one)")
     say(f"\nAsk again{' while it runs' if args.keep else ' (with --keep, while the demo runs)'}:\n"
         + demo_serving.ask_again_command(url, model))
+    say(f"Or talk to it over the OpenAI Realtime API (WebSocket {url.replace('http', 'ws', 1)}/v1/realtime):\n"
+        f"  espeak-ng -w question.wav 'What is the weather like today?'\n"
+        f"  .venv/bin/python examples/realtime_client.py question.wav --url {url} --model {model}")
     if not args.load:
         return
     step(f"Load: {args.load_clients} clients for {args.load_seconds:.0f}s "

@@ -402,6 +402,12 @@ def test_grafana_dashboard():
     assert "vllm:time_to_first_token_seconds_bucket" in ttft
     kv = exprs["GPU KV-cache usage"]
     assert "vllm:gpu_cache_usage_perc" in kv and "vllm:kv_cache_usage_perc" in kv
+    realtime = exprs["Open realtime sessions"] + exprs["Realtime turns and barge-ins"]
+    assert "omni_gateway_realtime_sessions{" in realtime and "omni_gateway_realtime_sessions_refused_total" in realtime
+    assert "omni_gateway_realtime_turns_total" in realtime and "omni_gateway_realtime_barge_ins_total" in realtime
+    v2v = exprs["Realtime voice-to-voice p50 / p99"]
+    assert "histogram_quantile(0.99" in v2v and "omni_gateway_realtime_voice_to_voice_seconds_bucket" in v2v
+    assert "omni_gateway_realtime_errors_total" in exprs["Realtime errors sent"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "namespace", "omnideployment"}
 
@@ -429,6 +435,10 @@ def test_network_policies():
             "monitoring"
     assert not find(docs, "NetworkPolicy", namespace=NAMESPACE)[1:]  # only the operator's in its namespace
     assert not find(render(), "NetworkPolicy")
+    # the gateway is the entry point (HTTP API and /v1/realtime WebSockets on its http port): no policy limits it
+    selected = [p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+                for p in find(docs, "NetworkPolicy")]
+    assert "gateway" not in selected and None not in selected
 
 
 # ----------------------------------------------------------------------- default OmniDeployment

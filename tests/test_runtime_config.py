@@ -31,7 +31,21 @@ def test_gateway_defaults_and_overrides():
         assert GatewaySettings.from_env({**GATEWAY, Env.SPEECH_STREAMING: off}).speech_streaming is False
 
 
+def test_realtime_settings():
+    cfg = GatewaySettings.from_env(GATEWAY)
+    assert (cfg.realtime_max_sessions, cfg.realtime_max_session_seconds, cfg.realtime_idle_seconds) == (64, 1800, 300)
+    assert (cfg.realtime_max_buffer_seconds, cfg.realtime_max_history_audio_seconds) == (120, 180)
+    assert (cfg.realtime_max_event_bytes, cfg.realtime_thinker_params) == (16 << 20, {})
+    cfg = GatewaySettings.from_env({**GATEWAY, Env.REALTIME_MAX_SESSIONS: "0",
+                                    Env.REALTIME_THINKER_PARAMS: '{"temperature": 0.6, "seed": 1}'})
+    assert cfg.realtime_max_sessions == 0 and cfg.realtime_thinker_params == {"temperature": 0.6, "seed": 1}
+    with pytest.raises(ConfigError, match="OMNI_REALTIME_THINKER_PARAMS=.*messages, stream, which each realtime turn"):
+        GatewaySettings.from_env({**GATEWAY, Env.REALTIME_THINKER_PARAMS: '{"stream": false, "messages": []}'})
+
+
 @pytest.mark.parametrize("name, value", [
+    (Env.REALTIME_MAX_SESSIONS, "-1"), (Env.REALTIME_IDLE_SECONDS, "0"), (Env.REALTIME_MAX_EVENT_BYTES, "100"),
+    (Env.REALTIME_THINKER_PARAMS, "{not json"),
     (Env.SCRAPE_SECONDS, "-1"), (Env.SCRAPE_SECONDS, "0.01"), (Env.UPSTREAM_WAIT_SECONDS, "soon"),
     (Env.UPSTREAM_WAIT_SECONDS, "nan"), (Env.UPSTREAM_METRICS_PORT, "99999"), (Env.TALKER_SERVICE, "x:1|y"),
     (Env.MAX_MEDIA_BYTES, "0"), (Env.MM_STATES_WAIT_SECONDS, "-1"), (Env.MM_STATES_WAIT_SECONDS, "later"),

@@ -68,6 +68,13 @@ class Env:
     UPSTREAM_WAIT_SECONDS = "OMNI_UPSTREAM_WAIT_SECONDS"
     MM_STATES_WAIT_SECONDS = "OMNI_MM_STATES_WAIT_SECONDS"
     SPEECH_STREAMING = "OMNI_SPEECH_STREAMING"
+    REALTIME_MAX_SESSIONS = "OMNI_REALTIME_MAX_SESSIONS"
+    REALTIME_MAX_SESSION_SECONDS = "OMNI_REALTIME_MAX_SESSION_SECONDS"
+    REALTIME_IDLE_SECONDS = "OMNI_REALTIME_IDLE_SECONDS"
+    REALTIME_MAX_BUFFER_SECONDS = "OMNI_REALTIME_MAX_BUFFER_SECONDS"
+    REALTIME_MAX_HISTORY_AUDIO_SECONDS = "OMNI_REALTIME_MAX_HISTORY_AUDIO_SECONDS"
+    REALTIME_MAX_EVENT_BYTES = "OMNI_REALTIME_MAX_EVENT_BYTES"
+    REALTIME_THINKER_PARAMS = "OMNI_REALTIME_THINKER_PARAMS"
     # weight loader
     WEIGHTS_DIR = "OMNI_WEIGHTS_DIR"
     TERMINATION_LOG = "OMNI_TERMINATION_LOG"
@@ -235,8 +242,17 @@ class GatewaySettings(ServingSettings):
     speech_streaming: bool = Field(True, alias=Env.SPEECH_STREAMING)
     shutdown_delay: NonNegative = Field(DEFAULT_SHUTDOWN_DELAY_SECONDS, alias=Env.SHUTDOWN_DELAY_SECONDS,
                                         description="after SIGTERM, new requests are still served this long")
+    # /v1/realtime (docs/realtime.md)
+    realtime_max_sessions: Annotated[int, Field(ge=0)] = Field(64, alias=Env.REALTIME_MAX_SESSIONS,
+                                                              description="open sessions per pod; 0 turns it off")
+    realtime_max_session_seconds: Positive = Field(1800.0, alias=Env.REALTIME_MAX_SESSION_SECONDS)
+    realtime_idle_seconds: Positive = Field(300.0, alias=Env.REALTIME_IDLE_SECONDS)
+    realtime_max_buffer_seconds: Positive = Field(120.0, alias=Env.REALTIME_MAX_BUFFER_SECONDS)
+    realtime_max_history_audio_seconds: Positive = Field(180.0, alias=Env.REALTIME_MAX_HISTORY_AUDIO_SECONDS)
+    realtime_max_event_bytes: Bytes = Field(16 << 20, alias=Env.REALTIME_MAX_EVENT_BYTES)
+    realtime_thinker_params: dict[str, Any] = Field(default_factory=dict, alias=Env.REALTIME_THINKER_PARAMS)
 
-    @field_validator("talker_generation", mode="before")
+    @field_validator("talker_generation", "realtime_thinker_params", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -244,6 +260,16 @@ class GatewaySettings(ServingSettings):
                 return json.loads(value)
             except json.JSONDecodeError:
                 raise ValueError("is not JSON") from None
+        return value
+
+    @field_validator("realtime_thinker_params")
+    @classmethod
+    def _thinker_params(cls, value: dict) -> dict:
+        # sampling settings only: the session decides what is asked and how it is streamed
+        taken = sorted(set(value) & {"messages", "model", "stream", "stream_options", "modalities", "audio",
+                                     "return_token_ids", "n"})
+        if taken:
+            raise ValueError(f"sets {', '.join(taken)}, which each realtime turn decides itself")
         return value
 
     @field_validator("scrape_seconds")

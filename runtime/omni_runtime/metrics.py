@@ -95,7 +95,25 @@ class GatewayMetrics(RoleMetrics):
         self.talker_payload_bytes = Histogram("omni_gateway_talker_payload_bytes",
                                               "Size of the payloads posted to talkers (JSON; the head line of a streamed hand-off)",
                                               buckets=PAYLOAD_BUCKETS, registry=r)
+        self.affinity_moves = Counter("omni_gateway_affinity_moves",
+                                      "Requests of a realtime session sent to another replica than its earlier "
+                                      "turns (that replica was not Ready)", ["role"], registry=r)
+        # realtime sessions (/v1/realtime); each open session also counts in omni_requests_running
+        self.realtime_sessions = Gauge("omni_gateway_realtime_sessions", "Open realtime sessions", registry=r)
+        self.realtime_refused = Counter("omni_gateway_realtime_sessions_refused",
+                                        "Realtime sessions refused at connect (pod full, draining)", ["reason"],
+                                        registry=r)
+        self.realtime_turns = Counter("omni_gateway_realtime_turns", "Realtime responses by how they ended",
+                                      ["status"], registry=r)
+        self.voice_to_voice = Histogram("omni_gateway_realtime_voice_to_voice_seconds",
+                                        "End of the user's turn (VAD speech stop or commit) to the first audio "
+                                        "delta sent", buckets=TTFA_BUCKETS, registry=r)
+        self.barge_ins = Counter("omni_gateway_realtime_barge_ins",
+                                 "Responses cancelled because the user started speaking", registry=r)
+        self.realtime_errors = Counter("omni_gateway_realtime_errors", "Error events sent to realtime clients",
+                                       ["code"], registry=r)
         for role in ("thinker", "talker"):
+            self.affinity_moves.labels(role)
             self.waiting_requests.labels(role).set(0)
             self.upstream_errors.labels(role)
             self.scrape_errors.labels(role)

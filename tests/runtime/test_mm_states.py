@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from omni_runtime.thinker.mm_capture import (Capture, StatesCache, external_request_id, mm_positions, prefix_key,
-                                             step_rows)
+from omni_runtime.thinker.mm_capture import (Capture, StatesCache, external_request_id, item_groups, item_keys,
+                                             mm_positions, prefix_key, step_rows)
 from omni_runtime.thinker.mm_store import Entry, MMStatesStore, decode_file, encode_file, sweep_plan, write_atomic
 
 pytestmark = pytest.mark.runtime
@@ -38,7 +38,7 @@ def test_step_rows_maps_batch_rows_to_prompt_positions():
 
 
 def test_capture_fills_across_chunks_and_recomputation():
-    cap = Capture("r", [3, 4, 7], "k")
+    cap = Capture("r", [3, 4, 7])
     cap.add([3, 4], [torch.tensor([1.0]), torch.tensor([2.0])])
     assert not cap.complete and cap.missing_before(5) == [] and cap.missing_before(8) == [7]
     cap.add([3], [torch.tensor([9.0])])  # recomputed after a preemption: replaced, not appended
@@ -54,6 +54,24 @@ def test_prefix_key_depends_on_tokens_up_to_the_last_mm_position_and_the_media()
     assert k == prefix_key(ids[:4] + [7, 7, 7], pos, ["audio-hash-a"])  # what follows does not matter
     assert k != prefix_key(ids, pos, ["audio-hash-b"])
     assert k != prefix_key([5] + ids[1:], pos, ["audio-hash-a"])
+
+
+def test_item_keys_survive_a_conversation_growing_by_later_turns():
+    """Turn 2 of a realtime session = turn 1's prompt + the answer + new audio: the first
+    audio item keeps its key (its rows can come from turn 1's export while vLLM's prefix
+    cache skips computing them); the new item gets its own, and an edit before an item
+    changes that item's key."""
+    turn1 = [1, 9, 9, 9, 2, 3]                      # audio A at 1..3
+    turn2 = turn1 + [4, 5, 9, 9, 6]                 # answer, then audio B at 8..9
+    ranges1, ranges2 = [(1, 3)], [(1, 3), (8, 2)]
+    g1 = item_groups(mm_positions(turn1, {9}), ranges1)
+    g2 = item_groups(mm_positions(turn2, {9}), ranges2)
+    assert g1 == [[1, 2, 3]] and g2 == [[1, 2, 3], [8, 9]]
+    k1 = item_keys(turn1, g1, ["A"])
+    k2 = item_keys(turn2, g2, ["A", "B"])
+    assert k2[0] == k1[0] and k2[1] != k2[0]
+    assert item_keys([7] + turn2[1:], g2, ["A", "B"])[0] != k1[0]  # an earlier token differs
+    assert item_keys(turn2, g2, ["A2", "B"])[1] != k2[1]           # earlier media differs
 
 
 def test_states_cache_is_bounded_least_recently_used_first():

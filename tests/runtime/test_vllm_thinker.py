@@ -25,7 +25,7 @@ import pytest
 from e2e.procs import descendants
 
 from .helpers import chat_prompt_ids, sine_wav
-from .vllm_procs import REPO, SERVED, alive
+from .vllm_procs import REPO, SERVED, alive, start_speech_stack
 
 pytestmark = pytest.mark.vllm
 
@@ -239,19 +239,9 @@ def encode_mp4(venv, frames=4, fps=2, size=64) -> bytes:
 @pytest.fixture(scope="module")
 def speech_stack(thinker, tiny_model, module_spawn):
     """gateway -> the shared vLLM thinker, and -> a recording proxy -> a real talker."""
-    from .test_gateway_mm_states import TalkerTap
-
-    common = {"OMNI_MODEL": str(tiny_model), "OMNI_DEVICE": "cpu", "OMNI_SERVED_MODEL_NAME": SERVED}
-    talker = module_spawn("talker", common)
-    tap = TalkerTap(talker.url)
-    gw = module_spawn("gateway", {
-        **common, "OMNI_TALKER_GENERATION": json.dumps(SPEECH_GEN), "OMNI_SCRAPE_SECONDS": "0",
-        "OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
-        "OMNI_TALKER_SERVICE": f"127.0.0.1:{tap.port}|{talker.metrics_port}"})
-    talker.wait_ready()
-    gw.wait_ready()
-    yield {"gw": gw, "tap": tap, "talker": talker}
-    tap.close()
+    stack = start_speech_stack(thinker, tiny_model, module_spawn, SPEECH_GEN)
+    yield stack
+    stack["tap"].close()
 
 
 def speech_body(content, stream=False) -> dict:

@@ -134,3 +134,19 @@ class VllmPool:
     def stop_all(self) -> None:
         for p in self.all:
             p.stop()
+
+
+def start_speech_stack(thinker: VllmThinker, model: Path, spawn, generation: dict) -> dict:
+    """A gateway in front of `thinker` and, through a recording proxy (`tap`), a real talker."""
+    from .test_gateway_mm_states import TalkerTap
+
+    common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": "cpu", "OMNI_SERVED_MODEL_NAME": SERVED}
+    talker = spawn("talker", common)
+    tap = TalkerTap(talker.url)
+    gw = spawn("gateway", {
+        **common, "OMNI_TALKER_GENERATION": json.dumps(generation), "OMNI_SCRAPE_SECONDS": "0",
+        "OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
+        "OMNI_TALKER_SERVICE": f"127.0.0.1:{tap.port}|{talker.metrics_port}"})
+    talker.wait_ready()
+    gw.wait_ready()
+    return {"gw": gw, "tap": tap, "talker": talker}

@@ -16,6 +16,7 @@ from omni_runtime.config import GatewaySettings
 from omni_runtime.gateway import sse
 from omni_runtime.gateway.auth import ApiKeys
 from omni_runtime.gateway.drain import Drain, DrainTimes
+from omni_runtime.gateway.realtime import RealtimeEndpoint
 from omni_runtime.gateway.speech import Speech
 from omni_runtime.gateway.upstream import ClientGone, Upstreams, UpstreamUnavailable
 from omni_runtime.gateway.validation import BadRequest, validate_chat
@@ -31,16 +32,22 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.upstreams = Upstreams(cfg, self.metrics)
         self.speech = Speech(self.upstreams, cfg, self.metrics)
+        self.realtime = RealtimeEndpoint(cfg, self.speech, self.metrics, on_change=self._update)
         self.keys = ApiKeys(cfg.api_keys_file)
         self.waiting = 0
         self.running = 0
         self.drain = Drain(DrainTimes(cfg.shutdown_delay, cfg.drain_seconds))
         # at the drain's deadline, requests still held for a replica get a 503 with Retry-After
         self.drain.on_deadline(self.upstreams.release_held)
+        # a realtime session is tracked like a request (the middleware); once new work is refused,
+        # each one closes with 1012 after its response in progress; at the deadline it is ended
+        self.drain.on_closing(self.realtime.close_sessions)
+        self.drain.on_deadline(self.realtime.end_sessions)
 
     def _update(self):
         self.metrics.queue_depth.set(self.waiting)
-        self.metrics.running.set(self.running)
+        # an open realtime session is a request in progress (docs/realtime.md, "Scaling")
+        self.metrics.running.set(self.running + self.realtime.sessions)
         self.metrics.ready.set(1 if self.drain.ready else 0)
         self.metrics.draining.set(0 if self.drain.ready else 1)
 
@@ -53,6 +60,7 @@ class Gateway:
         self.drain.begin()
         self._update()
         await self.drain.run()
+        self.realtime.close()
         await asyncio.sleep(0.2)  # let the last responses flush before the listeners close
         await self.upstreams.close()
 
@@ -181,6 +189,7 @@ class Gateway:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/realtime", self.realtime.handle)
         return app
 
 

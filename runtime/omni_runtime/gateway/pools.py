@@ -77,6 +77,31 @@ def rank_endpoints(endpoints: list[Endpoint], now: float, stale_after: float) ->
     return sorted(endpoints, key=key)
 
 
+@dataclass
+class Affinity:
+    """Where a caller's requests go while that endpoint can take them: a realtime session's
+    thinker replica, whose prefix cache holds the session's history. An endpoint that left
+    the pool (its pod is not Ready, so DNS no longer lists it) or is in its down backoff
+    (refused, loading, draining) is passed over, and the next request's endpoint becomes
+    the preferred one."""
+
+    key: tuple[str, int] | None = None
+
+    def order(self, ranked: list[Endpoint], now: float) -> list[Endpoint]:
+        """`ranked` with the preferred endpoint first when it can take requests."""
+        for i, ep in enumerate(ranked):
+            if (ep.host, ep.port) == self.key and ep.down_until <= now:
+                return [ep, *ranked[:i], *ranked[i + 1:]]
+        return ranked
+
+    def settle(self, ep: Endpoint) -> bool:
+        """`ep` took the request: it is preferred from now on. True when that is a move
+        away from an earlier preferred endpoint."""
+        moved = self.key is not None and self.key != (ep.host, ep.port)
+        self.key = (ep.host, ep.port)
+        return moved
+
+
 def parse_service_list(spec: str, default_metrics_port: int = 0) -> list[tuple[str, int, int]]:
     """`host:port[|metricsPort],...` -> [(host, port, metrics_port)]; an entry without
     `|metricsPort` gets `default_metrics_port` (0 = none)."""

@@ -30,6 +30,7 @@ from omni_runtime.config import GatewaySettings
 from omni_runtime.gateway import sse
 from omni_runtime.gateway.handoff import NDJSON, IdFeed
 from omni_runtime.gateway.mm_states import StatesMissing, fetch_states
+from omni_runtime.gateway.pools import Affinity
 from omni_runtime.gateway.speech_client import SpeechClient
 from omni_runtime.gateway.upstream import ClientGone, Taken, Upstreams, UpstreamUnavailable
 from omni_runtime.gateway.validation import ChatOptions
@@ -88,11 +89,7 @@ class Speech:
         rid = uuid.uuid4().hex
         client = SpeechClient(request, f"chatcmpl-{rid}", body.get("model"), opts, first_byte)
         try:
-            if self.cfg.speech_streaming:
-                reply, (rate, pcm) = await self._streamed(request, body, opts, rid, client)
-            else:
-                reply, mm = await self._think(request, body, opts, rid, client)
-                rate, pcm = await self._post_whole(request, reply, mm, client)
+            reply, (rate, pcm) = await self.speak(request, body, opts, rid, client)
         except Passthrough as p:
             return web.Response(body=p.body, status=p.status, content_type=p.content_type or "application/json")
         except (StatesMissing, Broken) as exc:
@@ -106,6 +103,31 @@ class Speech:
                 return await client.finish(sse.error_event(str(exc), "unavailable", exc.status))
             return client.resp
         return await client.answer(reply, rate, pcm)
+
+    async def speak(self, request, body: dict, opts: ChatOptions, rid: str, client,
+                    affinity: Affinity | None = None) -> tuple[sse.ThinkerReply, tuple[int, bytes]]:
+        """One spoken answer through `client` (the HTTP stream, or a realtime session):
+        (the thinker's reply, (sample rate, the PCM collected when not streaming))."""
+        if self.cfg.speech_streaming:
+            return await self._streamed(request, body, opts, rid, client, affinity)
+        reply, mm = await self._think(request, body, opts, rid, client, affinity)
+        return reply, await self._post_whole(request, reply, mm, client)
+
+    async def text_answer(self, request, body: dict, rid: str, client,
+                          affinity: Affinity | None = None) -> sse.ThinkerReply:
+        """A text-only answer, its deltas through `client.transcript` (realtime text responses)."""
+        reply = sse.ThinkerReply(model=body.get("model"))
+        async with self._call_thinker(request, body, rid, affinity) as (ep, up):
+            if up.status != 200:
+                raise Passthrough(up.status, await up.read(), up.content_type)
+            try:
+                await self._read(up, reply, asyncio.Event(), client, None)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                raise _thinker_broke(ep, exc) from None
+        if not reply.complete:
+            raise Broken(502, "the thinker ended its stream before the answer was complete"
+                              + (f": {reply.error}" if reply.error else ""))
+        return reply
 
     # -- thinker --
 
@@ -121,7 +143,7 @@ class Speech:
                 if reply.tokens_seen:
                     prefilled.set()
                 if delta:
-                    await client.transcript(delta)
+                    await client.transcript(delta, len(reply.response_ids))
             if on_chunk is not None:
                 on_chunk()
             if _failed(states):
@@ -131,16 +153,17 @@ class Speech:
         return asyncio.ensure_future(fetch_states(self.up.session, ep, rid, self.cfg.mm_states_wait, prefilled,
                                                   lambda s: self.up.pause(request, s)))
 
-    def _call_thinker(self, request, body: dict, rid: str):
+    def _call_thinker(self, request, body: dict, rid: str, affinity: Affinity | None = None):
         return self.up.call("POST", self.up.thinkers, "/v1/chat/completions", request,
-                            json=thinker_request(body), headers={"X-Request-Id": rid})
+                            json=thinker_request(body), headers={"X-Request-Id": rid}, affinity=affinity)
 
-    async def _think(self, request, body: dict, opts: ChatOptions, rid: str, client: SpeechClient):
+    async def _think(self, request, body: dict, opts: ChatOptions, rid: str, client: SpeechClient,
+                     affinity: Affinity | None = None):
         """The whole answer, and the multimodal states fetched alongside for media input."""
         reply = sse.ThinkerReply(model=body.get("model"))
         prefilled = asyncio.Event()
         states = None
-        async with self._call_thinker(request, body, rid) as (ep, up):
+        async with self._call_thinker(request, body, rid, affinity) as (ep, up):
             if up.status != 200:
                 raise Passthrough(up.status, await up.read(), up.content_type)
             if opts.multimodal:
@@ -171,14 +194,15 @@ class Speech:
 
     # -- streamed hand-off --
 
-    async def _streamed(self, request, body: dict, opts: ChatOptions, rid: str, client: SpeechClient):
+    async def _streamed(self, request, body: dict, opts: ChatOptions, rid: str, client: SpeechClient,
+                        affinity: Affinity | None = None):
         """Thinker and talker at once: the talker request opens mid-answer and is fed as the
         thinker writes. (reply, (rate, pcm))."""
         reply = sse.ThinkerReply(model=body.get("model"))
         prefilled = asyncio.Event()
         talker = _TalkerSide(self, request, client, reply)
         try:
-            async with self._call_thinker(request, body, rid) as (ep, up):
+            async with self._call_thinker(request, body, rid, affinity) as (ep, up):
                 if up.status != 200:
                     raise Passthrough(up.status, await up.read(), up.content_type)
                 if opts.multimodal:
@@ -240,6 +264,7 @@ class Speech:
                     text = ""
                 raise Broken(up.status if client.opts.stream else 502, f"talker {ep.url} answered {up.status}: {text}")
             rate = int(up.headers.get("X-Omni-Sample-Rate", "24000"))
+            await client.audio_format(rate, int(up.headers.get("X-Omni-Samples-Per-Code", "0")))
             try:
                 async for data in up.content.iter_any():
                     data = carry + data

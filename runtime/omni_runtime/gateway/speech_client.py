@@ -49,10 +49,13 @@ class SpeechClient:
         async with self.lock:
             await self._send(data)
 
-    async def transcript(self, delta: str) -> None:
+    async def transcript(self, delta: str, _tokens: int = 0) -> None:
         self.first_byte()
         if self.stream:
             await self.write(self.chunk({"audio": {"id": self.aid, "transcript": delta}}))
+
+    async def audio_format(self, rate: int, samples_per_code: int) -> None:
+        """The talker's audio is about to start (the rate goes out with the last chunk)."""
 
     async def audio(self, pcm16: bytes, collected: bytearray) -> None:
         """Send a chunk of PCM (stream), or add it to `collected` for the final answer."""

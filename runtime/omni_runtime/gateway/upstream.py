@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from omni_runtime.config import GatewaySettings
-from omni_runtime.gateway.pools import RESOLVE_EVERY, Endpoint, Pool, parse_service_list
+from omni_runtime.gateway.pools import RESOLVE_EVERY, Affinity, Endpoint, Pool, parse_service_list
 from omni_runtime.metrics import GatewayMetrics, parse_prometheus_text
 
 log = logging.getLogger("omni.gateway")
@@ -136,13 +136,15 @@ class Upstreams:
 
     @contextlib.asynccontextmanager
     async def call(self, method, pool: Pool, path: str, request: web.Request | None = None,
-                   hold: bool = True, **kw):
-        async with await self.connect(method, pool, path, request, hold, kw) as taken:
+                   hold: bool = True, affinity: Affinity | None = None, **kw):
+        async with await self.connect(method, pool, path, request, hold, kw, affinity) as taken:
             yield taken
 
-    async def connect(self, method, pool: Pool, path: str, request, hold: bool, kw: dict) -> Taken:
+    async def connect(self, method, pool: Pool, path: str, request, hold: bool, kw: dict,
+                      affinity: Affinity | None = None) -> Taken:
         """`kw` goes to aiohttp's request; its `data` may be a zero-argument callable that
-        makes the body, called once per attempt."""
+        makes the body, called once per attempt. With `affinity`, its endpoint is tried
+        first while it can take requests, and the endpoint that takes this one becomes it."""
         if not pool.targets:
             raise UpstreamUnavailable(503, f"no {pool.role} service is configured "
                                            f"(OMNI_{pool.role.upper()}_SERVICE is empty)")
@@ -151,8 +153,11 @@ class Upstreams:
         held_since = None
         try:
             while True:
-                got = await self._try_endpoints(method, pool, path, kw, quiet=held_since is not None)
+                got = await self._try_endpoints(method, pool, path, kw, quiet=held_since is not None,
+                                                affinity=affinity)
                 if not isinstance(got, _Attempt):
+                    if affinity is not None and affinity.settle(got.ep):
+                        self.metrics.affinity_moves.labels(pool.role).inc()
                     if held_since is not None:
                         log.info("%s: held request goes to %s after %.1f s", pool.role, got.ep.url,
                                  time.monotonic() - held_since)
@@ -191,14 +196,18 @@ class Upstreams:
                 return
             await asyncio.sleep(min(0.1, left))
 
-    async def _try_endpoints(self, method, pool: Pool, path: str, kw: dict, quiet: bool):
+    async def _try_endpoints(self, method, pool: Pool, path: str, kw: dict, quiet: bool,
+                             affinity: Affinity | None = None):
         """One pass over the pool, least loaded first, at most OMNI_MAX_ATTEMPTS endpoints:
         a Taken from the first that takes the request, else an _Attempt."""
         why = _Attempt()
         if pool.targets and not pool.endpoints:
             why.last = f"{', '.join(h for h, _, _ in pool.targets)} resolved to no address"
         say = log.debug if quiet else log.warning
-        for ep in (await pool.candidates())[: self.cfg.max_attempts]:
+        candidates = await pool.candidates()
+        if affinity is not None:
+            candidates = affinity.order(candidates, time.monotonic())
+        for ep in candidates[: self.cfg.max_attempts]:
             token = ep.acquire()
             try:
                 resp = await self.session.request(method, ep.url + path, **_fresh(kw))

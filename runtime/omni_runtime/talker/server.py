@@ -36,6 +36,11 @@ from omni_runtime.talker.batch import (Cancelled, DecodeLoop, DecodePlan, Synthe
 log = logging.getLogger("omni.talker")
 
 NDJSON = "application/x-ndjson"
+WATCH_EVERY = 0.05  # seconds between checks that a synthesis' client is still connected
+
+
+def client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 class BadBody(Exception):
@@ -211,12 +216,17 @@ class TalkerService(EngineService):
                               lambda result: loop.call_soon_threadsafe(q.put_nowait, ("done", result)))
         self.syntheses.add(synthesis)
         self.loop.submit(synthesis)
+        watch = asyncio.ensure_future(self._watch_client(request, synthesis))
         resp = None
         sent_audio = False
         rate = self.engine.sample_rate
         try:
             while True:
                 kind, item = await q.get()
+                if kind == "done" and isinstance(item, Cancelled) and client_gone(request):
+                    log.info("synthesis %s stopped: its client went away", req.request_id)
+                    self.metrics.count(499)
+                    return resp if resp is not None else web.Response(status=499)
                 if kind == "done" and isinstance(item, BaseException):
                     if resp is not None:
                         log.error("synthesis %s failed mid-stream: %s", req.request_id, item)
@@ -238,8 +248,20 @@ class TalkerService(EngineService):
             self.metrics.count(200)
             return resp
         finally:
+            watch.cancel()
             synthesis.cancel.set()  # no-op once finished; stops decoding when the client went away
             self.syntheses.discard(synthesis)
+
+    async def _watch_client(self, request: web.Request, synthesis: Synthesis) -> None:
+        """Stop a synthesis as soon as its client disconnects (a realtime barge-in closes the
+        connection), not at its next audio write, which can be a chunk of audio away: the
+        batch slot frees within a decode step."""
+        while not synthesis.finished:
+            if client_gone(request):
+                synthesis.cancel.set()
+                self.loop.wake()
+                return
+            await asyncio.sleep(WATCH_EVERY)
 
     def _error_before_audio(self, req: TalkerRequest, exc: BaseException) -> web.Response:
         if isinstance(exc, (PayloadError, TextAbandoned)):
@@ -262,6 +284,8 @@ class TalkerService(EngineService):
             "X-Omni-Channels": "1",
             "X-Omni-Sample-Format": "s16le",
             "X-Omni-Request-Id": req.request_id,
+            # one codec frame speaks one text token: lets a caller tell which text the audio covers
+            "X-Omni-Samples-Per-Code": str(self.engine.upsample),
             "Cache-Control": "no-store",
         })
         resp.enable_chunked_encoding()

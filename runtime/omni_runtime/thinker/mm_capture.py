@@ -45,6 +45,20 @@ def prefix_key(prompt_ids, positions: list[int], identifiers) -> str:
     return h.hexdigest()
 
 
+def item_groups(positions: list[int], ranges) -> list[list[int]]:
+    """`positions` split by multimodal item: `ranges` are the items' (offset, length)
+    placeholder ranges in prompt order; each group holds the positions inside one range."""
+    return [[p for p in positions if offset <= p < offset + length] for offset, length in ranges]
+
+
+def item_keys(prompt_ids, groups: list[list[int]], identifiers) -> list[str]:
+    """One key per item: its rows depend on the tokens up to its last position and on the
+    media of it and every item before it (a causal model), never on what follows. So an
+    item keeps its key when later turns are appended to the conversation."""
+    return [prefix_key(prompt_ids, group, identifiers[:i + 1]) if group else ""
+            for i, group in enumerate(groups)]
+
+
 def step_rows(starts, counts, positions_of) -> list[tuple[int, list[int], list[int]]]:
     """For one step: [(request index, batch rows, prompt positions)] of the multimodal
     tokens it computes. `starts[i]`/`counts[i]`: first position and number of tokens
@@ -67,10 +81,10 @@ class Capture:
 
     rid: str
     positions: list[int]
-    key: str
     meta: dict = field(default_factory=dict)
     rows: dict = field(default_factory=dict)  # position -> row (a 1-D tensor)
     done: bool = False
+    items: list[tuple[str, list[int]]] = field(default_factory=list)  # (item key, its positions)
 
     def add(self, positions: list[int], rows) -> None:
         # A recomputed position (after preemption) replaces the earlier row.
@@ -92,8 +106,9 @@ class Capture:
 
 
 class StatesCache:
-    """Recently exported states by prefix key, so a request whose multimodal prefix vLLM
-    serves from its prefix cache (rows never computed) still gets them. Bounded in bytes,
+    """Recently exported states of each multimodal item by its key (item_keys), so a request
+    whose multimodal prefix vLLM serves from its prefix cache (rows never computed) still gets
+    them: the same prompt again, or a conversation that grew by later turns. Bounded in bytes,
     least recently used dropped first."""
 
     def __init__(self, max_bytes: int):

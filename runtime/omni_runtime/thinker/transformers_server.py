@@ -180,13 +180,21 @@ class ThinkerEngine:
             header["audio_feature_lengths"] = prep["audio_feature_lengths"]
         return header, states_bytes(states, dtype)
 
-    def generate(self, prep: dict, params: dict, on_tokens, want_states: bool, on_states=None) -> dict:
+    def generate(self, prep: dict, params: dict, on_tokens, want_states: bool, on_states=None,
+                 stop: threading.Event | None = None) -> dict:
         """Generate, streaming token ids to `on_tokens`. With `on_states` (or `want_states`)
         the multimodal states are computed first (a prefill of their own, so they are out
         before the answer) and handed to `on_states(header, raw)` (or returned as
-        `mm_states`, the inline `mm` object)."""
+        `mm_states`, the inline `mm` object). Setting `stop` ends generation after the
+        current step (the client went away)."""
         torch = self.torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop is not None and stop.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
 
         class Streamer(BaseStreamer):
             def __init__(self):
@@ -205,7 +213,8 @@ class ThinkerEngine:
         # ignore_eos: no stop token at all (the answer runs to max_tokens, EOS may appear in it);
         # min_tokens: EOS is masked until that many tokens are out
         gen = dict(max_new_tokens=params["max_tokens"], pad_token_id=self.eos,
-                   eos_token_id=None if params.get("ignore_eos") else self.eos)
+                   eos_token_id=None if params.get("ignore_eos") else self.eos,
+                   stopping_criteria=StoppingCriteriaList([Stopped()]))
         if params.get("min_tokens") and not params.get("ignore_eos"):
             gen["min_new_tokens"] = params["min_tokens"]
         if params["temperature"] > 0:
@@ -329,6 +338,7 @@ class ThinkerService(EngineService):
         self.waiting += 1
         self._update()
         started = {"flag": False}
+        stop = threading.Event()  # set when this handler ends: a client that left stops the generation
 
         def on_tokens(tokens):
             loop.call_soon_threadsafe(q.put_nowait, ("tokens", tokens))
@@ -336,7 +346,7 @@ class ThinkerService(EngineService):
         def work():
             loop.call_soon_threadsafe(q.put_nowait, ("start", None))
             try:
-                res = self.engine.generate(prep, params, on_tokens, False, publish)
+                res = self.engine.generate(prep, params, on_tokens, False, publish, stop)
                 loop.call_soon_threadsafe(q.put_nowait, ("done", res))
             except BaseException as exc:  # noqa: BLE001
                 loop.call_soon_threadsafe(q.put_nowait, ("error", exc))
@@ -405,16 +415,17 @@ class ThinkerService(EngineService):
                     return web.json_response(out)
             return resp
         finally:
+            stop.set()  # no-op once generation ended; else it ends after the current step
+            try:
+                await asyncio.shield(fut)
+            except Exception:  # noqa: BLE001
+                pass
             if started["flag"]:
                 self.running -= 1
                 self.metrics.finished.inc()
             else:
                 self.waiting -= 1
             self._update()
-            try:
-                await asyncio.shield(fut)
-            except Exception:  # noqa: BLE001
-                pass
 
     async def drain(self):
         await self.start_draining()

@@ -28,8 +28,8 @@ import queue
 import threading
 
 from omni_runtime.config import Env
-from omni_runtime.thinker.mm_capture import (Capture, StatesCache, external_request_id, mm_positions, prefix_key,
-                                             step_rows)
+from omni_runtime.thinker.mm_capture import (Capture, StatesCache, external_request_id, item_groups, item_keys,
+                                             mm_positions, step_rows)
 from omni_runtime.thinker.mm_store import encode_file, write_atomic
 
 # Under vLLM's logger, so the messages appear in its log with its format.
@@ -187,12 +187,17 @@ class Exporter:
         if not positions:
             return None
         features = sorted(req_state.mm_features, key=lambda f: f.mm_position.offset)
-        cap = Capture(external_request_id(req_id), positions,
-                      prefix_key(prompt, positions, [f.identifier for f in features]), feature_meta(features))
-        cached = self.cache.get(cap.key)
-        if cached is not None:
-            self._publish(cap.rid, cached[0], cached[1])
-            cap.done = True
+        identifiers = [f.identifier for f in features]
+        cap = Capture(external_request_id(req_id), positions, feature_meta(features))
+        groups = item_groups(positions, [(f.mm_position.offset, f.mm_position.length) for f in features])
+        cap.items = [(k, g) for k, g in zip(item_keys(prompt, groups, identifiers), groups) if g]
+        for key, group in cap.items:  # items an earlier request exported (a conversation's earlier turns)
+            cached = self.cache.get(key)
+            if cached is not None:
+                cap.add(group, cached[0].unbind(0))
+        if cap.complete:
+            self._publish(cap.rid, cap.assemble(), cap.meta)
+            cap.rows, cap.done = {}, True
         elif cap.missing_before(start):
             self._fail(cap, "its multimodal prefix came from vLLM's prefix cache and its states are no longer held "
                             f"(raise {Env.MM_STATES_CACHE_BYTES})")
@@ -232,8 +237,10 @@ class Exporter:
             offset += len(rs)
             if cap.complete and not cap.done:
                 tensor = cap.assemble()
+                for key, group in cap.items:
+                    rows = torch.stack([cap.rows[p] for p in group])
+                    self.cache.put(key, rows, {}, rows.numel() * rows.element_size())
                 cap.rows, cap.done = {}, True
-                self.cache.put(cap.key, tensor, cap.meta, tensor.numel() * tensor.element_size())
                 self._publish(cap.rid, tensor, cap.meta)
 
     def forget(self, finished_req_ids) -> None:

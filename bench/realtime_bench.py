@@ -1,0 +1,312 @@
+"""Voice-to-voice latency of realtime sessions, against the HTTP speech path, and barge-in.
+
+Real processes on loopback, the tiny random-weight model: one thinker (transformers
+engine), one talker and a gateway, driven by the OpenAI SDK's realtime client with real
+speech from espeak-ng. Every user "speaks" an utterance in real time (20 ms chunks at 1x),
+then waits for the whole answer; concurrent users do so side by side.
+
+  1. voice-to-voice latency at 1, 4 and 8 concurrent sessions: from the last appended audio
+     of the user's turn to the first `response.output_audio.delta` (manual commit, so VAD
+     silence is not in it); the baseline, in the same run: the same utterance (the same
+     16 kHz WAV) as one streamed `/v1/chat/completions` request with audio output, from
+     sending it to its first audio chunk, by the same number of users speaking first.
+     Both ask for the same answer (16 tokens, greedy) and speech (32 codec frames);
+     realtime turns delete their items after each answer, so both prompts are the same; the
+     two paths take turns round by round (A B B A), each round one turn per user;
+  2. what server VAD adds: end of speech -> `input_audio_buffer.speech_stopped`
+     (silence_duration_ms 500 of it), and end of speech -> first audio of the answer;
+  3. barge-in: the user starts speaking over a long answer -> the last audio delta of
+     that answer (and -> its `response.done`, cancelled). The talker sends a chunk every 4
+     codec frames here (OMNI_TALKER_CHUNK_CODES=4), so audio is flowing when the user speaks.
+
+    .venv/bin/python -m bench.realtime_bench [--turns 4] [--barge-ins 20] [--device cuda]
+
+Needs `make setup-runtime` and espeak-ng (`make system-tools`). The last line holds the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from e2e.runtime_process import RuntimeProcess
+from e2e.speech import espeak_pcm16, silence
+
+ANSWER_TOKENS = 16
+CODES = 32                 # speech per answer: 2.56 s on the real model's 12.5 Hz codec
+CHUNK = 960                # 20 ms of 24 kHz PCM16
+MODEL = "tiny"
+UTTERANCE = "What is the weather like today?"
+INTERRUPTION = "Wait, stop, I have another question."
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def speech_span(pcm: bytes, level: float = 0.02) -> bytes:
+    """The utterance from its first to its last sample louder than `level` (espeak-ng pads both
+    ends with silence): speech starts with its first chunk and ends with its last."""
+    loud = np.flatnonzero(np.abs(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768) > level)
+    return pcm[2 * int(loud[0]):2 * (int(loud[-1]) + 1)]
+
+
+async def speak(conn, pcm: bytes) -> float:
+    """Append `pcm` at 1x real time; the time the last chunk was sent. The events are encoded
+    here and sent with the SDK's send_raw: its typed `append` validates each event, which on
+    this shared box costs the client more CPU than the gateway spends on it."""
+    start = time.monotonic()
+    for n, i in enumerate(range(0, len(pcm), CHUNK)):
+        await asyncio.sleep(max(0.0, start + n * 0.02 - time.monotonic()))
+        await conn.send_raw(json.dumps({"type": "input_audio_buffer.append",
+                                        "audio": base64.b64encode(pcm[i:i + CHUNK]).decode()}))
+    return time.monotonic()
+
+
+async def recv(conn) -> dict:
+    """The next server event as a dict: the SDK's recv() builds a typed model of every event,
+    which on this shared box delays what the client sees more than anything the server does."""
+    return json.loads(await conn.recv_bytes())
+
+
+async def next_of(conn, kind: str, seen: list | None = None) -> dict:
+    while True:
+        ev = await recv(conn)
+        if seen is not None:
+            seen.append((time.monotonic(), ev))
+        if ev["type"] == "error":
+            raise RuntimeError(f"realtime error: {ev['error']}")
+        if ev["type"] == kind:
+            return ev
+
+
+def sdk(url: str):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(api_key="unused", base_url=url + "/v1")
+
+
+# -- 1: voice to voice, realtime and HTTP -----------------------------------------------------
+async def realtime_session(url: str):
+    """An open session with manual turns and the benchmark's answer length."""
+    conn = await sdk(url).realtime.connect(model=MODEL).enter()
+    await conn.session.update(session={"type": "realtime", "max_output_tokens": ANSWER_TOKENS,
+                                       "audio": {"input": {"turn_detection": None}}})
+    await next_of(conn, "session.updated")
+    return conn
+
+
+async def realtime_turn(conn, pcm: bytes) -> float:
+    """One spoken turn: seconds from its last appended audio to the answer's first audio."""
+    last = await speak(conn, pcm)
+    await conn.input_audio_buffer.commit()
+    await conn.response.create()
+    seen: list = []
+    await next_of(conn, "response.output_audio.delta", seen)
+    latency = seen[-1][0] - last
+    done = await next_of(conn, "response.done")
+    user = next(ev["item_id"] for _, ev in seen if ev["type"] == "input_audio_buffer.committed")
+    for item in (user, done["response"]["output"][0]["id"]):  # the next turn's prompt is this one's again
+        await conn.conversation.item.delete(item_id=item)
+        await next_of(conn, "conversation.item.deleted")
+    return latency
+
+
+async def http_turn(session: aiohttp.ClientSession, url: str, wav_b64: str, seconds: float) -> float:
+    """The same question over HTTP: the user speaks it, then it goes in one request; seconds from
+    sending it to the first audio chunk of the streamed answer."""
+    body = {"model": MODEL, "stream": True, "max_tokens": ANSWER_TOKENS, "temperature": 0,
+            "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"},
+            "messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                       "input_audio": {"data": wav_b64, "format": "wav"}}]}]}
+    await asyncio.sleep(seconds)
+    sent = time.monotonic()
+    first = None
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"gateway answered {r.status}: {(await r.text())[:300]}")
+        async for line in r.content:
+            if first is None and line.startswith(b"data: {") and b'"data"' in line:
+                first = time.monotonic() - sent
+    if first is None:
+        raise RuntimeError("no audio in the HTTP answer")
+    return first
+
+
+async def voice_to_voice(url: str, pcm: bytes, wav_b64: str, seconds: float, users: int,
+                         rounds: int) -> tuple[list[float], list[float]]:
+    """`users` realtime sessions stay open; round by round all of them take a turn, then the same
+    number of HTTP users do, in A B B A order, so that load on the machine from outside, drifting
+    during the run, falls on both paths alike."""
+    conns = [await realtime_session(url) for _ in range(users)]
+    rt, http = [], []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+            for r in range(rounds):
+                for path in ("rt", "http") if r % 2 == 0 else ("http", "rt"):
+                    if path == "rt":
+                        rt += await asyncio.gather(*(realtime_turn(c, pcm) for c in conns))
+                    else:
+                        http += await asyncio.gather(*(http_turn(s, url, wav_b64, seconds) for _ in range(users)))
+    finally:
+        for c in conns:
+            await c.close()
+    return rt, http
+
+
+# -- 2: what server VAD adds ------------------------------------------------------------------
+async def vad_turn(url: str, pcm: bytes) -> tuple[float, float]:
+    async with sdk(url).realtime.connect(model=MODEL) as conn:
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": ANSWER_TOKENS})
+        await next_of(conn, "session.updated")
+        seen: list = []
+        end = await speak(conn, silence(0.3) + pcm)
+        tail = asyncio.ensure_future(speak(conn, silence(1.5)))
+        await next_of(conn, "input_audio_buffer.speech_stopped", seen)
+        stopped = seen[-1][0]
+        await next_of(conn, "response.output_audio.delta", seen)
+        first = seen[-1][0]
+        await tail
+        await next_of(conn, "response.done")
+        return stopped - end, first - end
+
+
+# -- 3: barge-in --------------------------------------------------------------------------------
+async def barge_in(url: str, pcm: bytes, interruption: bytes) -> tuple[float, float, float]:
+    """(speech start -> last audio delta of the interrupted answer, speech start -> its response.done,
+    the last delta before speech start -> speech start: audio was flowing when the user spoke)."""
+    async with sdk(url).realtime.connect(model=MODEL) as conn:
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": 4000})
+        await next_of(conn, "session.updated")
+        seen: list = []
+        talk = asyncio.ensure_future(speak(conn, silence(0.3) + pcm + silence(0.8)))
+        created = await next_of(conn, "response.created", seen)
+        for _ in range(3):  # the answer is being spoken
+            await next_of(conn, "response.output_audio.delta", seen)
+        await talk
+        until = time.monotonic() + 0.5  # half a second further into the answer, every event timed as it comes
+        while (left := until - time.monotonic()) > 0:
+            try:
+                ev = await asyncio.wait_for(recv(conn), left)
+            except asyncio.TimeoutError:
+                break
+            seen.append((time.monotonic(), ev))
+        before = max(t for t, ev in seen if ev["type"] == "response.output_audio.delta")
+        seen.clear()
+        talk = asyncio.ensure_future(speak(conn, interruption + silence(0.8)))
+        start = time.monotonic()  # its first chunk goes out now: speech starts
+        done = await next_of(conn, "response.done", seen)
+        resp = done["response"]
+        if resp["id"] != created["response"]["id"] or resp["status"] != "cancelled":
+            raise RuntimeError(f"the answer was not cut: {resp['status']}")
+        deltas = [t for t, ev in seen if ev["type"] == "response.output_audio.delta" and ev["response_id"] == resp["id"]]
+        last = max(deltas) if deltas else start
+        await talk
+        return max(0.0, last - start), seen[-1][0] - start, start - before
+
+
+def part_voice_to_voice(url: str, pcm: bytes, wav_b64: str, seconds: float, rounds: int) -> dict[int, float]:
+    print(f"1. voice-to-voice: last audio of the turn -> first audio of the answer ({ANSWER_TOKENS} tokens, "
+          f"{CODES} codec frames), {rounds} rounds of one turn per user, the paths alternating")
+    ratios = {}
+    for n in (1, 4, 8):
+        rt, http = asyncio.run(voice_to_voice(url, pcm, wav_b64, seconds, n, rounds))
+        ratios[n] = pct(rt, 0.5) / pct(http, 0.5)
+        print(f"   {n} concurrent: realtime p50 {pct(rt, 0.5) * 1000:.0f} ms p99 {pct(rt, 0.99) * 1000:.0f} ms"
+              f"   HTTP p50 {pct(http, 0.5) * 1000:.0f} ms p99 {pct(http, 0.99) * 1000:.0f} ms"
+              f"   ({len(rt)}/{len(http)} turns)   ratio p50 {ratios[n]:.2f}")
+    return ratios
+
+
+def part_vad(url: str, pcm: bytes, turns: int) -> None:
+    print("2. server VAD (silence_duration_ms 500): end of speech -> speech_stopped; -> first audio")
+    vad = [asyncio.run(vad_turn(url, pcm)) for _ in range(turns)]
+    stops, firsts = [v[0] for v in vad], [v[1] for v in vad]
+    print(f"   speech_stopped p50 {pct(stops, 0.5) * 1000:.0f} ms p99 {pct(stops, 0.99) * 1000:.0f} ms;"
+          f"   first audio p50 {pct(firsts, 0.5) * 1000:.0f} ms   ({len(vad)} turns)")
+
+
+def part_barge_in(url: str, pcm: bytes, interruption: bytes, n: int) -> list[float]:
+    print("3. barge-in: the user speaks over a long answer")
+    cuts = [asyncio.run(barge_in(url, pcm, interruption)) for _ in range(n)]
+    last, done, gap = [c[0] for c in cuts], [c[1] for c in cuts], [c[2] for c in cuts]
+    print(f"   speech start -> last audio delta: p50 {pct(last, 0.5) * 1000:.0f} ms p99 {pct(last, 0.99) * 1000:.0f} ms"
+          f";   -> response.done (cancelled): p50 {pct(done, 0.5) * 1000:.0f} ms p99 {pct(done, 0.99) * 1000:.0f} ms"
+          f"   ({len(cuts)} barge-ins)")
+    print(f"   audio was flowing: the last delta before speech start came p50 {pct(gap, 0.5) * 1000:.0f} ms, "
+          f"p99 {pct(gap, 0.99) * 1000:.0f} ms before it")
+    return last
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--turns", type=int, default=6, help="rounds (one turn per user each) per path and concurrency")
+    ap.add_argument("--barge-ins", type=int, default=20)
+    ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the processes below on SIGTERM too
+
+    from omni_runtime.audio import wav_header
+    from omni_runtime.gateway.realtime.resample import to_model_rate
+    from omni_runtime.tiny import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
+    model = build_tiny_model(work / "model")
+    pcm = speech_span(espeak_pcm16(UTTERANCE))
+    interruption = speech_span(espeak_pcm16(INTERRUPTION))
+    pcm16k = to_model_rate(pcm)
+    wav_b64 = base64.b64encode(wav_header(16000, len(pcm16k) // 2) + pcm16k).decode()
+    seconds = len(pcm) / 48000
+    common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": args.device, "OMNI_SERVED_MODEL_NAME": MODEL}
+    procs = []
+    try:
+        thinker = RuntimeProcess("thinker", common, work / "thinker.log", ("--engine", "transformers"))
+        # a chunk every 4 codec frames (320 ms of speech), so audio is flowing when a user barges in
+        talker = RuntimeProcess("talker", {**common, "OMNI_MAX_INFLIGHT": "16", "OMNI_MAX_QUEUE": "16",
+                                           "OMNI_TALKER_CHUNK_CODES": "4"}, work / "talker.log")
+        upstreams = {"OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
+                     "OMNI_TALKER_SERVICE": f"127.0.0.1:{talker.port}|{talker.metrics_port}"}
+        gw = RuntimeProcess("gateway", {
+            **common, **upstreams, "OMNI_REALTIME_THINKER_PARAMS": json.dumps({"temperature": 0}),
+            "OMNI_TALKER_GENERATION": json.dumps({"max_codes": CODES, "min_codes": CODES, "seed": 3})},
+            work / "gateway.log")
+        long_gw = RuntimeProcess("gateway", {
+            **common, **upstreams, "OMNI_REALTIME_THINKER_PARAMS": json.dumps({"temperature": 0, "ignore_eos": True}),
+            "OMNI_TALKER_GENERATION": json.dumps({"max_codes": 3000, "min_codes": 3000, "seed": 3})},
+            work / "gateway-long.log")
+        procs += [thinker, talker, gw, long_gw]
+        for p in procs:
+            p.wait_ready(timeout=180)
+        asyncio.run(voice_to_voice(gw.url, pcm, wav_b64, 0.0, 1, 2))  # warm-up, both paths
+
+        where = "CPU" if args.device == "cpu" else args.device
+        print(f"# tiny model, {where} ({os.cpu_count()} cores, shared), OMP_NUM_THREADS=1 per process; "
+              f"utterance {seconds:.2f} s; logs in {work}")
+        parts = set(args.parts.split(","))
+        ratios = part_voice_to_voice(gw.url, pcm, wav_b64, seconds, args.turns) if "1" in parts else {}
+        if "2" in parts:
+            part_vad(gw.url, pcm, max(3, args.turns))
+        last = part_barge_in(long_gw.url, pcm, interruption, args.barge_ins) if "3" in parts else [0.0]
+        print("ratios: realtime/HTTP voice-to-voice p50 " + ", ".join(f"{n}: {r:.2f}" for n, r in ratios.items())
+              + f" (goal <= 1.0); barge-in p99 {pct(last, 0.99) * 1000:.0f} ms (goal <= 200 ms)")
+        return 0
+    finally:
+        for p in procs:
+            p.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
