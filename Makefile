@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export OMNI_CACHE ?= $(HOME)/.cache/qwen3-omni
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup setup-runtime setup-vllm system-tools image-tools tools binaries flux demo test test-pure test-schema \
+.PHONY: setup setup-runtime setup-vllm system-tools image-tools tools binaries flux prerequisites demo test test-pure test-schema \
 	test-cluster test-runtime test-vllm test-gitops test-images test-lowest generate clean
 
 $(VENV)/.installed: pyproject.toml
@@ -93,8 +93,14 @@ demo: setup-runtime system-tools binaries
 
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
+# Everything the tiers need, installed and built side by side: on a fresh machine the Go builds
+# (the control plane, Flux) take most of the time, and the pip installs wait on the network and the
+# disk meanwhile. The Debian packages come first (apt takes one lock).
+prerequisites: system-tools image-tools
+	$(MAKE) -j4 setup-runtime setup-vllm $(LOWEST_VENV)/.installed binaries flux
+
 # Every tier, then the lowest-versions run: the command CI runs (.ci/run).
-test: test-pure test-schema test-cluster test-runtime test-vllm test-gitops test-images test-lowest
+test: prerequisites test-pure test-schema test-cluster test-runtime test-vllm test-gitops test-images test-lowest
 
 test-pure: setup
 	$(PYTEST) --tier=pure
