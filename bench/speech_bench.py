@@ -145,8 +145,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
     args = ap.parse_args()
 
-    from omni_runtime.tiny import build_tiny_model
     from transformers import AutoTokenizer
+
+    from omni_runtime.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="speech-bench-"))
     model = build_tiny_model(work / "model")

@@ -37,8 +37,8 @@ from typing import Iterable, Sequence
 from e2e.hub import HubStandIn, write_placeholder_checkpoint
 from e2e.kubeapi import TRANSPORT_ERRORS, KubeApi
 from e2e.kubelet import LoaderKubelet
-from e2e.serving_kubelet import DEFAULT_IMAGES, ServingKubelet
 from e2e.service_dns import ServiceDns
+from e2e.serving_kubelet import DEFAULT_IMAGES, ServingKubelet
 from e2e.volumes import HostPathProvisioner
 
 INFO_FILE = "agent.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+
 import pytest
 
 from e2e.hub import HubStandIn, write_placeholder_checkpoint

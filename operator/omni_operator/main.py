@@ -13,8 +13,7 @@ from prometheus_client import start_http_server
 
 from omni_operator.api.resource import KIND
 from omni_operator.autoscaling.loop import Autoscaler, fetch_metrics
-from omni_operator.controller import metrics
-from omni_operator.controller import watches
+from omni_operator.controller import metrics, watches
 from omni_operator.controller.cache import ObjectCache, prime_from_api
 from omni_operator.controller.health import serve_health
 from omni_operator.controller.leader import LeaderElector, lease_client

@@ -195,8 +195,8 @@ def test_the_vocoder_sends_first_chunks_ahead_and_keeps_each_synthesis_in_order(
     (shorter) chunk: B's audio goes out before A's, A's chunks go out in their order, each
     synthesis ends after its audio."""
     from omni_runtime.talker.batch import Synthesis, TextFeed
-    from omni_runtime.talker.vocoder import Vocoder
     from omni_runtime.talker.code2wav import Code2WavBatches
+    from omni_runtime.talker.vocoder import Vocoder
 
     events = []
 

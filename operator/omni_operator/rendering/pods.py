@@ -150,9 +150,9 @@ def scratch_home() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]
 
 
 def build_pod_spec(inp: RenderInput, role: str, role_spec: RoleSpec, *, gpu_resource: str | None, gpus: int,
-              resource_defaults: dict, env: list[dict], volumes: list[dict], mounts: list[dict],
-              startup_seconds: int | None, spread_labels: dict[str, str],
-              shard_labels: dict[str, str] | None = None) -> dict[str, Any]:
+                   resource_defaults: dict, env: list[dict], volumes: list[dict], mounts: list[dict],
+                   startup_seconds: int | None, spread_labels: dict[str, str],
+                   shard_labels: dict[str, str] | None = None) -> dict[str, Any]:
     pod_sc, container_sc = security_context()
     container: dict[str, Any] = {
         "name": role,

@@ -103,9 +103,9 @@ def render_talker(inp: RenderInput) -> list[dict[str, Any]]:
     ]
     defaults = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
     pod_spec = build_pod_spec(inp, "talker", talker, gpu_resource=talker.gpu.resource_name, gpus=sizing.gpus_per_pod,
-                         resource_defaults=defaults, env=env, volumes=model.volumes + [home_volume],
-                         mounts=model.mounts + [home_mount], startup_seconds=STARTUP_BUDGET_SECONDS,
-                         spread_labels=selector_labels(name, "talker"))
+                              resource_defaults=defaults, env=env, volumes=model.volumes + [home_volume],
+                              mounts=model.mounts + [home_mount], startup_seconds=STARTUP_BUDGET_SECONDS,
+                              spread_labels=selector_labels(name, "talker"))
     return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -139,8 +139,8 @@ def render_gateway(inp: RenderInput) -> list[dict[str, Any]]:
         mounts.append({"name": "api-keys", "mountPath": "/etc/omni/api-keys", "readOnly": True})
     defaults = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
     pod_spec = build_pod_spec(inp, "gateway", gateway, gpu_resource=None, gpus=0, resource_defaults=defaults,
-                         env=[*role_env(inp, "gateway", values), *downward_env()], volumes=volumes, mounts=mounts,
-                         startup_seconds=60, spread_labels=selector_labels(name, "gateway"))
+                              env=[*role_env(inp, "gateway", values), *downward_env()], volumes=volumes, mounts=mounts,
+                              startup_seconds=60, spread_labels=selector_labels(name, "gateway"))
     return [_without_replicas_if(spec.external_autoscaler, {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

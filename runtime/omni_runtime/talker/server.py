@@ -30,8 +30,7 @@ from omni_runtime.config import Env, TalkerSettings
 from omni_runtime.metrics import TalkerMetrics, metrics_app
 from omni_runtime.payload import PayloadError, TalkerRequest, parse
 from omni_runtime.server import EngineService, json_error, serve
-from omni_runtime.talker.batch import (Cancelled, DecodeLoop, DecodePlan, Synthesis, TextAbandoned, TextFeed,
-                                       TextTimeout)
+from omni_runtime.talker.batch import Cancelled, DecodeLoop, DecodePlan, Synthesis, TextAbandoned, TextFeed, TextTimeout
 
 log = logging.getLogger("omni.talker")
 
