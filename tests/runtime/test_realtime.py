@@ -100,6 +100,10 @@ def pcm_of(events) -> bytes:
     return b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.output_audio.delta")
 
 
+def tracebacks(process) -> int:
+    return process.log.read_text(errors="replace").count("Traceback (most recent call last)")
+
+
 def transcript_of(events) -> str:
     return "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
 
@@ -191,6 +195,7 @@ def test_text_responses_priming_and_per_response_instructions(stack):
 def test_barge_in_stops_thinker_and_talker_and_keeps_the_text_that_was_heard(stack, speech):
     talker, thinker, gw = stack["talker"], stack["thinker"], stack["long"]
     audio_before = talker.metrics().get("omni_talker_audio_seconds_total", 0.0)
+    tracebacks_before = {p.role: tracebacks(p) for p in (thinker, talker)}
 
     async def go():
         async with client(gw).realtime.connect(model=MODEL) as conn:
@@ -206,6 +211,10 @@ def test_barge_in_stops_thinker_and_talker_and_keeps_the_text_that_was_heard(sta
             await loop.run_in_executor(None, lambda: wait_until(
                 "the thinker generating", lambda: thinker.metrics()["omni_requests_running"] == 1, 30))
             more = await until(conn, "response.output_audio.delta")
+            # the interruption is not answered by itself, so that nothing new runs while the slots are watched
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+                "type": "server_vad", "create_response": False}}}})
+            more += await until(conn, "session.updated")
             await stream_audio(conn, speech["stop"] + silence(0.9))  # the user speaks over the answer
             cut = await until(conn, "response.done")
             await loop.run_in_executor(None, lambda: wait_until(
@@ -216,8 +225,9 @@ def test_barge_in_stops_thinker_and_talker_and_keeps_the_text_that_was_heard(sta
             await conn.conversation.item.retrieve(item_id=item_id)
             kept = await until(conn, "conversation.item.retrieved")
             item = next(e.item for e in kept if e.type == "conversation.item.retrieved")
-            # the new turn is answered (maybe already, while the item was retrieved); the client cancels it
-            nxt = kept if "response.created" in types(kept) else kept + await until(conn, "response.created")
+            # the new turn is answered on request; the client cancels that answer
+            await conn.response.create()
+            nxt = await until(conn, "response.created")
             await conn.response.cancel()
             cancelled = await until(conn, "response.done")
             return first + more, cut, item, nxt + cancelled
@@ -248,6 +258,8 @@ def test_barge_in_stops_thinker_and_talker_and_keeps_the_text_that_was_heard(sta
     assert m["omni_gateway_realtime_barge_ins_total"] == 1
     assert m["omni_gateway_realtime_voice_to_voice_seconds_count"] >= 1
     assert 'omni_gateway_realtime_turns_total{status="cancelled"} 2.0' in gw.metrics_text()
+    # a client that leaves mid-stream is routine for the thinker and the talker, not an error
+    assert {p.role: tracebacks(p) for p in (thinker, talker)} == tracebacks_before
 
 
 def test_sessions_count_as_running_requests_for_the_autoscaler(stack):

@@ -246,6 +246,10 @@ class TalkerService(EngineService):
             await resp.write_eof()
             self.metrics.count(200)
             return resp
+        except ConnectionResetError:  # the client left between two writes (a barge-in): not a failure
+            log.info("synthesis %s stopped: its client went away", req.request_id)
+            self.metrics.count(499)
+            return resp
         finally:
             watch.cancel()
             synthesis.cancel.set()  # no-op once finished; stops decoding when the client went away

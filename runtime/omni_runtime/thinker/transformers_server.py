@@ -414,6 +414,9 @@ class ThinkerService(EngineService):
                         out["choices"][0]["token_ids"] = ids
                     return web.json_response(out)
             return resp
+        except ConnectionResetError:  # the client left (a realtime barge-in): stop, quietly
+            log.info("request %s stopped: its client went away", rid)
+            return resp
         finally:
             stop.set()  # no-op once generation ended; else it ends after the current step
             try:
