@@ -416,6 +416,7 @@ class ThinkerService(EngineService):
             return resp
         except ConnectionResetError:  # the client left (a realtime barge-in): stop, quietly
             log.info("request %s stopped: its client went away", rid)
+            self.metrics.count(499)
             return resp
         finally:
             stop.set()  # no-op once generation ended; else it ends after the current step
