@@ -67,3 +67,11 @@ def sse_events(raw: bytes) -> list:
                 data = line[5:].strip()
                 out.append("[DONE]" if data == b"[DONE]" else json.loads(data))
     return out
+
+
+def answered(proc, code: int) -> float:
+    """How many requests `proc` answered with `code` (its omni_requests_total)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(proc.metrics_text()) for s in family.samples
+               if s.name == "omni_requests_total" and s.labels.get("code") == str(code))

@@ -14,7 +14,7 @@ import pytest
 
 from e2e.procs import free_port
 
-from .helpers import run, sse_events, text_payload
+from .helpers import answered, run, sse_events, text_payload
 
 pytestmark = pytest.mark.runtime
 
@@ -44,14 +44,6 @@ def replicas(tiny_model, module_spawn):
     for p in procs.values():
         p.wait_ready(300)
     return procs
-
-
-def answered(proc, code: int) -> float:
-    """How many requests `proc` answered with `code` (its omni_requests_total)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(s.value for family in text_string_to_metric_families(proc.metrics_text()) for s in family.samples
-               if s.name == "omni_requests_total" and s.labels.get("code") == str(code))
 
 
 async def _post(session, url, body, **kw):

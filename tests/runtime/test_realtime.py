@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from e2e.procs import wait_until
 from e2e.speech import espeak_pcm16, silence
 
-from .helpers import run
+from .helpers import answered, run
 
 pytestmark = pytest.mark.runtime
 
@@ -98,14 +98,6 @@ def manual():
 
 def pcm_of(events) -> bytes:
     return b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.output_audio.delta")
-
-
-def client_left(process) -> float:
-    """Requests the process ended because their client went away (counted under code 499)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(sample.value for family in text_string_to_metric_families(process.metrics_text())
-               for sample in family.samples if sample.name == "omni_requests_total" and sample.labels["code"] == "499")
 
 
 def tracebacks(process) -> int:
@@ -204,7 +196,7 @@ def test_barge_in_stops_thinker_and_talker_and_keeps_the_text_that_was_heard(sta
     talker, thinker, gw = stack["talker"], stack["thinker"], stack["long"]
     audio_before = talker.metrics().get("omni_talker_audio_seconds_total", 0.0)
     tracebacks_before = {p.role: tracebacks(p) for p in (thinker, talker)}
-    left_before = {p.role: client_left(p) for p in (thinker, talker)}
+    left_before = {p.role: answered(p, 499) for p in (thinker, talker)}  # 499: the client went away
 
     async def go():
         async with client(gw).realtime.connect(model=MODEL) as conn:
@@ -269,7 +261,7 @@ def test_barge_in_stops_thinker_and_talker_and_keeps_the_text_that_was_heard(sta
     assert 'omni_gateway_realtime_turns_total{status="cancelled"} 2.0' in gw.metrics_text()
     # a client that leaves mid-stream is routine for the thinker and the talker, not an error
     assert {p.role: tracebacks(p) for p in (thinker, talker)} == tracebacks_before
-    assert all(client_left(p) > left_before[p.role] for p in (thinker, talker))
+    assert all(answered(p, 499) > left_before[p.role] for p in (thinker, talker))
 
 
 def test_sessions_count_as_running_requests_for_the_autoscaler(stack):
