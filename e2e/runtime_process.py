@@ -53,14 +53,14 @@ class RuntimeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"{self.role} not ready after {timeout}s:\n{self.log_text()}")
 
-    def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+    def metrics_text(self, timeout: float = 5) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=timeout) as r:
             return r.read().decode()
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, timeout: float = 5) -> dict[str, float]:
         from omni_runtime.metrics import parse_prometheus_text
 
-        return parse_prometheus_text(self.metrics_text())
+        return parse_prometheus_text(self.metrics_text(timeout))
 
     def log_text(self) -> str:
         try:
