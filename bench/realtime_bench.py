@@ -1,8 +1,9 @@
 """Voice-to-voice latency of realtime sessions, against the HTTP speech path, and barge-in.
 
-Real processes on loopback, the tiny random-weight model: one thinker (transformers
-engine), one talker and a gateway, driven by the OpenAI SDK's realtime client with real
-speech from espeak-ng. Every user "speaks" an utterance in real time (20 ms chunks at 1x),
+Real processes on loopback, the tiny random-weight model: one thinker (the transformers
+engine, one generation at a time, or with `--thinker vllm` vLLM's CPU build, which batches),
+one talker and a gateway, driven by the OpenAI SDK's realtime client with real speech from
+espeak-ng. Every user "speaks" an utterance in real time (20 ms chunks at 1x),
 then waits for the whole answer; concurrent users do so side by side.
 
   1. voice-to-voice latency at 1, 4 and 8 concurrent sessions: from the last appended audio
@@ -19,9 +20,10 @@ then waits for the whole answer; concurrent users do so side by side.
      that answer (and -> its `response.done`, cancelled). The talker sends a chunk every 4
      codec frames here (OMNI_TALKER_CHUNK_CODES=4), so audio is flowing when the user speaks.
 
-    .venv/bin/python -m bench.realtime_bench [--turns 4] [--barge-ins 20] [--device cuda]
+    .venv/bin/python -m bench.realtime_bench [--turns 6] [--barge-ins 20] [--thinker vllm] [--device cuda]
 
-Needs `make setup-runtime` and espeak-ng (`make system-tools`). The last line holds the ratios.
+Needs `make setup-runtime` and espeak-ng (`make system-tools`); `--thinker vllm` also
+`make setup-vllm`. The last line holds the ratios.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from e2e.procs import lower_session_group
 from e2e.runtime_process import RuntimeProcess
 from e2e.speech import espeak_pcm16, silence
 
@@ -188,7 +191,7 @@ async def barge_in(url: str, pcm: bytes, interruption: bytes) -> tuple[float, fl
     """(speech start -> last audio delta of the interrupted answer, speech start -> its response.done,
     the last delta before speech start -> speech start: audio was flowing when the user spoke)."""
     async with sdk(url).realtime.connect(model=MODEL) as conn:
-        await conn.session.update(session={"type": "realtime", "max_output_tokens": 4000})
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": 3000})  # within vLLM's 4096-token context
         await next_of(conn, "session.updated")
         seen: list = []
         talk = asyncio.ensure_future(speak(conn, silence(0.3) + pcm + silence(0.8)))
@@ -250,11 +253,28 @@ def part_barge_in(url: str, pcm: bytes, interruption: bytes, n: int) -> list[flo
     return last
 
 
+def start_thinker(engine: str, common: dict, log: Path) -> RuntimeProcess:
+    """The transformers engine in this environment, or the launcher over `vllm serve` from
+    .venv-vllm (OMNI_VLLM_VENV), its batch wide enough for every session at once."""
+    if engine == "transformers":
+        return RuntimeProcess("thinker", common, log, ("--engine", "transformers"))
+    venv = Path(os.environ.get("OMNI_VLLM_VENV") or Path(__file__).resolve().parents[1] / ".venv-vllm")
+    if not (venv / "bin" / "vllm").exists():
+        raise SystemExit(f"{venv}/bin/vllm missing: run `make setup-vllm`")
+    args = ["--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "16"]
+    thinker = RuntimeProcess("thinker", {**common, "OMNI_VLLM_ARGS": json.dumps(args), "VLLM_CPU_KVCACHE_SPACE": "1",
+                                         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}, log, python=str(venv / "bin" / "python"))
+    lower_session_group(thinker.popen)  # vLLM runs in a session of its own (see e2e/procs.py)
+    return thinker
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--turns", type=int, default=6, help="rounds (one turn per user each) per path and concurrency")
     ap.add_argument("--barge-ins", type=int, default=20)
     ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
+    ap.add_argument("--thinker", choices=("transformers", "vllm"), default="transformers",
+                    help="the thinker's engine (vllm: the CPU build in .venv-vllm)")
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the processes below on SIGTERM too
@@ -273,7 +293,7 @@ def main() -> int:
     common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": args.device, "OMNI_SERVED_MODEL_NAME": MODEL}
     procs = []
     try:
-        thinker = RuntimeProcess("thinker", common, work / "thinker.log", ("--engine", "transformers"))
+        thinker = start_thinker(args.thinker, common, work / "thinker.log")
         # a chunk every 4 codec frames (320 ms of speech), so audio is flowing when a user barges in
         talker = RuntimeProcess("talker", {**common, "OMNI_MAX_INFLIGHT": "16", "OMNI_MAX_QUEUE": "16",
                                            "OMNI_TALKER_CHUNK_CODES": "4"}, work / "talker.log")
@@ -289,11 +309,11 @@ def main() -> int:
             work / "gateway-long.log")
         procs += [thinker, talker, gw, long_gw]
         for p in procs:
-            p.wait_ready(timeout=180)
+            p.wait_ready(timeout=600 if p is thinker and args.thinker == "vllm" else 180)
         asyncio.run(voice_to_voice(gw.url, pcm, wav_b64, 0.0, 1, 2))  # warm-up, both paths
 
         where = "CPU" if args.device == "cpu" else args.device
-        print(f"# tiny model, {where} ({os.cpu_count()} cores, shared), OMP_NUM_THREADS=1 per process; "
+        print(f"# tiny model, {where} ({os.cpu_count()} cores, shared), thinker: {args.thinker}, OMP_NUM_THREADS=1 per process; "
               f"utterance {seconds:.2f} s; logs in {work}")
         parts = set(args.parts.split(","))
         ratios = part_voice_to_voice(gw.url, pcm, wav_b64, seconds, args.turns) if "1" in parts else {}

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from e2e.procs import descendants, free_port
+from e2e.procs import descendants, free_port, lower_session_group
 from e2e.runtime_process import RuntimeProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,14 +21,6 @@ SERVED = "tiny-omni"
 # A small box: 1 GiB of KV cache, fp32 (the CPU kernels' reference precision).
 BASE_ARGS = ["--dtype", "float32"]
 START_TIMEOUT = 600.0
-# The launcher starts vLLM in a session of its own (to signal its process group). Where processes
-# sit in the root cgroup, as on a test machine, the kernel schedules each session as one group
-# (autogroup), and on 2 cores the session of vLLM's CPU build starved the tests' session (the
-# launcher's metrics, the test's own samplers) for up to 14 s at a time: a probe waking every
-# 50 ms on the second core saw no CPU for that long, and no gap with autogroups off or with
-# vLLM's group at this nice (its load then took 12 % longer). In a pod every process shares the
-# pod's cgroup and competes per task; the lowest priority for vLLM's group restores that here.
-ENGINE_GROUP_NICE = 19
 
 
 def alive(pid: int) -> bool:
@@ -100,25 +91,6 @@ class VllmThinker(RuntimeProcess):
         raise TimeoutError(f"vLLM thinker not ready after {timeout}s:\n{self.log_text()}")
 
 
-def lower_engine_group(launcher: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
-    """Give the session that vLLM runs in below `launcher` the nice ENGINE_GROUP_NICE as soon as
-    it exists (a kernel without autogroups has nothing to lower)."""
-    ours = os.getsid(0)
-    deadline = time.monotonic() + timeout
-    while launcher.poll() is None and time.monotonic() < deadline:
-        for pid in descendants(launcher.pid):
-            try:
-                if os.getsid(pid) != ours:
-                    Path(f"/proc/{pid}/autogroup").write_text(str(ENGINE_GROUP_NICE))
-                    return
-            except FileNotFoundError:
-                if not Path("/proc/self/autogroup").exists():
-                    return
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-
-
 class VllmPool:
     """Starts launchers in the background so several load at once, hands out ready ones.
     `get` shares a thinker between tests; `take` hands it over for good (e.g. to SIGTERM it)."""
@@ -146,7 +118,7 @@ class VllmPool:
         }
         p = VllmThinker("thinker", env, self.logs / f"{name}-{len(self.all)}.log", python=str(self.venv / "bin" / "python"))
         p.t0 = time.monotonic()
-        threading.Thread(target=lower_engine_group, args=(p.popen,), daemon=True).start()
+        lower_session_group(p.popen)  # the launcher starts vLLM in a session of its own
         self.procs[name] = p
         self.all.append(p)
         return p
