@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 
 import aiohttp
 import pytest
@@ -192,6 +193,40 @@ def test_thinker_states_endpoint_edges(stack):
     status, _, raw, _ = run(post_stream(thinker.url + "/v1/chat/completions", {
         "model": "m", "messages": [{"role": "user", "content": "hi"}]}, headers={"X-Request-Id": "../etc"}))
     assert status == 400 and "X-Request-Id" in json.loads(raw)["error"]["message"]
+
+
+def test_thinker_states_endpoint_holds_a_reader_until_published(stack):
+    """`?wait=` holds the GET until the states are there: a reader that asks before the
+    request is even sent gets them in one answer, and an unknown id is answered 404 once the
+    wait is over (never earlier)."""
+    thinker = stack["thinker"]
+    base = f"http://127.0.0.1:{thinker.metrics_port}/v1/omni/mm-states/"
+    body = {"model": "m", "messages": [{"role": "user", "content": [AUDIO_PART, QUESTION]}], "max_tokens": 2}
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async def held():
+                async with s.get(base + "held-1", params={"wait": "2"}) as g:
+                    return g.status, await g.json()
+
+            reader = asyncio.ensure_future(held())
+            await asyncio.sleep(0.2)  # the reader is waiting before the request exists
+            assert not reader.done()
+            async with s.post(thinker.url + "/v1/chat/completions", json=body,
+                              headers={"X-Request-Id": "held-1"}) as r:
+                assert r.status == 200
+                await r.read()
+            return await reader
+
+    status, mm = run(go())
+    assert status == 200, mm
+    assert mm["dtype"] == "float32" and mm["shape"][0] == 7
+    started = time.monotonic()
+    status, body = get(base + "never-sent-2?wait=0.3")
+    assert status == 404 and "no multimodal states" in body["error"]
+    assert time.monotonic() - started >= 0.3
+    assert get(base + "held-1?wait=nan")[0] == 400
+    assert get(base + "held-1?wait=soon")[0] == 400
 
 
 def test_speech_for_audio_input_end_to_end(stack, reference):

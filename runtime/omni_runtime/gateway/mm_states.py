@@ -3,9 +3,12 @@
 The thinker that served a chat request (sent with `X-Request-Id: <rid>`) publishes the
 layer-`accept_hidden_layer` states at the prompt's multimodal positions on its metrics
 port, `GET /v1/omni/mm-states/<rid>`, as payload v1's `mm` object, once its prefill is
-done; 404 until then (a 404 with `"final": true` when they will never come). The gateway polls that URL on the same endpoint. The wait is
-bounded from the moment the prefill is known to be over (the first generated token, or
-the end of the stream): before that the request may still be queued in the thinker.
+done; 404 until then (a 404 with `"final": true` when they will never come). The gateway
+polls that URL on the same endpoint, asking each time to be held until the states are there
+(`?wait=`, up to HOLD seconds; a thinker that does not hold answers at once and the poll
+goes on every POLL_EVERY). The wait is bounded from the moment the prefill is known to be
+over (the first generated token, or the end of the stream): before that the request may
+still be queued in the thinker.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from omni_runtime.gateway.pools import Endpoint
 
 PATH = "/v1/omni/mm-states/"
 POLL_EVERY = 0.05
+HOLD = 0.5
 
 
 class StatesMissing(Exception):
@@ -62,8 +66,9 @@ async def fetch_states(session: aiohttp.ClientSession, ep: Endpoint, rid: str, w
     deadline = None
     last = "no answer yet"
     while True:
+        hold = HOLD if deadline is None else min(HOLD, max(0.0, deadline - time.monotonic()))
         try:
-            async with session.get(url, timeout=timeout) as resp:
+            async with session.get(url, params={"wait": f"{hold:.3f}"}, timeout=timeout) as resp:
                 body = await resp.read()
                 if resp.status == 200:
                     try:

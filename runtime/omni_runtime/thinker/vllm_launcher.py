@@ -118,15 +118,37 @@ def vllm_finished(values: dict[str, float]) -> float | None:
     return values.get("vllm:request_success_total")
 
 
+# A reader may ask the states endpoint to hold its answer (`?wait=SECONDS`) until the states
+# are published: the store is a local directory, so looking every 10 ms here costs less than a
+# reader's HTTP poll and gives the states to the talker up to a poll interval sooner.
+STATES_MAX_WAIT = 2.0
+STATES_LOOK_EVERY = 0.01
+
+
+def states_wait(query) -> float:
+    """The `wait` query parameter in seconds, within [0, STATES_MAX_WAIT]; ValueError if it is not a number."""
+    raw = query.get("wait")
+    if raw is None:
+        return 0.0
+    wait = float(raw)
+    if wait != wait:  # NaN
+        raise ValueError("wait must be a number of seconds")
+    return min(max(wait, 0.0), STATES_MAX_WAIT)
+
+
 def mm_states_routes(app, store) -> None:
-    """GET /v1/omni/mm-states/<rid> on the metrics app (contract: 200 the `mm` object, 404
-    while unknown; a 404 with "final": true says the states will never come, and why)."""
+    """GET /v1/omni/mm-states/<rid>[?wait=SECONDS] on the metrics app (contract: 200 the `mm`
+    object, 404 while unknown, after up to `wait` seconds of waiting for it; a 404 with
+    "final": true says the states will never come, and why)."""
     from aiohttp import web
 
     async def handler(request):
         rid = request.match_info["rid"]
+        loop = asyncio.get_running_loop()
         try:
-            obj = await asyncio.get_running_loop().run_in_executor(None, store.take, rid)
+            deadline = loop.time() + states_wait(request.query)
+            while (obj := await loop.run_in_executor(None, store.take, rid)) is None and loop.time() < deadline:
+                await asyncio.sleep(STATES_LOOK_EVERY)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         if obj is None:
