@@ -226,7 +226,8 @@ def test_thinker_states_endpoint_holds_a_reader_until_published(stack):
     assert status == 404 and "no multimodal states" in body["error"]
     assert time.monotonic() - started >= 0.3
     assert get(base + "held-1?wait=nan")[0] == 400
-    assert get(base + "held-1?wait=soon")[0] == 400
+    status, body = get(base + "held-1?wait=soon")
+    assert status == 400 and "wait must be a number of seconds" in body["error"]
 
 
 def test_speech_for_audio_input_end_to_end(stack, reference):

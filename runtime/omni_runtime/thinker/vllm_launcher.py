@@ -130,9 +130,12 @@ def states_wait(query) -> float:
     raw = query.get("wait")
     if raw is None:
         return 0.0
-    wait = float(raw)
-    if wait != wait:  # NaN
-        raise ValueError("wait must be a number of seconds")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = float("nan")
+    if wait != wait:  # not a number, or NaN
+        raise ValueError(f"wait must be a number of seconds (at most {STATES_MAX_WAIT:g}), not {raw[:40]!r}")
     return min(max(wait, 0.0), STATES_MAX_WAIT)
 
 
