@@ -29,8 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from e2e.procs import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from e2e.runtime_process import vllm_launcher_env, vllm_venv
 
 
 def tone_wav(seconds: float, freq: float, rate: int = 16000) -> bytes:
@@ -54,8 +53,7 @@ class Thinker:
         self.port, self.mport = free_port(), free_port()
         env = {**os.environ, "OMNI_MODEL": str(model), "OMNI_SERVED_MODEL_NAME": "tiny", "OMNI_PORT": str(self.port),
                "OMNI_METRICS_PORT": str(self.mport), "OMNI_MM_STATES_EXPORT": "1" if export else "0",
-               "OMNI_VLLM_ARGS": json.dumps(["--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "2"]),
-               "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+               **vllm_launcher_env(venv, ["--max-model-len", "2048", "--max-num-seqs", "2"])}
         self.log = open(log, "wb")
         self.proc = subprocess.Popen([str(venv / "bin" / "python"), "-m", "omni_runtime.cli", "thinker"], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -110,7 +108,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=5.0, help="audio length per request")
-    ap.add_argument("--venv", default=str(REPO / ".venv-vllm"))
+    ap.add_argument("--venv", default=str(vllm_venv()))
     args = ap.parse_args(argv)
     venv = Path(args.venv)
     if not (venv / "bin" / "vllm").exists():

@@ -43,7 +43,7 @@ import aiohttp
 import numpy as np
 
 from e2e.procs import lower_session_group
-from e2e.runtime_process import RuntimeProcess
+from e2e.runtime_process import RuntimeProcess, vllm_launcher_env, vllm_venv
 from e2e.speech import espeak_pcm16, silence
 
 ANSWER_TOKENS = 16
@@ -258,12 +258,11 @@ def start_thinker(engine: str, common: dict, log: Path) -> RuntimeProcess:
     .venv-vllm (OMNI_VLLM_VENV), its batch wide enough for every session at once."""
     if engine == "transformers":
         return RuntimeProcess("thinker", common, log, ("--engine", "transformers"))
-    venv = Path(os.environ.get("OMNI_VLLM_VENV") or Path(__file__).resolve().parents[1] / ".venv-vllm")
+    venv = vllm_venv()
     if not (venv / "bin" / "vllm").exists():
         raise SystemExit(f"{venv}/bin/vllm missing: run `make setup-vllm`")
-    args = ["--dtype", "float32", "--max-model-len", "4096", "--max-num-seqs", "16"]
-    thinker = RuntimeProcess("thinker", {**common, "OMNI_VLLM_ARGS": json.dumps(args), "VLLM_CPU_KVCACHE_SPACE": "1",
-                                         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}, log, python=str(venv / "bin" / "python"))
+    env = {**common, **vllm_launcher_env(venv, ["--max-model-len", "4096", "--max-num-seqs", "16"])}
+    thinker = RuntimeProcess("thinker", env, log, python=str(venv / "bin" / "python"))
     lower_session_group(thinker.popen)  # vLLM runs in a session of its own (see e2e/procs.py)
     return thinker
 

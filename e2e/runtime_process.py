@@ -3,6 +3,7 @@ ports and log: what the runtime tests and the benchmarks start."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,20 @@ from pathlib import Path
 from omni_runtime.config import Env
 
 from .procs import free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vllm_venv() -> Path:
+    """Where vLLM's CPU build is installed (`make setup-vllm`): OMNI_VLLM_VENV or .venv-vllm."""
+    return Path(os.environ.get("OMNI_VLLM_VENV") or REPO / ".venv-vllm")
+
+
+def vllm_launcher_env(venv: Path, vllm_args: list[str]) -> dict[str, str]:
+    """The environment of `omni-runtime thinker` over `vllm serve` from `venv`: fp32 (the CPU
+    kernels' reference precision), 1 GiB of KV cache, `vllm_args` added."""
+    return {"OMNI_VLLM_ARGS": json.dumps(["--dtype", "float32", *vllm_args]), "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1", "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
 
 
 class RuntimeProcess:

@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 
 from e2e.procs import descendants, free_port, lower_session_group
-from e2e.runtime_process import RuntimeProcess
+from e2e.runtime_process import RuntimeProcess, vllm_launcher_env, vllm_venv
 
 REPO = Path(__file__).resolve().parents[2]
 SERVED = "tiny-omni"
-# A small box: 1 GiB of KV cache, fp32 (the CPU kernels' reference precision).
-BASE_ARGS = ["--dtype", "float32"]
 START_TIMEOUT = 600.0
 
 
@@ -32,7 +30,7 @@ def alive(pid: int) -> bool:
 
 
 def find_vllm_venv() -> Path:
-    venv = Path(os.environ.get("OMNI_VLLM_VENV") or REPO / ".venv-vllm")
+    venv = vllm_venv()
     if not (venv / "bin" / "vllm").exists():
         pytest.fail(f"vLLM's CPU build is missing ({venv}/bin/vllm): `make setup-vllm` installs it "
                     "(`make test` does it first)")
@@ -106,14 +104,12 @@ class VllmPool:
         `eager` skips torch.compile (about a minute less to start on 2 cores)."""
         if name in self.procs and self.procs[name].popen.poll() is None:
             return self.procs[name]
-        args = BASE_ARGS + ["--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs)]
+        args = ["--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs)]
         args += ["--enforce-eager"] if eager else []
         env = {
             "OMNI_PORT": str(free_port()), "OMNI_METRICS_PORT": str(free_port()),
             "OMNI_MODEL": str(self.model), "OMNI_SERVED_MODEL_NAME": SERVED,
-            "OMNI_VLLM_ARGS": json.dumps(args), "OMNI_DRAIN_SECONDS": str(drain_seconds),
-            "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-            "PATH": f"{self.venv / 'bin'}:{os.environ['PATH']}",
+            "OMNI_DRAIN_SECONDS": str(drain_seconds), **vllm_launcher_env(self.venv, args),
             **(extra_env or {}),
         }
         p = VllmThinker("thinker", env, self.logs / f"{name}-{len(self.all)}.log", python=str(self.venv / "bin" / "python"))
