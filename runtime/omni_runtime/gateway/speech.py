@@ -134,18 +134,23 @@ class Speech:
     async def _read(self, up, reply: sse.ThinkerReply, prefilled: asyncio.Event, client: SpeechClient,
                     states: asyncio.Future | None, on_chunk=None) -> None:
         """Read the thinker's stream into `reply`, relaying its text. Stops early when the
-        states failed: no speech without them (closing the stream cancels the thinker's request)."""
+        states failed: no speech without them (closing the stream cancels the thinker's request).
+        Each read hands the talker its new ids (`on_chunk`) before the client gets the text:
+        the talker is on the way to the first audio, the transcript is not."""
         buf = b""
         async for data in up.content.iter_any():
             events, buf = sse.split_events(buf + data)
+            deltas = []
             for raw in events:
                 delta = reply.feed(json.loads(raw))
                 if reply.tokens_seen:
                     prefilled.set()
                 if delta:
-                    await client.transcript(delta, len(reply.response_ids))
+                    deltas.append((delta, len(reply.response_ids)))
             if on_chunk is not None:
                 on_chunk()
+            for delta, tokens in deltas:
+                await client.transcript(delta, tokens)
             if _failed(states):
                 break
 
