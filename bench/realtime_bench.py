@@ -8,19 +8,27 @@ then waits for the whole answer; concurrent users do so side by side.
 
   1. voice-to-voice latency at 1, 4 and 8 concurrent sessions: from the last appended audio
      of the user's turn to the first `response.output_audio.delta` (manual commit, so VAD
-     silence is not in it); the baseline, in the same run: the same utterance (the same
-     16 kHz WAV) as one streamed `/v1/chat/completions` request with audio output, from
-     sending it to its first audio chunk, by the same number of users speaking first.
+     silence is not in it); the baseline, in the same run: the same utterance (as a 16 kHz
+     WAV) as one streamed `/v1/chat/completions` request with audio output, from the end of
+     its speech (the request is then wrapped and sent) to its first audio chunk, by the same
+     number of users speaking first; the same number of turns per path at each concurrency.
      Both ask for the same answer (16 tokens, greedy) and speech (32 codec frames);
-     realtime turns delete their items after each answer, so both prompts are the same; the
-     two paths take turns round by round (A B B A), each round one turn per user;
+     realtime turns delete their items after each answer, so both prompts are alike; the
+     two paths take turns round by round (A B B A), each round one turn per user. As with
+     real users, no two turns are the same recording (each has its own faint noise, so no
+     thinker cache answers one turn from another) and the users of a round do not stop
+     speaking in the same millisecond: their turns end spread evenly over STAGGER, the same
+     offsets on both paths. On loopback by default; `--uplink-mbps R` puts each user behind an
+     uplink of R Mbit/s (bench/uplink.py), where the HTTP request's upload of the utterance
+     after its end takes time and a session's appends, sent while the user speaks, do not;
   2. what server VAD adds: end of speech -> `input_audio_buffer.speech_stopped`
      (silence_duration_ms 500 of it), and end of speech -> first audio of the answer;
   3. barge-in: the user starts speaking over a long answer -> the last audio delta of
      that answer (and -> its `response.done`, cancelled). The talker sends a chunk every 4
      codec frames here (OMNI_TALKER_CHUNK_CODES=4), so audio is flowing when the user speaks.
 
-    .venv/bin/python -m bench.realtime_bench [--turns 6] [--barge-ins 20] [--thinker vllm] [--device cuda]
+    .venv/bin/python -m bench.realtime_bench [--turns 48] [--barge-ins 20] [--thinker vllm] [--uplink-mbps 10]
+                                             [--device cuda]
 
 Needs `make setup-runtime` and espeak-ng (`make system-tools`); `--thinker vllm` also
 `make setup-vllm`. The last line holds the ratios.
@@ -46,9 +54,13 @@ from e2e.procs import lower_session_group
 from e2e.runtime_process import RuntimeProcess, vllm_launcher_env, vllm_venv
 from e2e.speech import espeak_pcm16, silence
 
+from bench.uplink import Uplink
+
 ANSWER_TOKENS = 16
 CODES = 32                 # speech per answer: 2.56 s on the real model's 12.5 Hz codec
 CHUNK = 960                # 20 ms of 24 kHz PCM16
+STAGGER = 0.25             # seconds over which the turn ends of a round's users are spread
+NOISE = 10.0               # microphone noise, PCM16 steps RMS (about -70 dBFS)
 MODEL = "tiny"
 UTTERANCE = "What is the weather like today?"
 INTERRUPTION = "Wait, stop, I have another question."
@@ -64,6 +76,31 @@ def speech_span(pcm: bytes, level: float = 0.02) -> bytes:
     ends with silence): speech starts with its first chunk and ends with its last."""
     loud = np.flatnonzero(np.abs(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768) > level)
     return pcm[2 * int(loud[0]):2 * (int(loud[-1]) + 1)]
+
+
+class Recordings:
+    """The utterance as each turn speaks it: with fresh faint noise, as a microphone would
+    give, so that no two turns are byte-equal. Identical audio would let vLLM's prefix and
+    multimodal caches skip a turn's audio encoding, which real speech never allows."""
+
+    def __init__(self, pcm: bytes, seed: int = 0):
+        self.clean = np.frombuffer(pcm, "<i2").astype(np.float32)
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> bytes:
+        noisy = self.clean + self.rng.normal(0.0, NOISE, len(self.clean))
+        return np.clip(noisy.round(), -32768, 32767).astype("<i2").tobytes()
+
+
+def wav_b64(pcm16k: bytes) -> str:
+    """16 kHz PCM16 as the HTTP client sends it: a WAV file, base64."""
+    from omni_runtime.audio import wav_header
+
+    return base64.b64encode(wav_header(16000, len(pcm16k) // 2) + pcm16k).decode()
+
+
+async def send_event(conn, kind: str) -> None:
+    await conn.send_raw(json.dumps({"type": kind}))
 
 
 async def speak(conn, pcm: bytes) -> float:
@@ -111,11 +148,13 @@ async def realtime_session(url: str):
     return conn
 
 
-async def realtime_turn(conn, pcm: bytes) -> float:
-    """One spoken turn: seconds from its last appended audio to the answer's first audio."""
+async def realtime_turn(conn, pcm: bytes, offset: float) -> float:
+    """One spoken turn, begun `offset` s into the round: seconds from its last appended audio
+    to the answer's first audio. Commit and response.create go raw, as the appends do."""
+    await asyncio.sleep(offset)
     last = await speak(conn, pcm)
-    await conn.input_audio_buffer.commit()
-    await conn.response.create()
+    await send_event(conn, "input_audio_buffer.commit")
+    await send_event(conn, "response.create")
     seen: list = []
     await next_of(conn, "response.output_audio.delta", seen)
     latency = seen[-1][0] - last
@@ -127,15 +166,20 @@ async def realtime_turn(conn, pcm: bytes) -> float:
     return latency
 
 
-async def http_turn(session: aiohttp.ClientSession, url: str, wav_b64: str, seconds: float) -> float:
-    """The same question over HTTP: the user speaks it, then it goes in one request; seconds from
-    sending it to the first audio chunk of the streamed answer."""
+async def http_turn(session: aiohttp.ClientSession, url: str, pcm: bytes, offset: float) -> float:
+    """The same question over HTTP: the user speaks it (begun `offset` s into the round), then it
+    goes in one request; seconds from the end of its speech to the first audio chunk of the streamed
+    answer. The client has the speech at 16 kHz as it ends (resampled while it was recorded, as the
+    gateway does for a realtime session); wrapping, encoding and sending it are in the time."""
+    from omni_runtime.gateway.realtime.resample import to_model_rate
+
+    pcm16k = to_model_rate(pcm)
+    await asyncio.sleep(offset + len(pcm) / 48000)
+    sent = time.monotonic()
     body = {"model": MODEL, "stream": True, "max_tokens": ANSWER_TOKENS, "temperature": 0,
             "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"},
             "messages": [{"role": "user", "content": [{"type": "input_audio",
-                                                       "input_audio": {"data": wav_b64, "format": "wav"}}]}]}
-    await asyncio.sleep(seconds)
-    sent = time.monotonic()
+                                                       "input_audio": {"data": wav_b64(pcm16k), "format": "wav"}}]}]}
     first = None
     async with session.post(url + "/v1/chat/completions", json=body) as r:
         if r.status != 200:
@@ -148,11 +192,11 @@ async def http_turn(session: aiohttp.ClientSession, url: str, wav_b64: str, seco
     return first
 
 
-async def voice_to_voice(url: str, pcm: bytes, wav_b64: str, seconds: float, users: int,
-                         rounds: int) -> tuple[list[float], list[float]]:
+async def voice_to_voice(url: str, speech: Recordings, users: int, rounds: int) -> tuple[list[float], list[float]]:
     """`users` realtime sessions stay open; round by round all of them take a turn, then the same
     number of HTTP users do, in A B B A order, so that load on the machine from outside, drifting
-    during the run, falls on both paths alike."""
+    during the run, falls on both paths alike. User i ends its turn i/users of STAGGER after user 0."""
+    offsets = [i * STAGGER / users for i in range(users)]
     conns = [await realtime_session(url) for _ in range(users)]
     rt, http = [], []
     try:
@@ -160,9 +204,9 @@ async def voice_to_voice(url: str, pcm: bytes, wav_b64: str, seconds: float, use
             for r in range(rounds):
                 for path in ("rt", "http") if r % 2 == 0 else ("http", "rt"):
                     if path == "rt":
-                        rt += await asyncio.gather(*(realtime_turn(c, pcm) for c in conns))
+                        rt += await asyncio.gather(*(realtime_turn(c, speech.next(), t) for c, t in zip(conns, offsets)))
                     else:
-                        http += await asyncio.gather(*(http_turn(s, url, wav_b64, seconds) for _ in range(users)))
+                        http += await asyncio.gather(*(http_turn(s, url, speech.next(), t) for t in offsets))
     finally:
         for c in conns:
             await c.close()
@@ -220,12 +264,13 @@ async def barge_in(url: str, pcm: bytes, interruption: bytes) -> tuple[float, fl
         return max(0.0, last - start), seen[-1][0] - start, start - before
 
 
-def part_voice_to_voice(url: str, pcm: bytes, wav_b64: str, seconds: float, rounds: int) -> dict[int, float]:
+def part_voice_to_voice(url: str, speech: Recordings, turns: int) -> dict[int, float]:
     print(f"1. voice-to-voice: last audio of the turn -> first audio of the answer ({ANSWER_TOKENS} tokens, "
-          f"{CODES} codec frames), {rounds} rounds of one turn per user, the paths alternating")
+          f"{CODES} codec frames), {turns} turns per path at each concurrency in rounds of one turn per user, "
+          f"the paths alternating, turn ends spread over {STAGGER * 1000:.0f} ms")
     ratios = {}
     for n in (1, 4, 8):
-        rt, http = asyncio.run(voice_to_voice(url, pcm, wav_b64, seconds, n, rounds))
+        rt, http = asyncio.run(voice_to_voice(url, speech, n, -(-turns // n)))
         ratios[n] = pct(rt, 0.5) / pct(http, 0.5)
         print(f"   {n} concurrent: realtime p50 {pct(rt, 0.5) * 1000:.0f} ms p99 {pct(rt, 0.99) * 1000:.0f} ms"
               f"   HTTP p50 {pct(http, 0.5) * 1000:.0f} ms p99 {pct(http, 0.99) * 1000:.0f} ms"
@@ -233,9 +278,9 @@ def part_voice_to_voice(url: str, pcm: bytes, wav_b64: str, seconds: float, roun
     return ratios
 
 
-def part_vad(url: str, pcm: bytes, turns: int) -> None:
+def part_vad(url: str, speech: Recordings, turns: int) -> None:
     print("2. server VAD (silence_duration_ms 500): end of speech -> speech_stopped; -> first audio")
-    vad = [asyncio.run(vad_turn(url, pcm)) for _ in range(turns)]
+    vad = [asyncio.run(vad_turn(url, speech.next())) for _ in range(turns)]
     stops, firsts = [v[0] for v in vad], [v[1] for v in vad]
     print(f"   speech_stopped p50 {pct(stops, 0.5) * 1000:.0f} ms p99 {pct(stops, 0.99) * 1000:.0f} ms;"
           f"   first audio p50 {pct(firsts, 0.5) * 1000:.0f} ms   ({len(vad)} turns)")
@@ -269,25 +314,25 @@ def start_thinker(engine: str, common: dict, log: Path) -> RuntimeProcess:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--turns", type=int, default=6, help="rounds (one turn per user each) per path and concurrency")
+    ap.add_argument("--turns", type=int, default=48, help="voice-to-voice turns per path at each concurrency")
+    ap.add_argument("--vad-turns", type=int, default=6)
     ap.add_argument("--barge-ins", type=int, default=20)
     ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
     ap.add_argument("--thinker", choices=("transformers", "vllm"), default="transformers",
                     help="the thinker's engine (vllm: the CPU build in .venv-vllm)")
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
+    ap.add_argument("--uplink-mbps", type=float, default=0.0,
+                    help="part 1: each user's client -> gateway bandwidth (0: loopback, unlimited)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the processes below on SIGTERM too
 
-    from omni_runtime.audio import wav_header
-    from omni_runtime.gateway.realtime.resample import to_model_rate
     from omni_runtime.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
     model = build_tiny_model(work / "model")
     pcm = speech_span(espeak_pcm16(UTTERANCE))
     interruption = speech_span(espeak_pcm16(INTERRUPTION))
-    pcm16k = to_model_rate(pcm)
-    wav_b64 = base64.b64encode(wav_header(16000, len(pcm16k) // 2) + pcm16k).decode()
+    speech = Recordings(pcm)
     seconds = len(pcm) / 48000
     common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": args.device, "OMNI_SERVED_MODEL_NAME": MODEL}
     procs = []
@@ -309,15 +354,17 @@ def main() -> int:
         procs += [thinker, talker, gw, long_gw]
         for p in procs:
             p.wait_ready(timeout=600 if p is thinker and args.thinker == "vllm" else 180)
-        asyncio.run(voice_to_voice(gw.url, pcm, wav_b64, 0.0, 1, 2))  # warm-up, both paths
+        users_url = Uplink(gw.port, args.uplink_mbps).url if args.uplink_mbps > 0 else gw.url
+        asyncio.run(voice_to_voice(users_url, speech, 1, 2))  # warm-up, both paths
 
         where = "CPU" if args.device == "cpu" else args.device
         print(f"# tiny model, {where} ({os.cpu_count()} cores, shared), thinker: {args.thinker}, OMP_NUM_THREADS=1 per process; "
-              f"utterance {seconds:.2f} s; logs in {work}")
+              f"utterance {seconds:.2f} s; users' uplink: "
+              + (f"{args.uplink_mbps:g} Mbit/s each" if args.uplink_mbps > 0 else "loopback") + f"; logs in {work}")
         parts = set(args.parts.split(","))
-        ratios = part_voice_to_voice(gw.url, pcm, wav_b64, seconds, args.turns) if "1" in parts else {}
+        ratios = part_voice_to_voice(users_url, speech, args.turns) if "1" in parts else {}
         if "2" in parts:
-            part_vad(gw.url, pcm, max(3, args.turns))
+            part_vad(gw.url, speech, args.vad_turns)
         last = part_barge_in(long_gw.url, pcm, interruption, args.barge_ins) if "3" in parts else [0.0]
         print("ratios: realtime/HTTP voice-to-voice p50 " + ", ".join(f"{n}: {r:.2f}" for n, r in ratios.items())
               + f" (goal <= 1.0); barge-in p99 {pct(last, 0.99) * 1000:.0f} ms (goal <= 200 ms)")
