@@ -1,8 +1,8 @@
 """Voice-to-voice latency of realtime sessions, against the HTTP speech path, and barge-in.
 
-Real processes on loopback, the tiny random-weight model: one thinker (the transformers
-engine, one generation at a time, or with `--thinker vllm` vLLM's CPU build, which batches),
-one talker and a gateway, driven by the OpenAI SDK's realtime client with real speech from
+Real processes on loopback, the tiny random-weight model: one thinker (vLLM's CPU build,
+which batches as deployments do, or with `--thinker transformers` the transformers engine, one
+generation at a time), one talker and a gateway, driven by the OpenAI SDK's realtime client with real speech from
 espeak-ng. Every user "speaks" an utterance in real time (20 ms chunks at 1x),
 then waits for the whole answer; concurrent users do so side by side.
 
@@ -27,11 +27,11 @@ then waits for the whole answer; concurrent users do so side by side.
      that answer (and -> its `response.done`, cancelled). The talker sends a chunk every 4
      codec frames here (OMNI_TALKER_CHUNK_CODES=4), so audio is flowing when the user speaks.
 
-    .venv/bin/python -m bench.realtime_bench [--turns 48] [--barge-ins 20] [--thinker vllm] [--uplink-mbps 10]
-                                             [--device cuda]
+    .venv/bin/python -m bench.realtime_bench [--turns 48] [--barge-ins 20] [--uplink-mbps 10]
+                                             [--thinker transformers] [--device cuda]
 
-Needs `make setup-runtime` and espeak-ng (`make system-tools`); `--thinker vllm` also
-`make setup-vllm`. The last line holds the ratios.
+Needs `make setup-runtime`, `make setup-vllm` (but for `--thinker transformers`) and espeak-ng
+(`make system-tools`). The last line holds the ratios.
 """
 
 from __future__ import annotations
@@ -261,7 +261,19 @@ async def barge_in(url: str, pcm: bytes, interruption: bytes) -> tuple[float, fl
         deltas = [t for t, ev in seen if ev["type"] == "response.output_audio.delta" and ev["response_id"] == resp["id"]]
         last = max(deltas) if deltas else start
         await talk
+        asyncio.ensure_future(discard_events(conn))  # the answer to the interruption is still streaming
         return max(0.0, last - start), seen[-1][0] - start, start - before
+
+
+async def discard_events(conn) -> None:
+    """Read what the server still sends until the connection closes. The client library stops
+    reading the socket when events pile up unread, and its close then waits 10 s for a close
+    frame that sits behind them."""
+    try:
+        while True:
+            await conn.recv_bytes()
+    except Exception:  # noqa: BLE001 - the connection closed, however it did
+        pass
 
 
 def part_voice_to_voice(url: str, speech: Recordings, turns: int) -> dict[int, float]:
@@ -305,7 +317,7 @@ def start_thinker(engine: str, common: dict, log: Path) -> RuntimeProcess:
         return RuntimeProcess("thinker", common, log, ("--engine", "transformers"))
     venv = vllm_venv()
     if not (venv / "bin" / "vllm").exists():
-        raise SystemExit(f"{venv}/bin/vllm missing: run `make setup-vllm`")
+        raise SystemExit(f"{venv}/bin/vllm missing: run `make setup-vllm`, or pass --thinker transformers")
     env = {**common, **vllm_launcher_env(venv, ["--max-model-len", "4096", "--max-num-seqs", "16"])}
     thinker = RuntimeProcess("thinker", env, log, python=str(venv / "bin" / "python"))
     lower_session_group(thinker.popen)  # vLLM runs in a session of its own (see e2e/procs.py)
@@ -318,7 +330,7 @@ def main() -> int:
     ap.add_argument("--vad-turns", type=int, default=6)
     ap.add_argument("--barge-ins", type=int, default=20)
     ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
-    ap.add_argument("--thinker", choices=("transformers", "vllm"), default="transformers",
+    ap.add_argument("--thinker", choices=("vllm", "transformers"), default="vllm",
                     help="the thinker's engine (vllm: the CPU build in .venv-vllm)")
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
     ap.add_argument("--uplink-mbps", type=float, default=0.0,
