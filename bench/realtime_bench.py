@@ -11,23 +11,24 @@ then waits for the whole answer; concurrent users do so side by side.
      silence is not in it); the baseline, in the same run: the same utterance (as a 16 kHz
      WAV) as one streamed `/v1/chat/completions` request with audio output, from the end of
      its speech (the request is then wrapped and sent) to its first audio chunk, by the same
-     number of users speaking first; the same number of turns per path at each concurrency.
-     Both ask for the same answer (16 tokens, greedy) and speech (32 codec frames);
-     realtime turns delete their items after each answer, so both prompts are alike; the
-     two paths take turns round by round (A B B A), each round one turn per user. As with
-     real users, no two turns are the same recording (each has its own faint noise, so no
-     thinker cache answers one turn from another) and the users of a round do not stop
-     speaking in the same millisecond: their turns end spread evenly over STAGGER, the same
-     offsets on both paths. On loopback by default; `--uplink-mbps R` puts each user behind an
-     uplink of R Mbit/s (bench/uplink.py), where the HTTP request's upload of the utterance
-     after its end takes time and a session's appends, sent while the user speaks, do not;
+     number of users speaking first. Both ask for the same answer (16 tokens, greedy) and
+     speech (32 codec frames); realtime turns delete their items after each answer, so both
+     prompts are alike. The paths take turns round by round (A B B A), each round one turn
+     per user, `--rounds` rounds each at every concurrency: the turns of a round share engine
+     steps, so rounds, not turns, are the independent samples. As with real users, no two
+     turns are the same recording (each has its own faint noise, so no thinker cache answers
+     one turn from another) and the users of a round do not stop speaking in the same
+     millisecond: their turns end spread evenly over STAGGER, the same offsets on both paths.
+     On loopback by default; `--uplink-mbps R` puts each user behind an uplink of R Mbit/s
+     (bench/uplink.py), where the HTTP request's upload of the utterance after its end takes
+     time and a session's appends, sent while the user speaks, do not;
   2. what server VAD adds: end of speech -> `input_audio_buffer.speech_stopped`
      (silence_duration_ms 500 of it), and end of speech -> first audio of the answer;
   3. barge-in: the user starts speaking over a long answer -> the last audio delta of
      that answer (and -> its `response.done`, cancelled). The talker sends a chunk every 4
      codec frames here (OMNI_TALKER_CHUNK_CODES=4), so audio is flowing when the user speaks.
 
-    .venv/bin/python -m bench.realtime_bench [--turns 48] [--barge-ins 20] [--uplink-mbps 10]
+    .venv/bin/python -m bench.realtime_bench [--rounds 32] [--barge-ins 20] [--uplink-mbps 10]
                                              [--thinker transformers] [--device cuda]
 
 Needs `make setup-runtime`, `make setup-vllm` (but for `--thinker transformers`) and espeak-ng
@@ -276,13 +277,13 @@ async def discard_events(conn) -> None:
         pass
 
 
-def part_voice_to_voice(url: str, speech: Recordings, turns: int) -> dict[int, float]:
+def part_voice_to_voice(url: str, speech: Recordings, rounds: int) -> dict[int, float]:
     print(f"1. voice-to-voice: last audio of the turn -> first audio of the answer ({ANSWER_TOKENS} tokens, "
-          f"{CODES} codec frames), {turns} turns per path at each concurrency in rounds of one turn per user, "
+          f"{CODES} codec frames), {rounds} rounds of one turn per user per path at each concurrency, "
           f"the paths alternating, turn ends spread over {STAGGER * 1000:.0f} ms")
     ratios = {}
     for n in (1, 4, 8):
-        rt, http = asyncio.run(voice_to_voice(url, speech, n, -(-turns // n)))
+        rt, http = asyncio.run(voice_to_voice(url, speech, n, rounds))
         ratios[n] = pct(rt, 0.5) / pct(http, 0.5)
         print(f"   {n} concurrent: realtime p50 {pct(rt, 0.5) * 1000:.0f} ms p99 {pct(rt, 0.99) * 1000:.0f} ms"
               f"   HTTP p50 {pct(http, 0.5) * 1000:.0f} ms p99 {pct(http, 0.99) * 1000:.0f} ms"
@@ -326,7 +327,8 @@ def start_thinker(engine: str, common: dict, log: Path) -> RuntimeProcess:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--turns", type=int, default=48, help="voice-to-voice turns per path at each concurrency")
+    ap.add_argument("--rounds", type=int, default=32,
+                    help="voice-to-voice rounds (one turn per user each) per path at each concurrency")
     ap.add_argument("--vad-turns", type=int, default=6)
     ap.add_argument("--barge-ins", type=int, default=20)
     ap.add_argument("--device", default="cpu", help="where the thinker and talker run: cpu or cuda")
@@ -378,7 +380,7 @@ def main() -> int:
               f"utterance {seconds:.2f} s; users' uplink: "
               + (f"{args.uplink_mbps:g} Mbit/s each" if args.uplink_mbps > 0 else "loopback") + f"; logs in {work}")
         parts = set(args.parts.split(","))
-        ratios = part_voice_to_voice(users_url, speech, args.turns) if "1" in parts else {}
+        ratios = part_voice_to_voice(users_url, speech, args.rounds) if "1" in parts else {}
         if "2" in parts:
             part_vad(gw.url, speech, args.vad_turns)
         last = part_barge_in(long_gw.url, pcm, interruption, args.barge_ins) if "3" in parts else None
