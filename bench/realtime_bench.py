@@ -1,10 +1,10 @@
 """Voice-to-voice latency of realtime sessions, against the HTTP speech path, and barge-in.
 
 Real processes on loopback, the tiny random-weight model: one thinker (vLLM's CPU build,
-which batches as deployments do, or with `--thinker transformers` the transformers engine, one
-generation at a time), one talker and a gateway, driven by the OpenAI SDK's realtime client with real speech from
-espeak-ng. Every user "speaks" an utterance in real time (20 ms chunks at 1x),
-then waits for the whole answer; concurrent users do so side by side.
+which batches as deployments do, or with `--thinker transformers` the transformers engine,
+one generation at a time), one talker and a gateway, driven by the OpenAI SDK's realtime
+client with real speech from espeak-ng. Every user "speaks" an utterance in real time (20 ms
+chunks at 1x), then waits for the whole answer; concurrent users do so side by side.
 
   1. voice-to-voice latency at 1, 4 and 8 concurrent sessions: from the last appended audio
      of the user's turn to the first `response.output_audio.delta` (manual commit, so VAD
