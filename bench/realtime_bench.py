@@ -93,13 +93,6 @@ class Recordings:
         return np.clip(noisy.round(), -32768, 32767).astype("<i2").tobytes()
 
 
-def wav_b64(pcm16k: bytes) -> str:
-    """16 kHz PCM16 as the HTTP client sends it: a WAV file, base64."""
-    from omni_runtime.audio import wav_header
-
-    return base64.b64encode(wav_header(16000, len(pcm16k) // 2) + pcm16k).decode()
-
-
 async def send_event(conn, kind: str) -> None:
     await conn.send_raw(json.dumps({"type": kind}))
 
@@ -172,6 +165,7 @@ async def http_turn(session: aiohttp.ClientSession, url: str, pcm: bytes, offset
     goes in one request; seconds from the end of its speech to the first audio chunk of the streamed
     answer. The client has the speech at 16 kHz as it ends (resampled while it was recorded, as the
     gateway does for a realtime session); wrapping, encoding and sending it are in the time."""
+    from omni_runtime.gateway.realtime.conversation import audio_part
     from omni_runtime.gateway.realtime.resample import to_model_rate
 
     pcm16k = to_model_rate(pcm)
@@ -180,7 +174,7 @@ async def http_turn(session: aiohttp.ClientSession, url: str, pcm: bytes, offset
     body = {"model": MODEL, "stream": True, "max_tokens": ANSWER_TOKENS, "temperature": 0,
             "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"},
             "messages": [{"role": "user", "content": [{"type": "input_audio",
-                                                       "input_audio": {"data": wav_b64(pcm16k), "format": "wav"}}]}]}
+                                                       "input_audio": {"data": audio_part(pcm16k).wav_b64, "format": "wav"}}]}]}
     first = None
     async with session.post(url + "/v1/chat/completions", json=body) as r:
         if r.status != 200:

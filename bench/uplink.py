@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from e2e.procs import free_port
+from e2e.procs import free_port, wait_until
 
 PIECE = 8192  # bytes carried at a time: 6.6 ms at 10 Mbit/s
 
@@ -31,16 +31,17 @@ class Uplink:
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.uplink", "--port", str(self.port),
                                       "--target", str(target_port), "--mbps", str(mbps)])
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("the uplink relay did not start") from None
-                time.sleep(0.05)
+        try:
+            wait_until(f"the uplink relay on port {self.port}", self._accepting, timeout=10, interval=0.05)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def _accepting(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the relay exited with {self.proc.returncode}")
+        socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        return True
 
     @property
     def url(self) -> str:
