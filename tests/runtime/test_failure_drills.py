@@ -50,10 +50,27 @@ def serving(stand: Stand, role: str) -> list[dict]:
     return [p for p in stand.pods(role) if pod_serves(p)]
 
 
-def running(pod: dict) -> float:
-    """The requests a pod's process holds (its omni_requests_running), read from the pod itself."""
+def scrape(pod: dict) -> dict[str, float]:
+    """A pod's process's metrics, read from the pod itself."""
     with urllib.request.urlopen(f"http://{pod['status']['podIP']}:9400/metrics", timeout=2) as r:
-        return parse_prometheus_text(r.read().decode()).get("omni_requests_running", 0.0)
+        return parse_prometheus_text(r.read().decode())
+
+
+def answers_begun(pod: dict) -> tuple[float, bool]:
+    """(How many answers the pod's process has begun streaming, whether it holds a request now).
+    A talker sends its response head with its first audio; before that, a lost talker is one the
+    gateway retries on another replica, unseen by the client (test_gateway_drain.py). A thinker's
+    answer begins as it takes the request."""
+    metrics = scrape(pod)
+    running = metrics.get("omni_requests_running", 0.0)
+    begun = metrics.get("omni_talker_time_to_first_audio_seconds_count",
+                        metrics.get("omni_requests_finished_total", 0.0) + running)
+    return begun, running >= 1
+
+
+def streaming(pod: dict, begun_before: float) -> bool:
+    begun, holding = answers_begun(pod)
+    return holding and begun > begun_before
 
 
 def under_load(stand: Stand, change) -> list[Outcome]:
@@ -156,25 +173,30 @@ def test_deleting_a_pod_of_each_role_under_load_loses_no_request_that_had_not_re
 
 
 def _kill_mid_stream(stand: Stand, pods, role: str, body: dict, attempts: int) -> tuple[Outcome, str]:
-    """Send a stream; once a pod of `role` holds it, SIGKILL that pod's process. Tries again (up to
-    `attempts`) when the request finished before the kill landed."""
+    """Send a stream; once a pod of `role` has begun answering it, SIGKILL that pod's process.
+    Tries again (up to `attempts`) when the answer ended before the kill landed. The pods are
+    listed before the request and only their metrics are read while it runs: a tiny talker's
+    answer may last a tenth of a second, less than a pod listing takes on a loaded machine."""
     for attempt in range(attempts):
+        candidates = serving(stand, role)
+        before = {p["metadata"]["name"]: answers_begun(p)[0] for p in candidates}
         result: list[Outcome] = []
         sender = threading.Thread(target=lambda: result.append(send(pods, "stream", stand.model, body=body)))
         sender.start()
         victim = None
         deadline = time.monotonic() + 60
         while victim is None and sender.is_alive() and time.monotonic() < deadline:
-            victim = next((p for p in serving(stand, role) if running(p) >= 1), None)
-            time.sleep(0.05)
+            victim = next((p for p in candidates if streaming(p, before[p["metadata"]["name"]])), None)
+            time.sleep(0.01)
         if victim is not None:
             os.kill(stand.cluster.container_pid(stand.namespace, victim["metadata"]["name"]), signal.SIGKILL)
         sender.join(90)
         assert not sender.is_alive(), "the stream hangs after its upstream was killed"
         if victim is not None and result[0].error_event:
             return result[0], victim["metadata"]["name"]
-        print(f"attempt {attempt + 1}: the {role} finished before the kill ({result[0].error or 'ok'})")
-        if victim is not None:  # an idle pod was killed: let it come back first
+        print(f"attempt {attempt + 1}: the {role} finished before the kill ({result[0].error or 'ok'}, "
+              + (f"{victim['metadata']['name']} killed)" if victim else "none killed)"))
+        if victim is not None:  # it had finished: let it come back first
             _wait_rejoined(stand, role, victim["metadata"]["name"])
     raise AssertionError(f"no {role} process was killed mid-stream in {attempts} attempts")
 
@@ -190,7 +212,7 @@ def _wait_rejoined(stand: Stand, role: str, name: str) -> dict:
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("role, body, attempts", [
     ("thinker", {**request_body("stream", ""), "max_tokens": 2000, "ignore_eos": True}, 1),
-    ("talker", {**request_body("speech", ""), "stream": True, "max_tokens": 64}, 4),
+    ("talker", {**request_body("speech", ""), "stream": True, "max_tokens": 64}, 8),
 ])
 def test_a_process_killed_mid_stream_ends_the_stream_with_an_error_event_and_its_pod_rejoins(stand, role, body,
                                                                                              attempts):

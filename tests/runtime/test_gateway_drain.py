@@ -6,6 +6,7 @@ cluster, under load, are tests/runtime/test_failure_drills.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 
@@ -137,6 +138,41 @@ def test_a_request_whose_thinker_is_killed_before_it_answered_is_answered_by_ano
     assert status == 200, body
     reply = json.loads(body)
     assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 300
+
+
+def test_a_streamed_speech_answer_whose_talker_is_killed_before_its_first_audio_is_spoken_by_another(
+        tiny_model, replicas, spawn):
+    """A talker sends its response head with its first audio: killed before that (here it holds
+    its first chunk for 200 codes), it has sent nothing, so the gateway replays the talker body
+    (the ids so far, then the rest as they come) to the other replica and the client hears a
+    whole answer, with no error event."""
+    codes = 240
+    victim = spawn("talker", {**common(tiny_model), "OMNI_TALKER_FIRST_CHUNK_CODES": "200"}).wait_ready(300)
+    gateway = spawn("gateway", {
+        **common(tiny_model), "OMNI_SCRAPE_SECONDS": "0", "OMNI_THINKER_SERVICE": endpoints(replicas["thinker_b"]),
+        "OMNI_TALKER_SERVICE": endpoints(victim, replicas["talker_b"]),  # the first listed is tried first
+        "OMNI_TALKER_GENERATION": json.dumps({"max_codes": codes, "min_codes": codes, "seed": 5})}).wait_ready()
+    spoken_by_b = answered(replicas["talker_b"], 200)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as s:
+            answer = asyncio.ensure_future(_post(s, gateway.url, chat(
+                8, stream=True, modalities=["text", "audio"], audio={"voice": "Ethan", "format": "pcm16"})))
+            while victim.metrics()["omni_requests_running"] < 1:
+                assert not answer.done(), await answer
+                await asyncio.sleep(0.05)
+            assert victim.metrics().get("omni_talker_time_to_first_audio_seconds_count", 0) == 0
+            victim.popen.kill()
+            return await asyncio.wait_for(answer, 120)
+
+    status, _, body = run(scenario())
+    events = sse_events(body)
+    assert status == 200 and events[-1] == "[DONE]", body[-500:]
+    assert not any("error" in e for e in events[:-1]), [e for e in events[:-1] if "error" in e]
+    pcm = b"".join(base64.b64decode(e["choices"][0]["delta"]["audio"]["data"]) for e in events[:-1]
+                   if e.get("choices") and "data" in e["choices"][0]["delta"].get("audio", {}))
+    assert len(pcm) // 2 > 0.8 * codes * 1920, "the other talker spoke the whole answer"
+    assert answered(replicas["talker_b"], 200) == spoken_by_b + 1
 
 
 def test_a_terminating_thinker_or_talker_behind_a_gateway_loses_no_request(tiny_model, replicas, spawn):
