@@ -29,6 +29,7 @@ chunks at 1x), then waits for the whole answer; concurrent users do so side by s
      codec frames here (OMNI_TALKER_CHUNK_CODES=4), so audio is flowing when the user speaks.
 
     .venv/bin/python -m bench.realtime_bench [--rounds 32] [--barge-ins 20] [--uplink-mbps 10]
+                                             [--chunk-ms 20] [--cpus shared|split]
                                              [--thinker transformers] [--device cuda]
 
 Needs `make setup-runtime`, `make setup-vllm` (but for `--thinker transformers`) and espeak-ng
@@ -59,7 +60,7 @@ from bench.uplink import Uplink
 
 ANSWER_TOKENS = 16
 CODES = 32                 # speech per answer: 2.56 s on the real model's 12.5 Hz codec
-CHUNK = 960                # 20 ms of 24 kHz PCM16
+CHUNK_MS = 20              # audio per input_audio_buffer.append
 STAGGER = 0.25             # seconds over which the turn ends of a round's users are spread
 NOISE = 10.0               # microphone noise, PCM16 steps RMS (about -70 dBFS)
 MODEL = "tiny"
@@ -97,15 +98,15 @@ async def send_event(conn, kind: str) -> None:
     await conn.send_raw(json.dumps({"type": kind}))
 
 
-async def speak(conn, pcm: bytes) -> float:
-    """Append `pcm` at 1x real time; the time the last chunk was sent. The events are encoded
-    here and sent with the SDK's send_raw: its typed `append` validates each event, which on
-    this shared box costs the client more CPU than the gateway spends on it."""
-    start = time.monotonic()
-    for n, i in enumerate(range(0, len(pcm), CHUNK)):
-        await asyncio.sleep(max(0.0, start + n * 0.02 - time.monotonic()))
+async def speak(conn, pcm: bytes, chunk_ms: int = CHUNK_MS) -> float:
+    """Append `pcm` at 1x real time, `chunk_ms` per event; the time the last chunk was sent. The
+    events are encoded here and sent with the SDK's send_raw: its typed `append` validates each
+    event, which on this shared box costs the client more CPU than the gateway spends on it."""
+    start, size = time.monotonic(), 48 * chunk_ms  # bytes of 24 kHz PCM16
+    for n, i in enumerate(range(0, len(pcm), size)):
+        await asyncio.sleep(max(0.0, start + n * chunk_ms / 1000 - time.monotonic()))
         await conn.send_raw(json.dumps({"type": "input_audio_buffer.append",
-                                        "audio": base64.b64encode(pcm[i:i + CHUNK]).decode()}))
+                                        "audio": base64.b64encode(pcm[i:i + size]).decode()}))
     return time.monotonic()
 
 
@@ -142,11 +143,11 @@ async def realtime_session(url: str):
     return conn
 
 
-async def realtime_turn(conn, pcm: bytes, offset: float) -> float:
+async def realtime_turn(conn, pcm: bytes, offset: float, chunk_ms: int) -> float:
     """One spoken turn, begun `offset` s into the round: seconds from its last appended audio
     to the answer's first audio. Commit and response.create go raw, as the appends do."""
     await asyncio.sleep(offset)
-    last = await speak(conn, pcm)
+    last = await speak(conn, pcm, chunk_ms)
     await send_event(conn, "input_audio_buffer.commit")
     await send_event(conn, "response.create")
     seen: list = []
@@ -187,10 +188,12 @@ async def http_turn(session: aiohttp.ClientSession, url: str, pcm: bytes, offset
     return first
 
 
-async def voice_to_voice(url: str, speech: Recordings, users: int, rounds: int) -> tuple[list[float], list[float]]:
+async def voice_to_voice(url: str, speech: Recordings, users: int, rounds: int,
+                         chunk_ms: int = CHUNK_MS) -> tuple[list[list[float]], list[list[float]]]:
     """`users` realtime sessions stay open; round by round all of them take a turn, then the same
     number of HTTP users do, in A B B A order, so that load on the machine from outside, drifting
-    during the run, falls on both paths alike. User i ends its turn i/users of STAGGER after user 0."""
+    during the run, falls on both paths alike. User i ends its turn i/users of STAGGER after user 0.
+    Each path's latencies, round by round."""
     offsets = [i * STAGGER / users for i in range(users)]
     conns = [await realtime_session(url) for _ in range(users)]
     rt, http = [], []
@@ -199,9 +202,10 @@ async def voice_to_voice(url: str, speech: Recordings, users: int, rounds: int) 
             for r in range(rounds):
                 for path in ("rt", "http") if r % 2 == 0 else ("http", "rt"):
                     if path == "rt":
-                        rt += await asyncio.gather(*(realtime_turn(c, speech.next(), t) for c, t in zip(conns, offsets)))
+                        rt.append(await asyncio.gather(*(realtime_turn(c, speech.next(), t, chunk_ms)
+                                                         for c, t in zip(conns, offsets))))
                     else:
-                        http += await asyncio.gather(*(http_turn(s, url, speech.next(), t) for t in offsets))
+                        http.append(await asyncio.gather(*(http_turn(s, url, speech.next(), t) for t in offsets)))
     finally:
         for c in conns:
             await c.close()
@@ -271,17 +275,35 @@ async def discard_events(conn) -> None:
         pass
 
 
-def part_voice_to_voice(url: str, speech: Recordings, rounds: int) -> dict[int, float]:
+def ratio_interval(rt: list[list[float]], http: list[list[float]], resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """The 95 % bootstrap interval of p50(realtime) / p50(HTTP): rounds, the independent samples,
+    drawn with replacement on each path. An interval that holds 1.0 is a difference this many
+    rounds cannot tell from none."""
+    rng = np.random.default_rng(seed)
+    rt_rounds, http_rounds = [np.asarray(r) for r in rt], [np.asarray(r) for r in http]
+    ratios = [np.median(np.concatenate([rt_rounds[i] for i in rng.integers(len(rt), size=len(rt))]))
+              / np.median(np.concatenate([http_rounds[i] for i in rng.integers(len(http), size=len(http))]))
+              for _ in range(resamples)]
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def part_voice_to_voice(url: str, speech: Recordings, rounds: int,
+                        chunk_ms: int) -> dict[int, tuple[float, float, float]]:
+    """{sessions: (realtime / HTTP p50, its 95 % interval's low and high ends)}."""
     print(f"1. voice-to-voice: last audio of the turn -> first audio of the answer ({ANSWER_TOKENS} tokens, "
           f"{CODES} codec frames), {rounds} rounds of one turn per user per path at each concurrency, "
+          f"{chunk_ms} ms of audio per append, "
           f"the paths alternating, turn ends spread over {STAGGER * 1000:.0f} ms")
     ratios = {}
     for n in (1, 4, 8):
-        rt, http = asyncio.run(voice_to_voice(url, speech, n, rounds))
-        ratios[n] = pct(rt, 0.5) / pct(http, 0.5)
+        rt_rounds, http_rounds = asyncio.run(voice_to_voice(url, speech, n, rounds, chunk_ms))
+        rt, http = sum(rt_rounds, []), sum(http_rounds, [])
+        ratios[n] = (pct(rt, 0.5) / pct(http, 0.5), *ratio_interval(rt_rounds, http_rounds))
         print(f"   {n} concurrent: realtime p50 {pct(rt, 0.5) * 1000:.0f} ms p99 {pct(rt, 0.99) * 1000:.0f} ms"
               f"   HTTP p50 {pct(http, 0.5) * 1000:.0f} ms p99 {pct(http, 0.99) * 1000:.0f} ms"
-              f"   ({len(rt)}/{len(http)} turns)   ratio p50 {ratios[n]:.2f}")
+              f"   ({len(rt)}/{len(http)} turns)   ratio p50 {ratios[n][0]:.2f} (95 % interval "
+              f"{ratios[n][1]:.2f}-{ratios[n][2]:.2f})")
     return ratios
 
 
@@ -305,9 +327,22 @@ def part_barge_in(url: str, pcm: bytes, interruption: bytes, n: int) -> list[flo
     return last
 
 
-def start_thinker(engine: str, common: dict, log: Path) -> RuntimeProcess:
+def cpu_split(mode: str) -> tuple[set[int], set[int]] | None:
+    """(the engines' CPUs, the load's CPUs) for `--cpus split`: the first CPU for the thinker and
+    talker, the others for this client, the gateways and the uplink relay. In a deployment the
+    engines have GPU nodes of their own, the gateway a CPU node and the users their devices;
+    sharing every CPU, the client's and gateways' work for the users still speaking delays the
+    engines' steps for the users being answered, which a deployment never sees."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "shared" or len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def start_thinker(engine: str, common: dict, log: Path, lower: bool) -> RuntimeProcess:
     """The transformers engine in this environment, or the launcher over `vllm serve` from
-    .venv-vllm (OMNI_VLLM_VENV), its batch wide enough for every session at once."""
+    .venv-vllm (OMNI_VLLM_VENV), its batch wide enough for every session at once; `lower`:
+    vLLM's session at the lowest priority (see e2e/procs.py), for CPUs shared with the load."""
     if engine == "transformers":
         return RuntimeProcess("thinker", common, log, ("--engine", "transformers"))
     venv = vllm_venv()
@@ -315,7 +350,8 @@ def start_thinker(engine: str, common: dict, log: Path) -> RuntimeProcess:
         raise SystemExit(f"{venv}/bin/vllm missing: run `make setup-vllm`, or pass --thinker transformers")
     env = {**common, **vllm_launcher_env(venv, ["--max-model-len", "4096", "--max-num-seqs", "16"])}
     thinker = RuntimeProcess("thinker", env, log, python=str(venv / "bin" / "python"))
-    lower_session_group(thinker.popen)  # vLLM runs in a session of its own (see e2e/procs.py)
+    if lower:
+        lower_session_group(thinker.popen)  # vLLM runs in a session of its own (see e2e/procs.py)
     return thinker
 
 
@@ -331,6 +367,10 @@ def main() -> int:
     ap.add_argument("--parts", default="1,2,3", help="which parts to run (comma-separated)")
     ap.add_argument("--uplink-mbps", type=float, default=0.0,
                     help="part 1: each user's client -> gateway bandwidth (0: loopback, unlimited)")
+    ap.add_argument("--chunk-ms", type=int, default=CHUNK_MS, help="part 1: ms of audio per append event")
+    ap.add_argument("--cpus", choices=("split", "shared"), default="shared",
+                    help="split: the engines on the first CPU, the load on the others (see cpu_split); "
+                         "shared: every process on every CPU")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the processes below on SIGTERM too
 
@@ -344,11 +384,16 @@ def main() -> int:
     seconds = len(pcm) / 48000
     common = {"OMNI_MODEL": str(model), "OMNI_DEVICE": args.device, "OMNI_SERVED_MODEL_NAME": MODEL}
     procs = []
+    split = cpu_split(args.cpus)
     try:
-        thinker = start_thinker(args.thinker, common, work / "thinker.log")
+        if split:  # a child takes its parent's CPUs when it starts, its own children in turn
+            os.sched_setaffinity(0, split[0])
+        thinker = start_thinker(args.thinker, common, work / "thinker.log", lower=split is None)
         # a chunk every 4 codec frames (320 ms of speech), so audio is flowing when a user barges in
         talker = RuntimeProcess("talker", {**common, "OMNI_MAX_INFLIGHT": "16", "OMNI_MAX_QUEUE": "16",
                                            "OMNI_TALKER_CHUNK_CODES": "4"}, work / "talker.log")
+        if split:
+            os.sched_setaffinity(0, split[1])
         upstreams = {"OMNI_THINKER_SERVICE": f"127.0.0.1:{thinker.port}|{thinker.metrics_port}",
                      "OMNI_TALKER_SERVICE": f"127.0.0.1:{talker.port}|{talker.metrics_port}"}
         gw = RuntimeProcess("gateway", {
@@ -370,18 +415,20 @@ def main() -> int:
         asyncio.run(voice_to_voice(users_url, speech, 1, 2))  # warm-up, both paths
 
         where = "CPU" if args.device == "cpu" else args.device
-        print(f"# tiny model, {where} ({os.cpu_count()} cores, shared), thinker: {args.thinker}, OMP_NUM_THREADS=1 per process; "
+        cpus = (f"engines on CPU {sorted(split[0])}, client and gateways on {sorted(split[1])}" if split
+                else f"{os.cpu_count()} CPUs shared by all")
+        print(f"# tiny model, {where} ({cpus}), thinker: {args.thinker}, OMP_NUM_THREADS=1 per process; "
               f"utterance {seconds:.2f} s; users' uplink: "
               + (f"{args.uplink_mbps:g} Mbit/s each" if args.uplink_mbps > 0 else "loopback") + f"; logs in {work}")
         parts = set(args.parts.split(","))
-        ratios = part_voice_to_voice(users_url, speech, args.rounds) if "1" in parts else {}
+        ratios = part_voice_to_voice(users_url, speech, args.rounds, args.chunk_ms) if "1" in parts else {}
         if "2" in parts:
             part_vad(gw.url, speech, args.vad_turns)
         last = part_barge_in(long_gw.url, pcm, interruption, args.barge_ins) if "3" in parts else None
         summary = []
         if ratios:
-            summary.append("realtime/HTTP voice-to-voice p50 " + ", ".join(f"{n}: {r:.2f}" for n, r in ratios.items())
-                           + " (goal <= 1.0)")
+            summary.append("realtime/HTTP voice-to-voice p50 " + ", ".join(
+                f"{n}: {r:.2f} [{lo:.2f}-{hi:.2f}]" for n, (r, lo, hi) in ratios.items()) + " (goal <= 1.0)")
         if last is not None:
             summary.append(f"barge-in p99 {pct(last, 0.99) * 1000:.0f} ms (goal <= 200 ms)")
         print("ratios: " + "; ".join(summary))
