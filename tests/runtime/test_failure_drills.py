@@ -176,7 +176,8 @@ def _kill_mid_stream(stand: Stand, pods, role: str, body: dict, attempts: int) -
     """Send a stream; once a pod of `role` has begun answering it, SIGKILL that pod's process.
     Tries again (up to `attempts`) when the answer ended before the kill landed. The pods are
     listed before the request and only their metrics are read while it runs: a tiny talker's
-    answer may last a tenth of a second, less than a pod listing takes on a loaded machine."""
+    whole answer may last a few tenths of a second, not much more than a pod listing takes on a
+    loaded machine."""
     for attempt in range(attempts):
         candidates = serving(stand, role)
         before = {p["metadata"]["name"]: answers_begun(p)[0] for p in candidates}
